@@ -1,0 +1,10 @@
+"""hooked_attn: HuggingFace transformers rebuilt in plain PyTorch, every activation a named hook point."""
+
+from hooked_attn import utils
+from hooked_attn.cache import ActivationCache
+from hooked_attn.config import ModelConfig
+from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.model import HookedTransformer
+
+__all__ = ["ActivationCache", "HookPoint", "HookedRootModule", "HookedTransformer", "ModelConfig", "utils"]
+__version__ = "0.1.0"

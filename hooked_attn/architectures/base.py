@@ -1,0 +1,114 @@
+"""The record each architecture registers, the key ledger that accounts for every HF key, and the
+config check that refuses HF fields a converter does not understand."""
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from transformers import PretrainedConfig
+
+from hooked_attn.config import ModelConfig
+from hooked_attn.shapes import StateDict
+
+
+class UnsupportedConfigError(ValueError):
+    """An HF config asks for something the converter does not implement."""
+
+
+class UnknownArchitectureError(ValueError):
+    """No converter is registered for this HF architecture."""
+
+
+class StateDictError(KeyError):
+    """An HF state dict lacks keys, has keys nobody consumed, or has tensors of the wrong shape."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+# Fields every HF config carries that do not change what the model computes at inference.
+COMMON_IGNORED_HF_FIELDS = frozenset({
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label",
+    "label2id", "problem_type", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "model_type", "tokenizer_class", "prefix",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "use_cache", "initializer_range", "_attn_implementation_autoset",
+    "tf_legacy_loss", "use_bfloat16", "pruned_heads", "torchscript", "finetuning_task",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "is_decoder",
+})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Architecture:
+    """One HF family: how its config maps to ours and its weights to our layout.
+
+    ``handled_hf_fields`` are read by ``config_from_hf``; ``ignored_hf_fields`` cannot change the
+    result (dropouts, training-only settings). Any other field that differs from the HF default is
+    refused.
+    """
+
+    hf_architecture: str
+    model_type: str
+    handled_hf_fields: frozenset[str]
+    ignored_hf_fields: frozenset[str]
+    config_from_hf: Callable[[Any], ModelConfig]
+    convert_state_dict: Callable[[StateDict, ModelConfig, Any], dict[str, Tensor]]
+    tiny_hf_configs: Callable[[], dict[str, PretrainedConfig]] = field(repr=False)
+
+
+def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:
+    """Refuse any field that is neither handled nor ignored and differs from its HF default.
+
+    Raises:
+        UnsupportedConfigError: naming the first such field, its value and the default.
+    """
+    values = hf.to_dict()
+    defaults = type(hf)().to_dict()
+    known = arch.handled_hf_fields | arch.ignored_hf_fields | COMMON_IGNORED_HF_FIELDS
+    for name, value in values.items():
+        if name in known:
+            continue
+        if name == "quantization_config" and isinstance(value, Mapping) and value.get("quant_method") == "gguf":
+            continue  # transformers dequantises GGUF weights to plain tensors on load
+        if name not in defaults or values[name] != defaults[name]:
+            raise UnsupportedConfigError(
+                f"{arch.hf_architecture}: config field {name}={value!r} (default {defaults.get(name)!r}) is not "
+                "supported by hooked_attn's converter, and converting anyway could give a silently wrong model"
+            )
+
+
+class KeyLedger:
+    """Wraps an HF state dict: ``pop`` records each key used; ``finish`` refuses keys left over."""
+
+    def __init__(self, state_dict: StateDict, source: str) -> None:
+        self._sd = state_dict
+        self._unused = dict.fromkeys(state_dict)
+        self.source = source
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sd
+
+    def pop(self, key: str, shape: Iterable[int] | None = None) -> Tensor:
+        """The tensor at ``key``, checked against ``shape`` when given."""
+        if key not in self._sd:
+            raise StateDictError(f"{self.source}: the state dict has no {key!r} (it has {len(self._sd)} keys)")
+        tensor = self._sd[key]
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise StateDictError(
+                f"{self.source}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} from the config"
+            )
+        self._unused.pop(key, None)
+        return tensor
+
+    def pop_optional(self, key: str, shape: Iterable[int] | None = None) -> Tensor | None:
+        return self.pop(key, shape) if key in self._sd else None
+
+    def finish(self, ignore: Iterable[str] = ()) -> None:
+        """Raise if any key was neither consumed nor matched by an ``ignore`` glob."""
+        patterns = tuple(ignore)
+        left = [k for k in self._unused if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+        if left:
+            shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+            raise StateDictError(f"{self.source}: {len(left)} unexpected keys the converter does not use: {shown}")

@@ -1,0 +1,135 @@
+"""LLaMA family (Llama 1-3, SmolLM2, TinyLlama...). Mirrors transformers/models/llama/modeling_llama.py."""
+
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import LlamaConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.config import ModelConfig, NormConfig, RopeScaling, Rotary
+from hooked_attn.shapes import StateDict
+
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "attention_bias", "mlp_bias", "head_dim",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+    "pretraining_tp",     # transformers 5 no longer splits the matmuls; the result does not depend on it
+})
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+_ROPE_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
+              "high_freq_factor", "partial_rotary_factor"}
+
+
+def rotary_from_hf(rope: dict, d_head: int, arch: str) -> Rotary:
+    """Our Rotary from HF ``rope_parameters`` (default, linear and llama3 types)."""
+    unknown = set(rope) - _ROPE_KEYS
+    kind = rope.get("rope_type", "default")
+    if unknown or kind not in ("default", "linear", "llama3"):
+        what = f"rope_type={kind!r}" if not unknown else f"keys {sorted(unknown)}"
+        raise UnsupportedConfigError(f"{arch}: rope_parameters with {what} is not supported "
+                                     "(supported rope types: default, linear, llama3)")
+    scaling = None
+    if kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(rope["factor"]))
+    elif kind == "llama3":
+        scaling = RopeScaling(kind="llama3", factor=float(rope["factor"]),
+                              original_n_ctx=int(rope["original_max_position_embeddings"]),
+                              low_freq_factor=float(rope["low_freq_factor"]),
+                              high_freq_factor=float(rope["high_freq_factor"]))
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    return Rotary(n_rotary_dims=n_rot, base=float(rope["rope_theta"]), pairing="halves", scaling=scaling)
+
+
+def config_from_hf(hf: LlamaConfig) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"LlamaForCausalLM: hidden_act={hf.hidden_act!r} is not supported")
+    if hf.mlp_bias:
+        # Our gated MLP has no gate bias (TransformerLens' layout); refuse rather than drop it.
+        raise UnsupportedConfigError("LlamaForCausalLM: config field mlp_bias=True is not supported")
+    d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        hf_architecture="LlamaForCausalLM",
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, "LlamaForCausalLM"),
+        attn_scale=d_head**-0.5, gated_mlp=True,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: LlamaConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, "LlamaForCausalLM")
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # Present only with attention_bias; zeros otherwise (our layout always has biases).
+        b = src.pop_optional(key, (math.prod(shape),))
+        return zeros(*shape) if b is None else b.reshape(shape)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        # nn.Linear weights are [out, in]; the out axis is (head d_head).
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, LlamaConfig]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, rms_norm_eps=1e-6)
+    return {
+        "mha": LlamaConfig(**base, num_key_value_heads=4),
+        "gqa": LlamaConfig(**base, num_key_value_heads=2),
+        "mqa": LlamaConfig(**base, num_key_value_heads=1),
+        "tied": LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=True),
+        "attention_bias": LlamaConfig(**base, num_key_value_heads=2, attention_bias=True),
+        "head_dim_16": LlamaConfig(**base, num_key_value_heads=2, head_dim=16),
+        "rope_linear": LlamaConfig(**base, num_key_value_heads=2,
+                                   rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+        "rope_llama3": LlamaConfig(**base, num_key_value_heads=2, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture="LlamaForCausalLM", model_type="llama", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

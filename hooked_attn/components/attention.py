@@ -1,0 +1,110 @@
+"""Multi-head, grouped-query and multi-query self-attention with a hook at every site.
+
+Mirrors HF ``LlamaAttention``/``GPT2Attention`` with ``eager_attention_forward``. Two paths give the
+same result: the explicit one materialises scores and pattern, the fused one calls
+``scaled_dot_product_attention``; the fused path runs only when nothing hooks the scores or pattern.
+"""
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from hooked_attn.components.params import strided_parameter
+from hooked_attn.components.rotary import RopeTables, apply_rotary, rope_tables
+from hooked_attn.config import ModelConfig, Rotary
+from hooked_attn.hook_points import HookPoint
+
+AttendMask = Bool[Tensor, "batch 1 q_pos k_pos"]
+
+
+class Attention(nn.Module):
+    """Self-attention in the per-head layout: ``W_Q [head d_model d_head]``, ``W_K``/``W_V
+    [kv_head d_model d_head]``, ``W_O [head d_head d_model]``, biases always present (zeros where
+    the family has none)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, kv, d, m = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
+        self.W_Q = strided_parameter((h, d, m), (0, 2, 1))
+        self.W_K = strided_parameter((kv, d, m), (0, 2, 1))
+        self.W_V = strided_parameter((kv, d, m), (0, 2, 1))
+        self.W_O = strided_parameter((m, h, d), (1, 2, 0))
+        self.b_Q = nn.Parameter(torch.empty(h, d))
+        self.b_K = nn.Parameter(torch.empty(kv, d))
+        self.b_V = nn.Parameter(torch.empty(kv, d))
+        self.b_O = nn.Parameter(torch.empty(m))
+        self.rotary: Rotary | None = cfg.positions if isinstance(cfg.positions, Rotary) else None
+        self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_inverse_layer else 1)
+        self.use_attn_result = False
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        if self.rotary is not None:
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint(opt_in=True)  # computed when use_attn_result or hooked
+
+    def _project(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        # W is [head d_model d_head] over [head d_head d_model] storage: the flatten below is a view.
+        weight = W.transpose(1, 2).reshape(-1, W.shape[1])
+        return F.linear(x, weight, b.flatten()).unflatten(-1, (W.shape[0], W.shape[2]))
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], attend: AttendMask | None, positions: Tensor,
+        rope_cache: RopeTables,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self.W_K, self.b_K))
+        v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        if self.rotary is not None:
+            cos, sin = rope_tables(self.rotary, positions, q.dtype, rope_cache)
+            q = self.hook_rot_q(apply_rotary(q, cos, sin, self.rotary))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, self.rotary))
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+            z = self._explicit_attention(q, k, v, attend)
+        else:
+            z = self._fused_attention(q, k, v, attend)
+        z = self.hook_z(z)
+        if self.use_attn_result or self.hook_result.has_hooks:
+            result = self.hook_result(
+                einops.einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+            )
+            return result.sum(dim=2) + self.b_O
+        w_o = self.W_O.permute(2, 0, 1).flatten(1)
+        return F.linear(z.flatten(-2), w_o, self.b_O)
+
+    def _explicit_attention(
+        self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],
+        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None,
+    ) -> Float[Tensor, "batch q_pos head d_head"]:
+        k = k.repeat_interleave(self.cfg.group_size, dim=2) if self.cfg.group_size > 1 else k
+        v = v.repeat_interleave(self.cfg.group_size, dim=2) if self.cfg.group_size > 1 else v
+        scores = einops.einsum(q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos")
+        scores = scores * self.scale
+        if attend is None:
+            attend = causal_mask(q.shape[1], k.shape[1], q.device)
+        scores = self.hook_attn_scores(scores.masked_fill(~attend, torch.finfo(scores.dtype).min))
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
+        return einops.einsum(pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
+
+    def _fused_attention(
+        self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],
+        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None,
+    ) -> Float[Tensor, "batch q_pos head d_head"]:
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attend,
+            is_causal=attend is None and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
+        )
+        return z.transpose(1, 2)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> Bool[Tensor, "1 1 q_pos k_pos"]:
+    """True where query i may attend to key j: j <= i, with queries aligned to the last keys."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]

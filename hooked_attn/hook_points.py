@@ -1,0 +1,294 @@
+"""HookPoint, the identity module at every named activation, and HookedRootModule, which manages them.
+
+A HookPoint costs one attribute check per call when nothing is attached. Hook functions take
+``(activation, hook)`` and may return a replacement tensor of the same shape, dtype and device.
+"""
+
+import contextlib
+import difflib
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+HookFn = Callable[..., Tensor | None]
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+Direction = Literal["fwd", "bwd"]
+
+
+@dataclass(eq=False)
+class _Hook:
+    """One attached hook function (identity equality, so each attachment is removable on its own)."""
+
+    fn: HookFn
+    direction: Direction
+    permanent: bool
+    level: int | None
+
+
+def _fn_name(fn: HookFn) -> str:
+    if isinstance(fn, functools.partial):
+        return _fn_name(fn.func)
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _check_replacement(point_name: str, fn: HookFn, kind: str, old: Tensor, new: object) -> Tensor:
+    if not isinstance(new, Tensor):
+        raise TypeError(
+            f"hook {_fn_name(fn)!r} on {point_name!r} returned {type(new).__name__}; a {kind} hook must "
+            "return None or a tensor"
+        )
+    if new.shape != old.shape:
+        raise ValueError(
+            f"hook {_fn_name(fn)!r} on {point_name!r} returned a {kind} tensor of shape {tuple(new.shape)}, "
+            f"but the activation has shape {tuple(old.shape)}"
+        )
+    if new.dtype != old.dtype or new.device != old.device:
+        raise ValueError(
+            f"hook {_fn_name(fn)!r} on {point_name!r} returned a {kind} tensor with dtype {new.dtype} on "
+            f"{new.device}, but the activation has dtype {old.dtype} on {old.device}"
+        )
+    return new
+
+
+class HookPoint(nn.Module):
+    """An identity module that names an activation and runs the hooks attached to it.
+
+    ``name`` is set by the root module's ``setup()``. ``ctx`` is a scratch dict hook functions
+    may use to keep state between calls (cleared by ``reset_hooks(clear_contexts=True)``).
+    """
+
+    def __init__(self, opt_in: bool = False) -> None:
+        super().__init__()
+        self.name: str | None = None
+        # An opt-in point (hook_result) is skipped when caching "everything"; name it to cache it.
+        self.opt_in = opt_in
+        self.ctx: dict[Any, Any] = {}
+        self.fwd_hooks: list[_Hook] = []
+        self.bwd_hooks: list[_Hook] = []
+        self.has_hooks = False
+
+    def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        # Bypasses nn.Module.__call__: the un-hooked cost is this one attribute check.
+        if not self.has_hooks:
+            return x
+        return self._run(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self(x)
+
+    def _run(self, x: Tensor) -> Tensor:
+        for hook in tuple(self.fwd_hooks):
+            out = hook.fn(x, hook=self)
+            if out is not None:
+                x = _check_replacement(str(self.name), hook.fn, "forward", x, out)
+        if self.bwd_hooks and x.requires_grad:
+            # Attached to this forward's activation: fires on its backward even after removal.
+            x.register_hook(functools.partial(self._run_bwd, tuple(self.bwd_hooks)))
+        return x
+
+    def _run_bwd(self, hooks: tuple[_Hook, ...], grad: Tensor) -> Tensor | None:
+        replaced = False
+        for hook in hooks:
+            out = hook.fn(grad, hook=self)
+            if out is not None:
+                grad = _check_replacement(str(self.name), hook.fn, "backward", grad, out)
+                replaced = True
+        return grad if replaced else None
+
+    def add_hook(
+        self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False, level: int | None = None,
+        prepend: bool = False,
+    ) -> _Hook:
+        """Attach ``fn``; returns the attachment, which ``remove`` takes."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        if not callable(fn):
+            raise TypeError(f"hook for {self.name!r} must be callable, got {type(fn).__name__}")
+        hook = _Hook(fn, dir, is_permanent, level)
+        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+        hooks.insert(0, hook) if prepend else hooks.append(hook)
+        self.has_hooks = True
+        return hook
+
+    def remove(self, hook: _Hook) -> None:
+        hooks = self.fwd_hooks if hook.direction == "fwd" else self.bwd_hooks
+        if hook in hooks:
+            hooks.remove(hook)
+        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks)
+
+    def remove_hooks(
+        self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        def keep(hook: _Hook) -> bool:
+            return (hook.permanent and not including_permanent) or (level is not None and hook.level != level)
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks)
+
+    def clear_context(self) -> None:
+        self.ctx.clear()
+
+    @property
+    def layer(self) -> int | None:
+        """The block index in this hook's name, or None outside the blocks."""
+        if self.name is None or not self.name.startswith("blocks."):
+            return None
+        return int(self.name.split(".")[1])
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r}, fwd_hooks={len(self.fwd_hooks)}, bwd_hooks={len(self.bwd_hooks)})"
+
+
+class HookedRootModule(nn.Module):
+    """A module whose HookPoints are found by name: adding, removing and running with hooks."""
+
+    hook_dict: dict[str, HookPoint]
+    mod_dict: dict[str, nn.Module]
+
+    def setup(self) -> None:
+        """Name every HookPoint after its module path. Call at the end of ``__init__``."""
+        self.mod_dict = {}
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if name:
+                self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+
+    def _opt_in_enabled(self, name: str) -> bool:
+        """Whether the opt-in hook point ``name`` is switched on (subclasses say; default off)."""
+        return False
+
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.hook_dict.values())
+
+    def resolve_hook_names(self, names: NamesFilter) -> list[str]:
+        """The hook names a name, a list of names or a predicate selects (None selects all).
+
+        Raises:
+            KeyError: a named hook does not exist; the message suggests the closest valid names.
+        """
+        if names is None:
+            return list(self.hook_dict)
+        if isinstance(names, str):
+            names = [names]
+        if callable(names):
+            return [name for name in self.hook_dict if names(name)]
+        if not isinstance(names, Iterable):
+            raise TypeError(f"names_filter must be a str, a list of str or a callable, got {type(names).__name__}")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"hook names must be str, got {type(name).__name__}: {name!r}")
+            if name not in self.hook_dict:
+                self._raise_unknown_hook(name)
+        return list(dict.fromkeys(names))
+
+    def _raise_unknown_hook(self, name: str) -> None:
+        close = difflib.get_close_matches(name, self.hook_dict, n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown hook name {name!r} ({len(self.hook_dict)} hook points in this model).{hint}")
+
+    def add_hook(
+        self, name: str | Callable[[str], bool], hook: HookFn, dir: Direction = "fwd",
+        is_permanent: bool = False, level: int | None = None, prepend: bool = False,
+    ) -> list[tuple[HookPoint, _Hook]]:
+        """Attach ``hook`` at one hook name, or at every name a predicate selects."""
+        points = [self.hook_dict[n] for n in self.resolve_hook_names(name)]
+        return [(p, p.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend))
+                for p in points]
+
+    def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: Direction = "fwd") -> None:
+        """Attach a hook that ``reset_hooks()`` keeps unless ``including_permanent=True``."""
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(
+        self, clear_contexts: bool = True, direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False, level: int | None = None,
+    ) -> None:
+        for point in self.hook_dict.values():
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+            if clear_contexts:
+                point.clear_context()
+
+    def clear_contexts(self) -> None:
+        for point in self.hook_dict.values():
+            point.clear_context()
+
+    def n_hooks(self) -> int:
+        """How many hook functions are attached now, over every hook point."""
+        return sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in self.hook_dict.values())
+
+    @contextlib.contextmanager
+    def hooks(
+        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        reset_hooks_end: bool = True, clear_contexts: bool = False,
+    ) -> Iterator["HookedRootModule"]:
+        """Attach hooks for the body of a ``with`` block; they are removed on exit, also on exceptions.
+
+        Every name is checked before anything is attached, so a bad name leaves the model as it was.
+        """
+        added: list[tuple[HookPoint, _Hook]] = []
+        try:
+            resolved = [(self.resolve_hook_names(n), fn, d)
+                        for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")) for n, fn in hooks]
+            for names, fn, d in resolved:
+                for name in names:
+                    point = self.hook_dict[name]
+                    added.append((point, point.add_hook(fn, dir=d)))  # type: ignore[arg-type]
+            yield self
+        finally:
+            if reset_hooks_end:
+                for point, hook in added:
+                    point.remove(hook)
+            if clear_contexts:
+                self.clear_contexts()
+
+    def run_with_hooks(
+        self, *model_args: Any, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (), reset_hooks_end: bool = True,
+        clear_contexts: bool = False, **model_kwargs: Any,
+    ) -> Any:
+        """Run the model with temporary hooks. Backward hooks attach to this forward's activations,
+        so they fire on a later ``.backward()`` of the output even though they are removed on return."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    def get_caching_hooks(
+        self, names_filter: NamesFilter = None, incl_bwd: bool = False, device: torch.device | str | None = None,
+        remove_batch_dim: bool = False, cache: dict[str, Tensor] | None = None, dtype: torch.dtype | None = None,
+    ) -> tuple[dict[str, Tensor], list[tuple[str, HookFn]], list[tuple[str, HookFn]]]:
+        """Hooks that store activations (and, with ``incl_bwd``, gradients under ``name + "_grad"``)."""
+        cache = {} if cache is None else cache
+        names = self.resolve_hook_names(names_filter)
+        if names_filter is None or callable(names_filter):
+            names = [n for n in names if not self.hook_dict[n].opt_in or self._opt_in_enabled(n)]
+
+        def save(tensor: Tensor, hook: HookPoint, suffix: str = "") -> None:
+            stored = tensor.detach()
+            if remove_batch_dim:
+                stored = stored[0]
+            if device is not None or dtype is not None:
+                stored = stored.to(device=device, dtype=dtype)
+            cache[str(hook.name) + suffix] = stored
+
+        fwd = [(name, save) for name in names]
+        bwd = [(name, functools.partial(save, suffix="_grad")) for name in names] if incl_bwd else []
+        return cache, fwd, bwd  # type: ignore[return-value]
+
+    def cache_all(self, cache: dict[str, Tensor], names_filter: NamesFilter = None, **kwargs: Any) -> None:
+        """Permanently-until-reset cache activations into ``cache`` (TransformerLens' ``cache_all``)."""
+        _, fwd, bwd = self.get_caching_hooks(names_filter, cache=cache, **kwargs)
+        for name, fn in fwd:
+            self.add_hook(name, fn, "fwd")
+        for name, fn in bwd:
+            self.add_hook(name, fn, "bwd")

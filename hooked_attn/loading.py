@@ -1,0 +1,153 @@
+"""from_pretrained: resolve the source -> HF config -> check -> convert -> process -> load. Nothing else."""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from hooked_attn.architectures import get_architecture
+from hooked_attn.architectures.base import check_hf_config
+from hooked_attn.model import HookedTransformer
+from hooked_attn.processing import process_weights
+from hooked_attn.shapes import StateDict
+
+logger = logging.getLogger(__name__)
+
+Source = str | os.PathLike | PreTrainedModel
+TokenizerArg = PreTrainedTokenizerBase | str | os.PathLike | None
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def from_pretrained(
+    model_name_or_path: Source, tokenizer: TokenizerArg = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
+    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+    *, gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+) -> HookedTransformer:
+    """Build a HookedTransformer from an HF model and process its weights.
+
+    Args:
+        model_name_or_path: a local HF folder (config.json + safetensors), a ``.gguf`` file, a hub id,
+            or an in-memory ``PreTrainedModel``.
+        tokenizer: a tokenizer, or where to load one; by default the source's own, when it has one.
+        dtype, device: of the built model's parameters.
+        fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+            refactor_factored_attn_matrices: the weight-processing steps (see ``hooked_attn.processing``).
+        gguf_file: the GGUF file inside the folder or hub repo ``model_name_or_path``.
+        revision, cache_dir: passed to the hub download.
+
+    Raises:
+        UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
+            name of what is wrong. No model is returned half-built.
+    """
+    hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir)
+    arch = get_architecture(arch_name, hf_config)
+    check_hf_config(hf_config, arch)
+    cfg = arch.config_from_hf(hf_config)
+    sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    sd, cfg = process_weights(
+        sd, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device(target):
+        model = HookedTransformer(cfg, tokenizer=_load_tokenizer(tokenizer, default_tokenizer))
+    model.to(dtype)
+    model.load_state_dict(sd, strict=True)
+    logger.info("loaded %s (%s) with processing %s", arch.hf_architecture, model_name_or_path, cfg.processing)
+    return model
+
+
+def from_pretrained_no_processing(model_name_or_path: Source, *args: Any, **kwargs: Any) -> HookedTransformer:
+    """``from_pretrained`` with every weight-processing step off: the weights exactly as HF has them."""
+    flags = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+             "refactor_factored_attn_matrices")
+    return from_pretrained(model_name_or_path, *args, **{**{f: False for f in flags}, **kwargs})
+
+
+def _resolve(
+    source: Source, gguf_file: str | None, revision: str | None, cache_dir: str | os.PathLike | None,
+) -> tuple[PretrainedConfig, str | None, StateDict, Any]:
+    """(HF config, HF architecture name, HF state dict, where the tokenizer is) for any source."""
+    if isinstance(source, PreTrainedModel):
+        name = getattr(source, "name_or_path", "")
+        return source.config, type(source).__name__, source.state_dict(), name if Path(name).is_dir() else None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a path, a hub id or a PreTrainedModel, got {type(source).__name__}")
+    path = Path(source)
+    if gguf_file is None and path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        return _resolve_gguf(str(path), gguf_file, revision, cache_dir)
+    if not path.is_dir():
+        path = _download(str(source), revision, cache_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not an HF model folder")
+    hf_config = AutoConfig.from_pretrained(path)
+    arch_name = (hf_config.architectures or [None])[0]
+    return hf_config, arch_name, _read_safetensors(path), path
+
+
+def _resolve_gguf(
+    where: str, gguf_file: str, revision: str | None, cache_dir: str | os.PathLike | None,
+) -> tuple[PretrainedConfig, str | None, StateDict, Any]:
+    # transformers dequantises GGUF tensors to ordinary float tensors while building its model.
+    hf_model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch.float32,
+                                                    revision=revision, cache_dir=cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
+    return hf_model.config, type(hf_model).__name__, hf_model.state_dict(), tokenizer
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder or file, and fetching it from the HuggingFace hub failed "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, memory-mapped."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"{str(folder)!r} has no .safetensors weights")
+    sd: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            with safe_open(folder / name, framework="pt") as f:
+                for key in f.keys():
+                    sd[key] = f.get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"cannot read safetensors file {str(folder / name)!r}: {err}") from err
+    return sd
+
+
+def _load_tokenizer(tokenizer: TokenizerArg, default: Any) -> PreTrainedTokenizerBase | None:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    if isinstance(default, PreTrainedTokenizerBase) or default is None:
+        return default
+    try:
+        return AutoTokenizer.from_pretrained(default)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("no tokenizer loaded from %s (%s); pass tokenizer= to use text input", default, err)
+        return None

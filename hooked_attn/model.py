@@ -1,0 +1,208 @@
+"""HookedTransformer: embed -> blocks -> final norm -> unembed, with a HookPoint at every activation."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from hooked_attn.cache import ActivationCache
+from hooked_attn.components.block import TransformerBlock
+from hooked_attn.components.embed import Embed, PosEmbed
+from hooked_attn.components.norms import Norm
+from hooked_attn.components.rotary import RopeTables
+from hooked_attn.components.unembed import Unembed
+from hooked_attn.config import LearnedPositions, ModelConfig
+from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.tokens import PaddingSide, TokenizerMixin
+from hooked_attn.utils import lm_cross_entropy_loss
+
+ReturnType = Literal["logits", "loss", "both"] | None
+ModelInput = str | list[str] | Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"]
+
+
+class HookedTransformer(TokenizerMixin, HookedRootModule):
+    """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
+
+    Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
+    uninitialised model of the given config.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if isinstance(cfg.positions, LearnedPositions):
+            self.pos_embed = PosEmbed(cfg, cfg.positions.n_ctx)
+            self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = Norm(cfg.norm, cfg.d_model)
+        self.unembed = Unembed(cfg)
+        self.setup()
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: Any, *args: Any, **kwargs: Any) -> "HookedTransformer":
+        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
+        from hooked_attn.loading import from_pretrained
+
+        return from_pretrained(model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, model_name_or_path: Any, *args: Any, **kwargs: Any) -> "HookedTransformer":
+        """Load an HF model with every weight-processing step off."""
+        from hooked_attn.loading import from_pretrained_no_processing
+
+        return from_pretrained_no_processing(model_name_or_path, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.W_E.dtype
+
+    def forward(
+        self, input: ModelInput, return_type: ReturnType = "logits", loss_per_token: bool = False,
+        attention_mask: Int[Tensor, "batch pos"] | None = None, prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None, start_at_layer: int | None = None,
+        stop_at_layer: int | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: token ids ``[batch pos]``, a string, or a list of strings (tokenized, padded, and
+                masked automatically); with ``start_at_layer``, the residual stream entering that block.
+            return_type: ``"logits"``, ``"loss"``, ``"both"`` (a ``(logits, loss)`` pair) or None.
+            loss_per_token: return the loss at each position ``[batch pos-1]`` instead of the mean.
+            attention_mask: 1 for real tokens, 0 for padding. Padding is never attended to, and
+                positions count real tokens only, so a left-padded sequence sees the positions it
+                would alone.
+            start_at_layer: run from this block on; ``input`` is then its ``resid_pre``.
+            stop_at_layer: stop before this block and return the residual stream entering it.
+            tokens: the token ids, needed for the loss when starting mid-model.
+        """
+        if isinstance(input, (str, list)):
+            input, attention_mask = self._tokenize(input, prepend_bos, padding_side)
+            input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+        if start_at_layer is None:
+            if input.dtype.is_floating_point:
+                raise ValueError(f"expected token ids, got a {input.dtype} tensor (residuals need start_at_layer)")
+            if input.ndim != 2:
+                raise ValueError(f"expected token ids of shape [batch pos], got shape {tuple(input.shape)}")
+            tokens = input
+        elif input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"with start_at_layer, input must be a residual [batch pos d_model={self.cfg.d_model}], "
+                f"got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] == 0:
+            raise ValueError("the input has no positions: a sequence needs at least one token")
+        if attention_mask is not None and attention_mask.shape != input.shape[:2]:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {tuple(input.shape[:2])}"
+            )
+        positions, attend = self._positions_and_mask(input.shape[0], input.shape[1], input.device, attention_mask)
+        if start_at_layer is None:
+            resid = self.hook_embed(self.embed(input))
+            if isinstance(self.cfg.positions, LearnedPositions):
+                resid = resid + self.hook_pos_embed(self.pos_embed(positions))
+        else:
+            resid = input
+        rope_cache: RopeTables = {}
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            resid = block(resid, attend, positions, rope_cache)
+        if stop_at_layer is not None:
+            return resid
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+    def _positions_and_mask(
+        self, batch: int, n_pos: int, device: torch.device, attention_mask: Tensor | None
+    ) -> tuple[Int[Tensor, "batch pos"], Tensor | None]:
+        if attention_mask is None:
+            return torch.arange(n_pos, device=device).expand(batch, n_pos), None
+        valid = attention_mask.to(device).bool()
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+        attend = causal[None] & valid[:, None, :]
+        # A padding query attends to itself alone, so its (unused) row stays finite.
+        attend = attend | (torch.eye(n_pos, dtype=torch.bool, device=device)[None] & ~valid[:, :, None])
+        return positions, attend[:, None]
+
+    def run_with_cache(
+        self, *model_args: Any, names_filter: NamesFilter = None, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool = False,
+        reset_hooks_end: bool = True, clear_contexts: bool = False, **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run the model and return its output with an ActivationCache of the activations.
+
+        Args:
+            names_filter: a hook name, a list of names, or a predicate on names; None caches all
+                (``hook_result`` only when ``use_attn_result`` is on or it is named).
+            device, dtype: where and in what dtype to store the cached tensors.
+            remove_batch_dim: store ``tensor[0]`` (for a batch of one).
+            incl_bwd: also cache gradients as ``name + "_grad"``; call ``.backward()`` on the output
+                yourself (the gradients land in the returned cache).
+        """
+        cache, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd=incl_bwd, device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
+        )
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    def _opt_in_enabled(self, name: str) -> bool:
+        return name.endswith("attn.hook_result") and self.blocks[int(name.split(".")[1])].attn.use_attn_result
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute and expose per-head outputs at ``attn.hook_result [batch pos head d_model]``."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+
+    def _stack(self, get: Callable[[TransformerBlock], Tensor]) -> Tensor:
+        return torch.stack([get(block) for block in self.blocks])  # type: ignore[arg-type]
+
+    # Weights stacked over layers, in the per-head layout (see docs/conventions.md).
+    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))
+    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))
+    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
+    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))
+    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))
+    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
+    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
+    b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))
+    W_gate = property(lambda self: self._stack(lambda b: b.mlp.W_gate))
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))
+    b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in))
+    b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out))
+    W_E = property(lambda self: self.embed.W_E)
+    W_U = property(lambda self: self.unembed.W_U)
+    b_U = property(lambda self: self.unembed.b_U)
+
+    @property
+    def W_pos(self) -> Tensor:
+        if not isinstance(self.cfg.positions, LearnedPositions):
+            raise AttributeError("this model has rotary positions, not a learned W_pos")
+        return self.pos_embed.W_pos
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"HookedTransformer({c.hf_architecture}: {c.n_layers} layers, d_model={c.d_model}, "
+                f"{c.n_heads} heads / {c.n_kv_heads} kv heads, d_vocab={c.d_vocab}, {len(self.hook_dict)} hook points)")

@@ -1,0 +1,124 @@
+"""Tokenizer helpers of HookedTransformer: strings to tokens and back, with TransformerLens' names."""
+
+from typing import Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+PaddingSide = Literal["left", "right"]
+
+
+class TokenizerMixin:
+    """``to_tokens``, ``to_str_tokens``, ``to_string``, ``to_single_token``, ``get_token_position``.
+
+    By default text is tokenized the way the model's own tokenizer does it (``add_special_tokens``):
+    a BOS token is added exactly when the tokenizer adds one. ``prepend_bos=True`` adds one where the
+    tokenizer does not; ``prepend_bos=False`` removes the one it adds.
+    """
+
+    tokenizer: PreTrainedTokenizerBase | None
+    default_padding_side: PaddingSide = "right"
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer: pass tokenizer= to from_pretrained, or set model.tokenizer"
+            )
+        return self.tokenizer
+
+    def _tokenize(
+        self, text: str | list[str], prepend_bos: bool | None, padding_side: PaddingSide | None,
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        tok = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("expected a string or a non-empty list of strings to tokenize")
+        ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+        bos = tok.bos_token_id
+        if prepend_bos is True:
+            if bos is None:
+                raise ValueError("prepend_bos=True, but this tokenizer has no BOS token")
+            ids = [row if row[:1] == [bos] else [bos, *row] for row in ids]
+        elif prepend_bos is False and bos is not None:
+            ids = [row[1:] if row[:1] == [bos] else row for row in ids]
+        if any(len(row) == 0 for row in ids):
+            raise ValueError("an input tokenized to no tokens at all (empty string?); the model needs at least one")
+        width = max(len(row) for row in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        side = padding_side or self.default_padding_side
+        tokens = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            tokens[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return tokens, mask
+
+    def to_tokens(
+        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch pos]``; a list of strings is padded (right by default) to one length."""
+        tokens, _ = self._tokenize(input, prepend_bos, padding_side)
+        return tokens.to(self.device) if move_to_device else tokens  # type: ignore[attr-defined]
+
+    def to_str_tokens(
+        self, input: str | list[str] | Tensor | list[int], prepend_bos: bool | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Each token as its own string; a list of strings or a 2-D tensor gives a list per row."""
+        tok = self._require_tokenizer()
+        if isinstance(input, list) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(text, prepend_bos) for text in input]  # type: ignore[misc]
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos, move_to_device=False)[0].tolist()
+        else:
+            t = torch.as_tensor(input)
+            if t.ndim == 2:
+                if t.shape[0] != 1:
+                    return [self.to_str_tokens(row) for row in t]  # type: ignore[misc]
+                t = t[0]
+            ids = t.tolist()
+        return [tok.decode([i]) for i in ids]
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        """Decode token ids; a 2-D tensor gives one string per row."""
+        tok = self._require_tokenizer()
+        t = torch.as_tensor(tokens)
+        if t.ndim == 2:
+            return [tok.decode(row.tolist()) for row in t]
+        return tok.decode(t.tolist())
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token.
+
+        Raises:
+            ValueError: the string is not a single token; the message shows how it splits.
+        """
+        tokens = self.to_tokens(string, prepend_bos=False, move_to_device=False)[0]
+        if tokens.numel() != 1:
+            pieces = self.to_str_tokens(tokens)
+            raise ValueError(f"{string!r} is not a single token: it splits into {len(pieces)}: {pieces}")
+        return int(tokens[0])
+
+    def get_token_position(
+        self, single_token: str | int, input: str | Tensor, mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+    ) -> int:
+        """The position of ``single_token`` in ``input`` (a string or a 1-row token tensor).
+
+        Raises:
+            ValueError: the token does not occur, or the input holds more than one sequence.
+        """
+        tokens = self.to_tokens(input, prepend_bos, move_to_device=False) if isinstance(input, str) else input
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"get_token_position needs one sequence, got a batch of {tokens.shape[0]}")
+            tokens = tokens[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        hits = (tokens.cpu() == token).nonzero()[:, 0]
+        if hits.numel() == 0:
+            raise ValueError(f"token {single_token!r} (id {token}) does not occur in the input")
+        return int(hits[0] if mode == "first" else hits[-1])
