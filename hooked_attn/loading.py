@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Source = str | os.PathLike | PreTrainedModel
 TokenizerArg = PreTrainedTokenizerBase | str | os.PathLike | None
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
@@ -146,8 +147,15 @@ def _load_tokenizer(tokenizer: TokenizerArg, default: Any) -> PreTrainedTokenize
         return AutoTokenizer.from_pretrained(tokenizer)
     if isinstance(default, PreTrainedTokenizerBase) or default is None:
         return default
-    try:
-        return AutoTokenizer.from_pretrained(default)
-    except (OSError, ValueError, TypeError) as err:
-        logger.info("no tokenizer loaded from %s (%s); pass tokenizer= to use text input", default, err)
+    if not any((Path(default) / name).is_file() for name in _TOKENIZER_FILES):
+        logger.info("%s has no tokenizer files; pass tokenizer= to use text input", default)
         return None
+    try:
+        loaded = AutoTokenizer.from_pretrained(default)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning("no tokenizer loaded from %s (%s); pass tokenizer= to use text input", default, err)
+        return None
+    if len(loaded) == 0:  # transformers 5 can build an empty tokenizer instead of failing
+        logger.warning("the tokenizer in %s has an empty vocabulary; ignoring it", default)
+        return None
+    return loaded

@@ -1,0 +1,79 @@
+"""Every registered architecture and variant: the rebuilt model equals the HF model it came from."""
+
+import pytest
+import torch
+import transformers
+
+from conftest import TOL, random_tokens, tiny_hf_model
+from hooked_attn import HookedTransformer
+
+FLAGS = ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("biases", [True, False], ids=["random_biases", "zero_biases"])
+def test_unprocessed_logits_and_residuals_match_hf(case, biases):
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg, biases=biases)
+    tokens = random_tokens(hf_cfg)
+    ref = hf(tokens, output_hidden_states=True)
+    model = HookedTransformer.from_pretrained_no_processing(hf)
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    torch.testing.assert_close(logits, ref.logits, **TOL["tiny_fp32"])
+    torch.testing.assert_close(model(tokens), ref.logits, **TOL["tiny_fp32"])  # fused attention path
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("flag", [*FLAGS, "all"])
+def test_processed_log_probs_match_hf(case, flag):
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg)
+    ref = hf(tokens).logits.log_softmax(-1)
+    flags = {f: (flag == "all" or f == flag) for f in FLAGS}
+    model = HookedTransformer.from_pretrained(hf, **flags)
+    torch.testing.assert_close(model(tokens).log_softmax(-1), ref, **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+def test_loads_from_a_saved_folder(case, tmp_path):
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg)
+    hf.save_pretrained(tmp_path)
+    tokens = random_tokens(hf_cfg)
+    model = HookedTransformer.from_pretrained_no_processing(str(tmp_path))
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL["tiny_fp32"])
+    assert model.tokenizer is None  # the folder has no tokenizer files
+
+
+@torch.no_grad()
+def test_sdpa_reference_agrees(case):
+    """The HF sdpa implementation is what most users run; we match it too."""
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg)
+    sdpa = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(hf.state_dict())
+    model = HookedTransformer.from_pretrained_no_processing(hf)
+    torch.testing.assert_close(model(tokens), sdpa(tokens).logits, **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+def test_bf16_is_as_accurate_as_hf_bf16(case):
+    """In bf16 both models round differently; ours must agree with HF's top-1 and be no further
+    from the fp32 truth than HF's own bf16 run is (within a small margin)."""
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg, batch=4, n_pos=16)
+    truth = hf(tokens).logits.log_softmax(-1)
+    model = HookedTransformer.from_pretrained_no_processing(hf, dtype=torch.bfloat16)
+    ref = hf.to(torch.bfloat16)(tokens).logits
+    ours = model(tokens)
+    assert ours.dtype == torch.bfloat16
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, f"top-1 agreement with HF bf16 is {agree:.3f}"
+    our_err = (ours.float().log_softmax(-1) - truth).abs().max().item()
+    hf_err = (ref.float().log_softmax(-1) - truth).abs().max().item()
+    assert our_err <= 1.5 * hf_err + 0.02, f"bf16 error vs fp32: ours {our_err:.4f}, HF's {hf_err:.4f}"
