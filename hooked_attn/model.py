@@ -20,7 +20,9 @@ from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
 ReturnType = Literal["logits", "loss", "both"] | None
-ModelInput = str | list[str] | Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"]
+# Token ids [batch pos], text, or (with start_at_layer) a residual [batch pos d_model]. Left as a
+# plain Tensor in the signature: forward validates shapes itself, with messages that name them.
+ModelInput = str | list[str] | Tensor
 
 
 class HookedTransformer(TokenizerMixin, HookedRootModule):
@@ -68,7 +70,7 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
 
     def forward(
         self, input: ModelInput, return_type: ReturnType = "logits", loss_per_token: bool = False,
-        attention_mask: Int[Tensor, "batch pos"] | None = None, prepend_bos: bool | None = None,
+        attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None, start_at_layer: int | None = None,
         stop_at_layer: int | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Any:

@@ -15,6 +15,11 @@ transformers.logging.set_verbosity_error()
 TOL = {
     "tiny_fp32": dict(atol=1e-5, rtol=1e-5),
     "real_fp32": dict(atol=1e-4, rtol=0.0),  # the bound: max abs diff at most 1e-4
+    # Real residual streams hold "massive activations" (|x| ~ 1e3 at the first position), where one
+    # fp32 ulp is already ~1e-4, and deep layers drift by a few fp32 roundings between any two
+    # implementations: compare at 1e-3 here and hold the error to HF's own fp32 error against
+    # fp64 (test_real_weights.py), which is the real noise floor.
+    "real_fp32_resid": dict(atol=1e-3, rtol=1e-5),
 }
 
 CASES = [(arch, name, cfg) for arch in REGISTRY.values() for name, cfg in arch.tiny_hf_configs().items()]

@@ -30,13 +30,13 @@ class StateDictError(KeyError):
 
 # Fields every HF config carries that do not change what the model computes at inference.
 COMMON_IGNORED_HF_FIELDS = frozenset({
-    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label",
+    "_name_or_path", "_model_name_or_path", "unk_token_id", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label",
     "label2id", "problem_type", "output_hidden_states", "output_attentions", "return_dict",
     "chunk_size_feed_forward", "is_encoder_decoder", "model_type", "tokenizer_class", "prefix",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "use_cache", "initializer_range", "_attn_implementation_autoset",
     "tf_legacy_loss", "use_bfloat16", "pruned_heads", "torchscript", "finetuning_task",
-    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "tie_encoder_decoder",
 })
 
 
@@ -72,7 +72,7 @@ def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:
             continue
         if name == "quantization_config" and isinstance(value, Mapping) and value.get("quant_method") == "gguf":
             continue  # transformers dequantises GGUF weights to plain tensors on load
-        if name not in defaults or values[name] != defaults[name]:
+        if value != defaults.get(name):  # a field HF does not know counts as None by default
             raise UnsupportedConfigError(
                 f"{arch.hf_architecture}: config field {name}={value!r} (default {defaults.get(name)!r}) is not "
                 "supported by hooked_attn's converter, and converting anyway could give a silently wrong model"

@@ -84,15 +84,18 @@ class Attention(nn.Module):
         self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],
         v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None,
     ) -> Float[Tensor, "batch q_pos head d_head"]:
-        k = k.repeat_interleave(self.cfg.group_size, dim=2) if self.cfg.group_size > 1 else k
-        v = v.repeat_interleave(self.cfg.group_size, dim=2) if self.cfg.group_size > 1 else v
-        scores = einops.einsum(q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos")
-        scores = scores * self.scale
+        # Same operations in the same order as HF's eager_attention_forward (matmul, then scale; fp32
+        # softmax), so that even bf16 results round identically.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.cfg.group_size > 1:
+            k = k.repeat_interleave(self.cfg.group_size, dim=1)
+            v = v.repeat_interleave(self.cfg.group_size, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
         if attend is None:
-            attend = causal_mask(q.shape[1], k.shape[1], q.device)
+            attend = causal_mask(q.shape[2], k.shape[2], q.device)
         scores = self.hook_attn_scores(scores.masked_fill(~attend, torch.finfo(scores.dtype).min))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
-        return einops.einsum(pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
+        return torch.matmul(pattern, v).transpose(1, 2)
 
     def _fused_attention(
         self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],

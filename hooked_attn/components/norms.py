@@ -32,8 +32,18 @@ class Norm(nn.Module):
         x32 = x.float()
         if self.cfg.kind == "layernorm":
             x32 = x32 - x32.mean(-1, keepdim=True)
-        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.cfg.eps).sqrt())
-        out = (x32 / scale).to(x.dtype)
+        # Multiply by rsqrt, as HF does, so reduced-precision outputs round identically; the scale
+        # is materialised for hook_scale only when something is attached there.
+        inv_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
+        if self.hook_scale.has_hooks:
+            scale = inv_scale.reciprocal()
+            version = scale._version
+            hooked = self.hook_scale(scale)
+            unchanged = hooked is scale and scale._version == version  # not replaced, not edited in place
+            out32 = x32 * inv_scale if unchanged else x32 / hooked
+        else:
+            out32 = x32 * inv_scale
+        out = out32.to(x.dtype)
         if self.w is not None:
             out = self.w * out
         if self.b is not None:

@@ -1,0 +1,142 @@
+"""Each processing function states an invariant; these tests check exactly that sentence, per architecture."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import TOL, random_tokens, tiny_hf_model
+from hooked_attn import HookedTransformer
+from hooked_attn import processing as P
+from hooked_attn.config import Rotary
+
+
+def unprocessed(case):
+    arch, _, hf_cfg = case
+    model = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(hf_cfg))
+    return model, random_tokens(hf_cfg)
+
+
+def rebuilt(model: HookedTransformer, sd, cfg) -> HookedTransformer:
+    new = HookedTransformer(cfg, tokenizer=model.tokenizer)
+    new.load_state_dict(sd, strict=True)
+    return new
+
+
+def applicable(step: str, cfg) -> bool:
+    if step == "center_writing_weights":
+        return cfg.norm.kind == "layernorm"
+    if step == "refactor_factored_attn_matrices":
+        return not isinstance(cfg.positions, Rotary) and cfg.n_kv_heads == cfg.n_heads
+    return True
+
+
+INVARIANT = {  # step -> what its docstring promises is unchanged
+    "fold_ln": "logits", "center_writing_weights": "logits", "center_unembed": "log_probs",
+    "fold_value_biases": "logits", "refactor_factored_attn_matrices": "logits",
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("step", list(P.STEPS))
+def test_each_step_keeps_its_stated_invariant(case, step):
+    model, tokens = unprocessed(case)
+    if not applicable(step, model.cfg):
+        with pytest.raises(P.ProcessingError):
+            P.STEPS[step](model.state_dict(), model.cfg)
+        return
+    assert INVARIANT[step] in P.STEPS[step].__doc__.replace("log-probs", "log_probs")
+    sd, cfg = P.process_weights(model.state_dict(), model.cfg, **{s: s == step for s in P.STEPS})
+    assert getattr(cfg.processing, step)
+    before, after = model(tokens), rebuilt(model, sd, cfg)(tokens)
+    if INVARIANT[step] == "logits":
+        torch.testing.assert_close(after, before, **TOL["tiny_fp32"])
+    else:
+        torch.testing.assert_close(after.log_softmax(-1), before.log_softmax(-1), **TOL["tiny_fp32"])
+        shift = after - before  # a per-position constant over the vocabulary
+        torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("step", list(P.STEPS))
+def test_steps_are_pure(case, step):
+    model, _ = unprocessed(case)
+    if not applicable(step, model.cfg):
+        return
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    P.STEPS[step](sd, model.cfg)
+    for key, value in model.state_dict().items():
+        assert torch.equal(sd[key], value), f"{step} modified its input at {key}"
+
+
+@torch.no_grad()
+def test_what_each_step_produces(case):
+    """The structural effect, not just the invariant: folded norms vanish, centred weights have zero mean."""
+    model, _ = unprocessed(case)
+    sd, cfg = P.process_weights(model.state_dict(), model.cfg)
+    assert not any(k.endswith((".ln1.w", ".ln2.w", "ln_final.w", ".ln1.b", "ln_final.b")) for k in sd)
+    assert not cfg.norm.weight and not cfg.norm.bias
+    assert cfg.normalization_type in ("LNPre", "RMSPre")
+    torch.testing.assert_close(sd["unembed.W_U"].mean(-1), torch.zeros(cfg.d_model), atol=1e-6, rtol=0)
+    assert all(torch.all(sd[f"blocks.{i}.attn.b_V"] == 0) for i in range(cfg.n_layers))
+    if cfg.norm.kind == "layernorm":
+        assert cfg.processing.center_writing_weights
+        torch.testing.assert_close(sd["blocks.0.attn.W_O"].mean(-1), torch.zeros_like(sd["blocks.0.attn.W_O"][..., 0]),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(sd["blocks.0.attn.W_Q"].mean(1), torch.zeros_like(sd["blocks.0.attn.W_Q"][:, 0]),
+                                   atol=1e-6, rtol=0)
+    else:
+        assert not cfg.processing.center_writing_weights
+
+
+def test_rmsnorm_skips_center_writing_weights_with_a_logged_reason(caplog):
+    from hooked_attn.architectures.llama import tiny_hf_configs
+
+    hf = tiny_hf_model(tiny_hf_configs()["gqa"])
+    with caplog.at_level(logging.INFO, logger="hooked_attn.processing"):
+        model = HookedTransformer.from_pretrained(hf, center_writing_weights=True)
+    assert "skipping center_writing_weights" in caplog.text and "RMSNorm" in caplog.text
+    assert not model.cfg.processing.center_writing_weights
+
+
+def test_refactor_is_refused_on_rotary_models_and_leaves_nothing_built():
+    from hooked_attn.architectures.llama import tiny_hf_configs
+
+    hf = tiny_hf_model(tiny_hf_configs()["mha"])
+    with pytest.raises(P.ProcessingError, match="rotary"):
+        HookedTransformer.from_pretrained(hf, refactor_factored_attn_matrices=True)
+
+
+@torch.no_grad()
+def test_refactor_preserves_qk_and_ov_circuits():
+    from hooked_attn.architectures.gpt2 import tiny_hf_configs
+
+    model = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(tiny_hf_configs()["default"]))
+    sd, cfg = P.process_weights(model.state_dict(), model.cfg, fold_ln=False, center_writing_weights=False,
+                                center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=True)
+    assert cfg.processing.refactor_factored_attn_matrices and cfg.processing.fold_value_biases
+    old, new = model.state_dict(), sd
+    for i in range(cfg.n_layers):
+        a = f"blocks.{i}.attn"
+        qk_old = old[f"{a}.W_Q"] @ old[f"{a}.W_K"].mT
+        qk_new = new[f"{a}.W_Q"] @ new[f"{a}.W_K"].mT
+        torch.testing.assert_close(qk_new, qk_old, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(new[f"{a}.W_V"] @ new[f"{a}.W_O"], old[f"{a}.W_V"] @ old[f"{a}.W_O"],
+                                   atol=1e-5, rtol=1e-5)
+        # Balanced: [W_Q; b_Q] and [W_K; b_K] carry the same singular values.
+        q = torch.cat([new[f"{a}.W_Q"], new[f"{a}.b_Q"][:, None]], dim=1)
+        k = torch.cat([new[f"{a}.W_K"], new[f"{a}.b_K"][:, None]], dim=1)
+        torch.testing.assert_close(torch.linalg.svdvals(q), torch.linalg.svdvals(k), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_processing_a_bf16_model_folds_in_fp32():
+    from hooked_attn.architectures.llama import tiny_hf_configs
+
+    hf_cfg = tiny_hf_configs()["gqa"]
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg)
+    model = HookedTransformer.from_pretrained(hf, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    agree = (model(tokens).argmax(-1) == hf(tokens).logits.argmax(-1)).float().mean()
+    assert agree >= 0.9
