@@ -1,4 +1,4 @@
-"""The architecture registry: one module per HF family, each registering one Architecture record."""
+"""The architecture registry: one module per HF family, each registering one Architecture record on import."""
 
 from transformers import PretrainedConfig
 
@@ -33,5 +33,15 @@ def get_architecture(hf_architecture: str | None, hf_config: PretrainedConfig | 
     )
 
 
-# Each family module registers itself on import: adding one is one file plus one line here.
-from hooked_attn.architectures import gpt2, llama  # noqa: E402,F401
+def _import_families() -> None:
+    """Import every family module in this package; each registers itself. Adding a family is
+    adding one file: there is no list to edit."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()

