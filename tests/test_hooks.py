@@ -263,3 +263,11 @@ def test_editing_the_norm_scale_takes_effect_in_place_or_by_return(model_and_tok
         else:
             expected = expected / 2
         torch.testing.assert_close(cache["blocks.0.ln1.hook_normalized"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_caching_everything_works_under_inference_mode(model_and_tokens):
+    model, tokens, _ = model_and_tokens
+    with torch.inference_mode():
+        logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(logits, model(tokens).detach())
+    assert len(cache) == len(model.hook_dict) - model.cfg.n_layers  # all but the opt-in hook_result

@@ -37,10 +37,9 @@ class Norm(nn.Module):
         inv_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
         if self.hook_scale.has_hooks:
             scale = inv_scale.reciprocal()
-            version = scale._version
+            original = scale.clone()  # [batch pos 1]: cheap; tells whether a hook edited it in place
             hooked = self.hook_scale(scale)
-            unchanged = hooked is scale and scale._version == version  # not replaced, not edited in place
-            out32 = x32 * inv_scale if unchanged else x32 / hooked
+            out32 = x32 * inv_scale if torch.equal(hooked, original) else x32 / hooked
         else:
             out32 = x32 * inv_scale
         out = out32.to(x.dtype)
