@@ -109,12 +109,12 @@ def test_unreachable_hub_id_is_a_one_line_error(capsys):
 
 
 def test_unknown_architecture_is_a_one_line_error(tmp_path, capsys):
-    cfg = transformers.GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32)
+    # A state-space model: not a transformer, so never in the registry.
+    cfg = transformers.MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     code, _, err = run(capsys, "verify", str(tmp_path))
     assert code == 2
-    assert err.startswith("error: architecture 'GPTNeoXForCausalLM'") and "supported: " in err
+    assert err.startswith("error: architecture 'MambaForCausalLM'") and "supported: " in err
     assert err.count("\n") == 1
 
 

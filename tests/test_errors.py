@@ -14,10 +14,10 @@ from hooked_attn.architectures.llama import tiny_hf_configs as llama_configs
 
 
 def test_unknown_architecture_lists_the_supported_ones():
+    # A state-space model: not a transformer, so never in the registry.
     hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
-                                   vocab_size=50))
-    with pytest.raises(UnknownArchitectureError, match="GPTNeoXForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
+        transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, state_size=4, vocab_size=50))
+    with pytest.raises(UnknownArchitectureError, match="MambaForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
         HookedTransformer.from_pretrained(hf)
 
 
