@@ -112,6 +112,7 @@ def test_unknown_architecture_is_a_one_line_error(tmp_path, capsys):
     # A state-space model: not a transformer, so never in the registry.
     cfg = transformers.MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    capsys.readouterr()  # drop save_pretrained's progress bar
     code, _, err = run(capsys, "verify", str(tmp_path))
     assert code == 2
     assert err.startswith("error: architecture 'MambaForCausalLM'") and "supported: " in err
