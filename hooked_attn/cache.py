@@ -42,9 +42,11 @@ class ActivationCache(Mapping[str, Tensor]):
         return self.cache_dict[name]
 
     def __contains__(self, key: object) -> bool:
+        if not isinstance(key, (str, tuple)):
+            return False
         try:
-            return self._key(key) in self.cache_dict  # type: ignore[arg-type]
-        except ValueError:
+            return self._key(key) in self.cache_dict
+        except (ValueError, TypeError):
             return False
 
     def __iter__(self) -> Iterator[str]:

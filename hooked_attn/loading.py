@@ -26,10 +26,10 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
 def from_pretrained(
-    model_name_or_path: Source, tokenizer: TokenizerArg = None, dtype: torch.dtype = torch.float32,
+    model_name_or_path: Source, *, tokenizer: TokenizerArg = None, dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-    *, gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
 ) -> HookedTransformer:
     """Build a HookedTransformer from an HF model and process its weights.
 
@@ -62,15 +62,16 @@ def from_pretrained(
         model = HookedTransformer(cfg, tokenizer=_load_tokenizer(tokenizer, default_tokenizer))
     model.to(dtype)
     model.load_state_dict(sd, strict=True)
-    logger.info("loaded %s (%s) with processing %s", arch.hf_architecture, model_name_or_path, cfg.processing)
+    where = type(model_name_or_path).__name__ if isinstance(model_name_or_path, PreTrainedModel) else model_name_or_path
+    logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
     return model
 
 
-def from_pretrained_no_processing(model_name_or_path: Source, *args: Any, **kwargs: Any) -> HookedTransformer:
+def from_pretrained_no_processing(model_name_or_path: Source, **kwargs: Any) -> HookedTransformer:
     """``from_pretrained`` with every weight-processing step off: the weights exactly as HF has them."""
     flags = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
              "refactor_factored_attn_matrices")
-    return from_pretrained(model_name_or_path, *args, **{**{f: False for f in flags}, **kwargs})
+    return from_pretrained(model_name_or_path, **{**{f: False for f in flags}, **kwargs})
 
 
 def _resolve(
@@ -79,7 +80,8 @@ def _resolve(
     """(HF config, HF architecture name, HF state dict, where the tokenizer is) for any source."""
     if isinstance(source, PreTrainedModel):
         name = getattr(source, "name_or_path", "")
-        return source.config, type(source).__name__, source.state_dict(), name if Path(name).is_dir() else None
+        folder = name if name and Path(name).is_dir() else None  # Path("") is the current directory
+        return source.config, type(source).__name__, source.state_dict(), folder
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path, a hub id or a PreTrainedModel, got {type(source).__name__}")
     path = Path(source)
@@ -90,6 +92,8 @@ def _resolve(
     if gguf_file is not None:
         return _resolve_gguf(str(path), gguf_file, revision, cache_dir)
     if not path.is_dir():
+        if _looks_local(str(source)):
+            raise FileNotFoundError(f"no such model folder or file: {str(source)!r}")
         path = _download(str(source), revision, cache_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not an HF model folder")
@@ -106,6 +110,11 @@ def _resolve_gguf(
                                                     revision=revision, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
     return hf_model.config, type(hf_model).__name__, hf_model.state_dict(), tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (``org/name``): absolute, relative with ./ or ~, or deeper than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
@@ -128,7 +137,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     else:
         files = [p.name for p in sorted(folder.glob("*.safetensors"))]
     if not files:
-        raise FileNotFoundError(f"{str(folder)!r} has no .safetensors weights")
+        return _read_torch_bin(folder)
     sd: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -137,6 +146,20 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
                     sd[key] = f.get_tensor(key)
         except Exception as err:
             raise ValueError(f"cannot read safetensors file {str(folder / name)!r}: {err}") from err
+    return sd
+
+
+def _read_torch_bin(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) ``pytorch_model*.bin`` checkpoint, loaded as plain tensors."""
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{str(folder)!r} has no weights (.safetensors or pytorch_model.bin)")
+    sd: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            sd.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
     return sd
 
 

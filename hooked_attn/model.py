@@ -19,6 +19,10 @@ from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
+_ABSENT_WEIGHTS = {
+    "W_pos": "this model has rotary positions, not a learned position embedding",
+    "W_gate": "this model's MLP is not gated, so it has no W_gate",
+}
 ReturnType = Literal["logits", "loss", "both"] | None
 # Token ids [batch pos], text, or (with start_at_layer) a residual [batch pos d_model]. Left as a
 # plain Tensor in the signature: forward validates shapes itself, with messages that name them.
@@ -47,18 +51,18 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         self.setup()
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, *args: Any, **kwargs: Any) -> "HookedTransformer":
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
         """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
         from hooked_attn.loading import from_pretrained
 
-        return from_pretrained(model_name_or_path, *args, **kwargs)
+        return from_pretrained(model_name_or_path, **kwargs)
 
     @classmethod
-    def from_pretrained_no_processing(cls, model_name_or_path: Any, *args: Any, **kwargs: Any) -> "HookedTransformer":
+    def from_pretrained_no_processing(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
         """Load an HF model with every weight-processing step off."""
         from hooked_attn.loading import from_pretrained_no_processing
 
-        return from_pretrained_no_processing(model_name_or_path, *args, **kwargs)
+        return from_pretrained_no_processing(model_name_or_path, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -190,7 +194,6 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
     b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
     b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))
     W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))
-    W_gate = property(lambda self: self._stack(lambda b: b.mlp.W_gate))
     W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))
     b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in))
     b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out))
@@ -199,10 +202,22 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
     b_U = property(lambda self: self.unembed.b_U)
 
     @property
+    def W_gate(self) -> Tensor:
+        if not self.cfg.gated_mlp:
+            raise AttributeError("W_gate")  # reported by __getattr__ below
+        return self._stack(lambda b: b.mlp.W_gate)
+
+    @property
     def W_pos(self) -> Tensor:
         if not isinstance(self.cfg.positions, LearnedPositions):
-            raise AttributeError("this model has rotary positions, not a learned W_pos")
+            raise AttributeError("W_pos")  # reported by __getattr__ below
         return self.pos_embed.W_pos
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module.__getattr__ would replace a property's AttributeError with a generic one.
+        if name in _ABSENT_WEIGHTS:
+            raise AttributeError(f"{name}: {_ABSENT_WEIGHTS[name]}")
+        return super().__getattr__(name)
 
     def __repr__(self) -> str:
         c = self.cfg

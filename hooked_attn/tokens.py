@@ -56,6 +56,17 @@ class TokenizerMixin:
             mask[i, span] = 1
         return tokens, mask
 
+    def tokenize(
+        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: PaddingSide | None = None,
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Token ids and the matching attention mask (1 = real token, 0 = padding), on the model's device.
+
+        Pass both to the model (``model(tokens, attention_mask=mask)``) to run a padded batch
+        exactly as each sequence would run alone.
+        """
+        tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+        return tokens.to(self.device), mask.to(self.device)  # type: ignore[attr-defined]
+
     def to_tokens(
         self, input: str | list[str], prepend_bos: bool | None = None, padding_side: PaddingSide | None = None,
         move_to_device: bool = True,

@@ -138,3 +138,40 @@ def test_every_registered_architecture_has_variants():
     assert {"GPT2LMHeadModel", "LlamaForCausalLM"} <= set(REGISTRY)
     for arch in REGISTRY.values():
         assert arch.tiny_hf_configs(), arch.hf_architecture
+
+
+def test_absent_weights_say_why(gpt2):
+    model, _ = gpt2
+    with pytest.raises(AttributeError, match="not gated"):
+        model.W_gate
+    llama = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(llama_configs()["gqa"]))
+    with pytest.raises(AttributeError, match="rotary positions"):
+        llama.W_pos
+    assert llama.W_gate.shape == (2, 32, 48) and model.W_pos.shape == (32, 32)
+
+
+def test_cache_membership_never_raises(gpt2):
+    model, tokens = gpt2
+    _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
+    assert "hook_embed" in cache and ("embed",) in cache
+    assert 5 not in cache and "not_a_site" not in cache and ("pattern", 0) not in cache
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    for missing in (str(tmp_path / "nope"), "./nope", "some/deep/path"):
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            HookedTransformer.from_pretrained(missing)
+
+
+def test_processing_flags_are_keyword_only(gpt2):
+    with pytest.raises(TypeError):
+        HookedTransformer.from_pretrained(tiny_hf_model(gpt2_configs()["default"]), None, torch.float32)
+
+
+def test_pytorch_bin_checkpoints_load(tmp_path):
+    hf = tiny_hf_model(gpt2_configs()["untied"])
+    hf.config.save_pretrained(tmp_path)  # transformers 5 saves safetensors only: write the .bin by hand
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    tokens = random_tokens(hf.config)
+    model = HookedTransformer.from_pretrained_no_processing(tmp_path)
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)

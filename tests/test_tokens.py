@@ -87,3 +87,11 @@ def test_loss_skips_padding(gpt2):
     assert torch.all(batch_loss[1, alone.shape[1]:] == 0)
     logits, loss = gpt2(texts[0], return_type="both")
     assert loss.ndim == 0 and logits.shape[-1] == gpt2.cfg.d_vocab
+
+
+@torch.no_grad()
+def test_tokenize_returns_the_mask_that_makes_padding_invisible(gpt2):
+    tokens, mask = gpt2.tokenize(["The cat sat", "Hi"], padding_side="left")
+    assert mask.tolist()[1][0] == 0 and mask.sum().item() == 4
+    logits = gpt2(tokens, attention_mask=mask)
+    torch.testing.assert_close(logits[1, -1], gpt2("Hi")[0, -1], atol=1e-5, rtol=1e-5)
