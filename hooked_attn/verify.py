@@ -42,7 +42,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DefaultModelMissingError,
 )
 
-# The axes of each hook site, in the glossary names of hooked_attn/shapes.py (see docs/hooks.md).
+# The axes of each hook site, in the glossary names of hooked_attn/shapes.py (see docs/conventions.md).
 HOOK_AXES = {
     **dict.fromkeys(["hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                      "hook_attn_out", "hook_mlp_out", "hook_normalized"], "batch pos d_model"),

@@ -12,7 +12,7 @@ B, P = 2, 7
 
 
 def documented_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
-    """The hook table of docs/hooks.md, written out independently of the library."""
+    """The hook table of docs/conventions.md, written out independently of the library."""
     c = model.cfg
     rotary = hasattr(model.blocks[0].attn, "hook_rot_q")
     shapes = {"hook_embed": (B, P, c.d_model), "ln_final.hook_scale": (B, P, 1),

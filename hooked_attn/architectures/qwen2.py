@@ -1,0 +1,132 @@
+"""Qwen2 family (Qwen2, Qwen2.5, their instruct and coder models). Mirrors
+transformers/models/qwen2/modeling_qwen2.py (``Qwen2ForCausalLM``)."""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import Qwen2Config
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "Qwen2ForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters",
+    # Qwen2Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
+    # field, but a config that carries one gets it.
+    "head_dim",
+    # Sliding-window attention: HF decides per layer from layer_types (Qwen2Config.__post_init__ derives
+    # it from use_sliding_window, sliding_window and max_window_layers). We accept only all-full layers.
+    "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+})
+# Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def _check_full_attention_only(hf: Qwen2Config) -> None:
+    # modeling_qwen2.py: Qwen2Attention sets `self.sliding_window = config.sliding_window if
+    # self.layer_type == "sliding_attention" else None`, and Qwen2Model builds a sliding mask only for
+    # those layers. A window binds as soon as a sequence is longer than it, and our attention has no
+    # sliding-window mask, so any sliding layer is refused. With use_sliding_window=False, HF sets
+    # sliding_window=None and every layer is full; with max_window_layers >= num_hidden_layers the
+    # window is configured but no layer uses it.
+    layer_types = list(hf.layer_types or ["full_attention"] * hf.num_hidden_layers)
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise UnsupportedConfigError(
+            f"{ARCH}: config field layer_types={layer_types!r} has {other} layers (use_sliding_window="
+            f"{hf.use_sliding_window}, sliding_window={hf.sliding_window}, max_window_layers={hf.max_window_layers}); "
+            "hooked_attn's attention has no sliding-window mask, so only full_attention layers are supported"
+        )
+
+
+def config_from_hf(hf: Qwen2Config) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    _check_full_attention_only(hf)
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen2Attention: self.scaling = self.head_dim**-0.5
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Qwen2Config) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        # Qwen2Attention: q/k/v_proj always have a bias (bias=True), o_proj never (bias=False).
+        # nn.Linear weights are [out, in]; the out axis is (head d_head).
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = einops.rearrange(src.pop(f"{hf_i}.self_attn.{proj}.bias", (n * d,)),
+                                                            "(head d_head) -> head d_head", d_head=d)
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = zeros(m)
+        # Qwen2MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    # Qwen2ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight.
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, Qwen2Config]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return {
+        "default": Qwen2Config(**base, num_key_value_heads=2),                            # GQA, untied (Qwen2-7B)
+        "mha": Qwen2Config(**base, num_key_value_heads=4),
+        "mqa": Qwen2Config(**base, num_key_value_heads=1),
+        "tied": Qwen2Config(**base, num_key_value_heads=2, tie_word_embeddings=True),   # Qwen2.5-0.5B style
+        "head_dim_16": Qwen2Config(**base, num_key_value_heads=2, head_dim=16),
+        # A window shorter than the test sequences, switched on but used by no layer
+        # (max_window_layers >= num_hidden_layers): every layer_types entry is full_attention.
+        "sliding_window_unused": Qwen2Config(**base, num_key_value_heads=2, use_sliding_window=True,
+                                             sliding_window=4, max_window_layers=2),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="qwen2", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,75 @@
+"""Every ```python block in docs/ runs: each page's blocks execute in order, sharing one namespace.
+
+Running documentation is the one place this suite uses ``exec`` (STYLE.md section 5 lists it as an
+anti-pattern for library code): it is how doctest-style checks work, and it keeps every example true.
+Pages whose examples load the default model (SmolLM2-135M) are marked ``real_weights``.
+"""
+
+import linecache
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+
+# A fence that opens a runnable block: exactly "```python" at the start of a line.
+OPEN = re.compile(r"^```python[ \t]*$")
+CLOSE = re.compile(r"^```[ \t]*$")
+# What marks a page as using the default model's real weights.
+REAL_WEIGHTS = re.compile(r"prepare_smollm2|resolve_default_model")
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+
+
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+    """(line number of the opening fence, source) for every ```python block of ``page``."""
+    blocks, current, start = [], None, 0
+    for lineno, line in enumerate(page.read_text().splitlines(), start=1):
+        if current is None:
+            if OPEN.match(line):
+                current, start = [], lineno
+            elif line.lstrip().startswith("```python") and line != line.lstrip():
+                raise ValueError(f"{page.name}:{lineno}: an indented ```python fence would not be run")
+        elif CLOSE.match(line):
+            blocks.append((start, "\n".join(current) + "\n"))
+            current = None
+        else:
+            current.append(line)
+    if current is not None:
+        raise ValueError(f"{page.name}:{start}: ```python block is never closed")
+    return blocks
+
+
+def page_param(page: Path):
+    uses_real_weights = any(REAL_WEIGHTS.search(code) for _, code in python_blocks(page))
+    marks = [pytest.mark.real_weights] if uses_real_weights else []
+    return pytest.param(page, marks=marks, id=page.name)
+
+
+def test_docs_exist():
+    names = {page.name for page in PAGES}
+    assert {"README.md", "quickstart.md", "conventions.md", "hooks.md"} <= names, names
+
+
+@pytest.mark.parametrize("page", [page_param(page) for page in PAGES])
+def test_python_blocks_run(page: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for number, (lineno, code) in enumerate(python_blocks(page), start=1):
+        filename = f"docs/{page.name}, python block {number} (line {lineno})"
+        # Registered so that tracebacks show the failing line of the page.
+        linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+        try:
+            exec(compile(code, filename, "exec"), namespace)
+        except Exception as err:
+            raise AssertionError(
+                f"{filename} raised {type(err).__name__}: {err}"
+            ) from err
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_links_between_pages_resolve(page: Path) -> None:
+    missing = [target for target in LINK.findall(page.read_text())
+               if not target.startswith(("http:", "https:")) and not (page.parent / target).is_file()]
+    assert not missing, f"docs/{page.name} links to missing pages: {missing}"
