@@ -54,7 +54,7 @@ def test_sdpa_reference_agrees(case):
     arch, _, hf_cfg = case
     hf = tiny_hf_model(hf_cfg)
     if not type(hf)._supports_sdpa:
-        pytest.skip(f"reason: HF's {type(hf).__name__} has no sdpa implementation to compare with")
+        pytest.skip(reason=f"HF's {type(hf).__name__} has no sdpa implementation to compare with")
     tokens = random_tokens(hf_cfg)
     sdpa = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval()
     sdpa.load_state_dict(hf.state_dict())
