@@ -12,7 +12,6 @@ from conftest import TOL, tiny_hf_model
 from hooked_attn import HookedTransformer
 from hooked_attn.architectures import REGISTRY
 from hooked_attn.cli import main
-from hooked_attn.default_model import DefaultModelMissingError, resolve_default_model
 from hooked_attn.verify import N_RANDOM_TOKENS, verify_model
 
 TINY = {"gpt2": ("GPT2LMHeadModel", "default"), "llama": ("LlamaForCausalLM", "gqa")}
@@ -170,11 +169,7 @@ def test_hooks_filter_matching_nothing_exits_1(tiny, capsys):
 
 @pytest.mark.real_weights
 def test_verify_default_model_predicts_paris(capsys):
-    try:
-        resolve_default_model()
-    except DefaultModelMissingError as err:
-        pytest.skip(str(err))
-    code, out, _ = run(capsys, "verify")
+    code, out, _ = run(capsys, "verify")  # scripts/setup.sh installs the default model: missing is a failure
     assert code == 0, out
     assert "' Paris'" in out
     hf_row = next(line for line in out.splitlines() if line.startswith("HF eager"))

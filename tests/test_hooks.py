@@ -4,7 +4,7 @@ effect, hooks are always removed, and bad hooks fail with errors that name what 
 import pytest
 import torch
 
-from conftest import CASES, CASE_IDS, random_tokens, tiny_hf_model
+from conftest import CASES, random_tokens, tiny_hf_model
 from hooked_attn import ActivationCache, HookedTransformer, HookPoint
 from hooked_attn.utils import get_act_name
 
