@@ -21,7 +21,8 @@ def documented_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
         shapes["hook_pos_embed"] = (B, P, c.d_model)
     for i in range(c.n_layers):
         b = f"blocks.{i}"
-        for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        sites = ("resid_pre", "resid_post", "attn_out", "mlp_out") + (() if c.parallel_attn_mlp else ("resid_mid",))
+        for site in sites:
             shapes[f"{b}.hook_{site}"] = (B, P, c.d_model)
         for ln in ("ln1", "ln2"):
             shapes[f"{b}.{ln}.hook_scale"] = (B, P, 1)
@@ -201,7 +202,7 @@ def test_run_with_cache_filters_devices_dtypes_and_batch_dim(model_and_tokens):
 def test_backward_hooks_see_the_gradient_of_the_activation(model_and_tokens):
     model, tokens, _ = model_and_tokens
     grads = {}
-    name = "blocks.1.hook_resid_mid"
+    name = "blocks.1.hook_resid_pre"
     with model.hooks(bwd_hooks=[(name, lambda g, hook: grads.__setitem__(hook.name, g.clone()))]):
         logits, cache = model.run_with_cache(tokens, names_filter=name, incl_bwd=True)
         logits[:, -1].logsumexp(-1).sum().backward()

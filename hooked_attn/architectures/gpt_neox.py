@@ -1,0 +1,139 @@
+"""GPT-NeoX family (Pythia, GPT-NeoX-20B). Mirrors transformers/models/gpt_neox/modeling_gpt_neox.py."""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import GPTNeoXConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "GPTNeoXForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings", "use_parallel_residual",
+    "attention_bias",
+    # HF's config folds the checkpoint's rotary_pct / rotary_emb_base into rope_parameters
+    # (configuration_gpt_neox.py, convert_rope_params_to_dict), so those two never reach to_dict().
+    "rope_parameters",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout", "hidden_dropout",  # dropout: off at inference
+    "classifier_dropout",                   # GPTNeoXForSequenceClassification/TokenClassification heads only
+    "is_decoder",                           # GPTNeoXForCausalLM is causal whatever this says; never read
+})
+IGNORED_HF_KEYS = (
+    # Pythia checkpoints carry the causal-mask buffers and per-layer rotary tables; they hold no weights.
+    "gpt_neox.layers.*.attention.bias", "gpt_neox.layers.*.attention.masked_bias",
+    "gpt_neox.layers.*.attention.rotary_emb.inv_freq", "gpt_neox.rotary_emb.inv_freq",
+)
+_ACTIVATIONS = {
+    "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "gelu_new": "gelu_new",
+    "gelu_pytorch_tanh": "gelu_new",
+    # GPT-NeoX-20B: HF FastGELUActivation (activations.py) is the same tanh approximation as
+    # gelu_new, with sqrt(2/pi) written out to 10 digits; the two differ by float rounding only.
+    "gelu_fast": "gelu_new",
+}
+
+
+def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+    # GPTNeoXAttention: head_size = hidden_size // num_attention_heads; there is no head_dim field.
+    d_head = hf.hidden_size // hf.num_attention_heads
+    rope = dict(hf.rope_parameters or {})
+    # Partial rotary (rotary_pct, 0.25 for Pythia): only the first int(d_head * factor) dimensions of
+    # each head rotate, paired by rotate_half (GPTNeoXAttention.rotary_ndims, apply_rotary_pos_emb).
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    if n_rot <= 0 or n_rot % 2:
+        raise UnsupportedConfigError(
+            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
+            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+        )
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
+        # GPTNeoXLayer.forward: parallel adds attn(ln1(x)) + mlp(ln2(x)) to x; sequential is the GPT-2 order.
+        parallel_attn_mlp=hf.use_parallel_residual,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoXConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("gpt_neox.embed_in.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def bias_or_zeros(key: str, shape: tuple[int, ...]) -> Tensor:
+        # attention_bias=False drops both query_key_value.bias and dense.bias (GPTNeoXAttention.__init__).
+        b = src.pop(key, shape) if hf.attention_bias else None
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device) if b is None else b
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"gpt_neox.layers.{i}", f"blocks.{i}"
+        for hf_ln, our_ln in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
+            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
+            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+        # NeoX fuses QKV per head: GPTNeoXAttention.forward views the output as (head, 3 * d_head) and
+        # chunks the last axis, so rows are ordered (head, qkv, d_head), unlike GPT-2's (qkv, head, d_head).
+        w_q, w_k, w_v = einops.rearrange(src.pop(f"{hf_i}.attention.query_key_value.weight", (3 * m, m)),
+                                         "(head qkv d_head) d_model -> qkv head d_model d_head", qkv=3, head=h)
+        b_q, b_k, b_v = einops.rearrange(bias_or_zeros(f"{hf_i}.attention.query_key_value.bias", (3 * m,)),
+                                         "(head qkv d_head) -> qkv head d_head", qkv=3, head=h)
+        for site, w, b in (("Q", w_q, b_q), ("K", w_k, b_k), ("V", w_v, b_v)):
+            out[f"{ours}.attn.W_{site}"] = w
+            out[f"{ours}.attn.b_{site}"] = b
+        # nn.Linear weights are [out, in]; dense reads the merged (head d_head) axis.
+        out[f"{ours}.attn.W_O"] = einops.rearrange(src.pop(f"{hf_i}.attention.dense.weight", (m, h * d)),
+                                                   "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias_or_zeros(f"{hf_i}.attention.dense.bias", (m,))
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.bias", (f,))
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.bias", (m,))
+    out["ln_final.w"] = src.pop("gpt_neox.final_layer_norm.weight", (m,))
+    out["ln_final.b"] = src.pop("gpt_neox.final_layer_norm.bias", (m,))
+    # Hub checkpoints (Pythia) name the unembedding embed_out; transformers renames it to lm_head on
+    # load (conversion_mapping.py). A tied checkpoint may omit it: it is then the token embedding.
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        lm_head = src.pop_optional("embed_out.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)  # lm_head has bias=False
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, GPTNeoXConfig]:
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    return {
+        # HF's defaults: parallel residual, rotary on a quarter of each head (Pythia).
+        "default": GPTNeoXConfig(**base),
+        "sequential": GPTNeoXConfig(**base, use_parallel_residual=False),
+        "full_rotary": GPTNeoXConfig(**base, rotary_pct=1.0, rotary_emb_base=500.0),
+        "sequential_half_rotary_tied": GPTNeoXConfig(**base, use_parallel_residual=False, rotary_pct=0.5,
+                                                     tie_word_embeddings=True),
+        "no_attention_bias_relu": GPTNeoXConfig(**base, attention_bias=False, hidden_act="relu"),
+        "rope_linear": GPTNeoXConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 1000.0,
+                                                              "factor": 2.0, "partial_rotary_factor": 0.5}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="gpt_neox", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,117 @@
+"""Phi family (phi-1, phi-1.5, phi-2). Mirrors transformers/models/phi/modeling_phi.py."""
+
+import einops
+from torch import Tensor
+from transformers import PhiConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "PhiForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
+    "rope_parameters",  # holds partial_rotary_factor (0.5 by default, PhiConfig.__post_init__)
+    "qk_layernorm",     # read only to refuse True
+})
+IGNORED_HF_FIELDS = frozenset({
+    "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
+})
+IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, rebuilt from rope_parameters
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
+                "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf(hf: PhiConfig) -> ModelConfig:
+    if hf.qk_layernorm:
+        # PhiAttention applies a LayerNorm over d_head to q and k before rotary; our Attention has no
+        # per-head q/k norm (it would need q_norm/k_norm parameters and hooks in components/attention.py).
+        raise UnsupportedConfigError(f"{ARCH}: config field qk_layernorm=True is not supported")
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+    # PhiAttention: head_dim = hidden_size // num_attention_heads (PhiConfig has no head_dim field).
+    d_head = hf.hidden_size // hf.num_attention_heads
+    rope = dict(hf.rope_parameters or {})
+    # Partial rotary: only the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
+    # paired by rotate_half (PhiAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    if n_rot <= 0 or n_rot % 2:
+        raise UnsupportedConfigError(
+            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
+            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+        )
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
+        # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
+        parallel_attn_mlp=True,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        # Phi has ONE norm per block, input_layernorm, read by both attention and MLP (PhiDecoderLayer).
+        # Our parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
+        # weights go into both: identical outputs, and weight processing folds each copy into its reader.
+        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        ln_b = src.pop(f"{hf_i}.input_layernorm.bias", (m,))
+        for our_ln in ("ln1", "ln2"):
+            out[f"{ours}.{our_ln}.w"], out[f"{ours}.{our_ln}.b"] = ln_w, ln_b
+        # Separate q/k/v projections, nn.Linear [out, in] with the out axis (head d_head), all with bias.
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = src.pop(f"{hf_i}.self_attn.{proj}.bias", (n * d,)).reshape(n, d)
+        w_o = src.pop(f"{hf_i}.self_attn.dense.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.self_attn.dense.bias", (m,))
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.fc1.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.fc1.bias", (f,))
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.fc2.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.fc2.bias", (m,))
+    out["ln_final.w"] = src.pop("model.final_layernorm.weight", (m,))
+    out["ln_final.b"] = src.pop("model.final_layernorm.bias", (m,))
+    # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head.bias is
+    # never tied and always present (PhiForCausalLM: nn.Linear(..., bias=True)).
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = src.pop("lm_head.bias", (v,))
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, PhiConfig]:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    return {
+        "default": PhiConfig(**base),                                   # rotary on half of each head
+        "gqa": PhiConfig(**base, num_key_value_heads=2),
+        "quarter_rotary_tied": PhiConfig(**base, partial_rotary_factor=0.25, tie_word_embeddings=True),
+        "full_rotary_gelu": PhiConfig(**base, partial_rotary_factor=1.0, hidden_act="gelu",
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="phi", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))
