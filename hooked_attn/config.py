@@ -52,21 +52,59 @@ class Rotary:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Alibi:
+    """ALiBi (BLOOM, Falcon-RW): no position embedding; each head adds ``slope * k_pos`` to its scores.
+
+    Slopes are the geometric sequence of the ALiBi paper for ``n_heads`` (HF ``build_alibi_tensor``).
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
 class NormConfig:
     """A normalisation layer: LayerNorm (centre, then scale) or RMSNorm (scale only).
 
     ``weight``/``bias`` say whether a learned gain and bias are applied after normalising; weight
     processing folds them into the weights that read the norm's output and sets both to False.
+    The gain applied is ``weight_offset + w`` (Gemma stores ``w`` around 0 and uses ``1 + w``).
+    ``gain_dtype="float32"`` applies the gain before casting back to the input dtype (Gemma);
+    ``"input"`` casts first (LLaMA). Both are the same in float32.
     """
 
     kind: Literal["layernorm", "rmsnorm"]
     eps: float
     weight: bool = True
     bias: bool = True
+    weight_offset: float = 0.0
+    gain_dtype: Literal["input", "float32"] = "input"
 
     def __post_init__(self) -> None:
         if self.kind == "rmsnorm" and self.bias:
             raise ValueError("an RMSNorm has no bias: set bias=False")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QKNorm:
+    """A norm on queries and keys after their projection, before rotary (Qwen3, Gemma 3, OLMo-2, Cohere).
+
+    ``over="head"`` normalises each head's ``d_head`` vector; ``"all_heads"`` normalises the whole
+    ``head * d_head`` projection at once (OLMo-2). Gains are stored per head, ``[head d_head]``.
+    """
+
+    norm: NormConfig
+    over: Literal["head", "all_heads"] = "head"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoE:
+    """A sparse mixture-of-experts MLP (Mixtral): a router picks ``top_k`` of ``n_experts`` gated
+    MLPs per token and mixes their outputs with the softmax weights of the chosen ones."""
+
+    n_experts: int
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,11 +137,25 @@ class ModelConfig:
     n_ctx: int
     norm: NormConfig
     act_fn: ActFn
-    positions: LearnedPositions | Rotary
+    positions: LearnedPositions | Rotary | Alibi
     attn_scale: float
     attn_scale_by_inverse_layer: bool = False
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
+    # Where the block's norms sit. "pre": x + f(norm(x)). "sandwich": x + post_norm(f(norm(x)))
+    # (Gemma 2/3). "output": x + post_norm(f(x)) (OLMo-2). "post_residual": norm(x + f(x)) (OPT-350m).
+    block_norms: Literal["pre", "sandwich", "output", "post_residual"] = "pre"
+    post_norm: NormConfig | None = None            # the ln1_post / ln2_post norms of sandwich and output
+    final_norm: bool = True                        # ln_final before the unembedding
+    embed_scale: float | None = None               # multiply token embeddings by this (Gemma: sqrt(d_model))
+    embed_norm: NormConfig | None = None           # a norm right after the embedding (BLOOM)
+    qk_norm: QKNorm | None = None
+    # Per-layer overrides, each a tuple of n_layers entries.
+    layer_rotary: tuple[Rotary | None, ...] | None = None  # rotary per layer; None entries: no rotary there
+    attn_windows: tuple[int | None, ...] | None = None     # sliding window per layer: q_pos - k_pos < window
+    attn_scores_soft_cap: float | None = None      # scores = cap * tanh(scores / cap) before masking
+    output_logits_soft_cap: float | None = None    # logits = cap * tanh(logits / cap)
+    moe: MoE | None = None
     processing: Processing = Processing()
 
     def __post_init__(self) -> None:
@@ -112,10 +164,26 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if isinstance(self.positions, Rotary) and self.positions.n_rotary_dims > self.d_head:
-            raise ValueError(
-                f"n_rotary_dims={self.positions.n_rotary_dims} is larger than d_head={self.d_head}"
-            )
+        rotaries = [self.positions] if isinstance(self.positions, Rotary) else []
+        rotaries += [r for r in self.layer_rotary or () if r is not None]
+        for rotary in rotaries:
+            if rotary.n_rotary_dims > self.d_head:
+                raise ValueError(f"n_rotary_dims={rotary.n_rotary_dims} is larger than d_head={self.d_head}")
+        for name in ("layer_rotary", "attn_windows"):
+            per_layer = getattr(self, name)
+            if per_layer is not None and len(per_layer) != self.n_layers:
+                raise ValueError(f"{name} has {len(per_layer)} entries for {self.n_layers} layers")
+        if self.layer_rotary is not None and not isinstance(self.positions, Rotary):
+            raise ValueError("layer_rotary needs positions=Rotary(...)")
+        if any(w is not None and w <= 0 for w in self.attn_windows or ()):
+            raise ValueError(f"attn_windows must be positive, got {self.attn_windows}")
+        needs_post = self.block_norms in ("sandwich", "output")
+        if needs_post != (self.post_norm is not None):
+            raise ValueError(f"block_norms={self.block_norms!r} {'needs' if needs_post else 'takes no'} post_norm")
+        if self.parallel_attn_mlp and self.block_norms != "pre":
+            raise ValueError("a parallel attention+MLP block supports block_norms='pre' only")
+        if self.moe is not None and not self.gated_mlp:
+            raise ValueError("mixture-of-experts MLPs are gated: set gated_mlp=True")
 
     @property
     def n_key_value_heads(self) -> int:
@@ -132,6 +200,16 @@ class ModelConfig:
         """TransformerLens' name for the norm kind: ``LN``/``RMS``, or ``LNPre``/``RMSPre`` once folded."""
         base = "LN" if self.norm.kind == "layernorm" else "RMS"
         return base if self.norm.weight else base + "Pre"
+
+    def rotary_at(self, layer: int) -> Rotary | None:
+        """The rotary embedding block ``layer`` applies, if any."""
+        if self.layer_rotary is not None:
+            return self.layer_rotary[layer]
+        return self.positions if isinstance(self.positions, Rotary) else None
+
+    def window_at(self, layer: int) -> int | None:
+        """The sliding-window size of block ``layer``, or None for full causal attention."""
+        return self.attn_windows[layer] if self.attn_windows is not None else None
 
     def replace(self, **changes: object) -> "ModelConfig":
         """A copy with some fields changed (the config is frozen)."""

@@ -42,11 +42,14 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
+        if cfg.embed_norm is not None:
+            self.embed_ln = Norm(cfg.embed_norm, cfg.d_model)
         if isinstance(cfg.positions, LearnedPositions):
             self.pos_embed = PosEmbed(cfg, cfg.positions.n_ctx)
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = Norm(cfg.norm, cfg.d_model)
+        if cfg.final_norm:
+            self.ln_final = Norm(cfg.norm, cfg.d_model)
         self.unembed = Unembed(cfg)
         self.setup()
 
@@ -114,7 +117,12 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             )
         positions, attend = self._positions_and_mask(input.shape[0], input.shape[1], input.device, attention_mask)
         if start_at_layer is None:
-            resid = self.hook_embed(self.embed(input))
+            embed = self.embed(input)
+            if self.cfg.embed_scale is not None:  # HF multiplies in the activation dtype (Gemma)
+                embed = embed * torch.tensor(self.cfg.embed_scale, dtype=embed.dtype)
+            resid = self.hook_embed(embed)
+            if self.cfg.embed_norm is not None:
+                resid = self.embed_ln(resid)
             if isinstance(self.cfg.positions, LearnedPositions):
                 resid = resid + self.hook_pos_embed(self.pos_embed(positions))
         else:
@@ -124,7 +132,10 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             resid = block(resid, attend, positions, rope_cache)
         if stop_at_layer is not None:
             return resid
-        logits = self.unembed(self.ln_final(resid))
+        logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
+        if self.cfg.output_logits_soft_cap is not None:
+            cap = self.cfg.output_logits_soft_cap
+            logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
         if return_type is None:

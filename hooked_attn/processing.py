@@ -13,7 +13,7 @@ import einops
 import torch
 from torch import Tensor
 
-from hooked_attn.config import LearnedPositions, ModelConfig, Processing, Rotary
+from hooked_attn.config import LearnedPositions, ModelConfig, Processing
 from hooked_attn.shapes import StateDict
 
 logger = logging.getLogger(__name__)
@@ -27,21 +27,59 @@ def _f(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _norm_readers(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
-    """(norm prefix, the weights that read its output) for every norm in the model."""
-    gate = ["mlp.W_gate"] if cfg.gated_mlp else []
+def _norm_readers(cfg: ModelConfig, sd: StateDict) -> list[tuple[str, list[str]]]:
+    """(norm prefix, the weights that read its output) for every norm whose gain can be folded:
+    the pre-norms of each block and the final norm. Post-sublayer norms, Q/K norms and an
+    embedding norm write into the residual stream or sit between two weights, so they stay."""
     out = []
-    for i in range(cfg.n_layers):
-        out.append((f"blocks.{i}.ln1", [f"blocks.{i}.attn.W_{s}" for s in "QKV"]))
-        out.append((f"blocks.{i}.ln2", [f"blocks.{i}.mlp.W_in"] + [f"blocks.{i}.{g}" for g in gate]))
-    out.append(("ln_final", ["unembed.W_U"]))
+    if cfg.block_norms in ("pre", "sandwich"):
+        for i in range(cfg.n_layers):
+            out.append((f"blocks.{i}.ln1", [f"blocks.{i}.attn.W_{s}" for s in "QKV"]))
+            mlp = f"blocks.{i}.mlp."
+            readers = [k for k in sd if k.startswith(mlp) and k[len(mlp):].startswith("W_") and k != mlp + "W_out"]
+            out.append((f"blocks.{i}.ln2", sorted(readers)))
+    if cfg.final_norm:
+        out.append(("ln_final", ["unembed.W_U"]))
     return out
 
 
-def _bias_key(weight_key: str) -> str | None:
+_READER_BIAS = {"W_Q": "b_Q", "W_K": "b_K", "W_V": "b_V", "W_in": "b_in", "W_U": "b_U"}
+
+
+def _bias_key(weight_key: str, sd: StateDict) -> str | None:
     head, _, name = weight_key.rpartition(".")
-    return {"W_Q": f"{head}.b_Q", "W_K": f"{head}.b_K", "W_V": f"{head}.b_V", "W_in": f"{head}.b_in",
-            "W_U": f"{head}.b_U", "W_gate": None}[name]
+    key = f"{head}.{_READER_BIAS[name]}" if name in _READER_BIAS else None
+    return key if key in sd else None
+
+
+def why_not(step: str, cfg: ModelConfig) -> str | None:
+    """Why ``step`` cannot preserve this model, or None when it can."""
+    if step == "fold_ln":
+        if cfg.block_norms == "post_residual":
+            return "post-residual norms write the residual stream itself, so their gains cannot move"
+        if cfg.block_norms == "output" and not cfg.final_norm:
+            return "this model has no norm whose gain feeds a weight"
+    if step == "center_writing_weights":
+        if cfg.norm.kind != "layernorm":
+            return "the residual stream is read through RMSNorm, which does not remove the mean"
+        if cfg.block_norms != "pre" or cfg.embed_norm is not None or not cfg.final_norm:
+            return "some reader of the residual stream is not a LayerNorm"
+    if step == "center_unembed" and cfg.output_logits_soft_cap is not None:
+        return "the final logits are soft-capped, and tanh does not commute with a shift"
+    if step == "refactor_factored_attn_matrices":
+        if cfg.rotary_at(0) is not None or cfg.layer_rotary is not None:
+            return "the rotary rotation acts between W_Q and W_K, so their product is not the QK circuit"
+        if cfg.n_kv_heads != cfg.n_heads:
+            return f"it needs one K/V head per query head ({cfg.n_heads} query, {cfg.n_kv_heads} K/V heads here)"
+        if cfg.qk_norm is not None:
+            return "a norm sits between the Q/K projections and the scores"
+    return None
+
+
+def _refuse(step: str, cfg: ModelConfig) -> None:
+    reason = why_not(step, cfg)
+    if reason is not None:
+        raise ProcessingError(f"{step} cannot preserve this {cfg.hf_architecture} model: {reason}")
 
 
 def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
@@ -53,22 +91,24 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
     and a LayerNorm output has zero mean, so a reader's component along the all-ones direction is
     never used and centring removes it.
     """
+    _refuse("fold_ln", cfg)
     out = dict(sd)
     center = cfg.norm.kind == "layernorm"
-    for norm, readers in _norm_readers(cfg):
+    for norm, readers in _norm_readers(cfg, sd):
         w, b = out.pop(f"{norm}.w", None), out.pop(f"{norm}.b", None)
+        gain = None if w is None else _f(w) + cfg.norm.weight_offset
         for key in readers:
             W = _f(out[key])
             d_axis = W.ndim - 2  # d_model is the second-to-last axis of every reading weight
             shape = [1] * W.ndim
             shape[d_axis] = -1
-            bias_key = _bias_key(key)
+            bias_key = _bias_key(key, sd)
             if b is not None:
                 if bias_key is None:
-                    raise ProcessingError(f"cannot fold {norm}.b into {key}: the gated MLP has no gate bias")
+                    raise ProcessingError(f"cannot fold {norm}.b into {key}: it has no bias to take it")
                 out[bias_key] = (_f(out[bias_key]) + (W * _f(b).view(shape)).sum(d_axis)).to(out[bias_key].dtype)
-            if w is not None:
-                W = W * _f(w).view(shape)
+            if gain is not None:
+                W = W * gain.view(shape)
             if center:
                 W = W - W.mean(d_axis, keepdim=True)
             out[key] = W.to(sd[key].dtype)
@@ -81,8 +121,7 @@ def center_writing_weights(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]
     Invariant: logits unchanged, for LayerNorm models only: every reader of the residual stream is a
     LayerNorm, which removes the mean first.
     """
-    if cfg.norm.kind != "layernorm":
-        raise ProcessingError("center_writing_weights needs LayerNorm readers; this model uses RMSNorm")
+    _refuse("center_writing_weights", cfg)
     out = dict(sd)
     keys = ["embed.W_E"] + (["pos_embed.W_pos"] if isinstance(cfg.positions, LearnedPositions) else [])
     for i in range(cfg.n_layers):
@@ -98,6 +137,7 @@ def center_unembed(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
 
     Invariant: log-probs unchanged; logits shift by a per-position constant.
     """
+    _refuse("center_unembed", cfg)
     out = dict(sd)
     W_U, b_U = _f(sd["unembed.W_U"]), _f(sd["unembed.b_U"])
     out["unembed.W_U"] = (W_U - W_U.mean(-1, keepdim=True)).to(sd["unembed.W_U"].dtype)
@@ -137,12 +177,7 @@ def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig) -> dict[str
     Invariant: logits unchanged; each head's QK and OV products (bias rows included) are preserved.
     Refused for rotary models (rotation sits between Q and K) and for shared K/V heads.
     """
-    if isinstance(cfg.positions, Rotary):
-        raise ProcessingError("refactor_factored_attn_matrices cannot preserve a rotary model: the rotation "
-                              "acts between W_Q and W_K, so their product is not the QK circuit")
-    if cfg.n_kv_heads != cfg.n_heads:
-        raise ProcessingError("refactor_factored_attn_matrices needs one K/V head per query head "
-                              f"(this model has {cfg.n_heads} query and {cfg.n_kv_heads} K/V heads)")
+    _refuse("refactor_factored_attn_matrices", cfg)
     out = fold_value_biases(sd, cfg)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
@@ -173,9 +208,10 @@ def process_weights(
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """Apply the chosen steps in order and return the new weights with the config that describes them.
 
-    ``center_writing_weights`` is skipped, with a logged reason, on RMSNorm models (it would not
-    preserve them); ``refactor_factored_attn_matrices`` raises ProcessingError where it cannot
-    preserve the model, since it is only ever asked for explicitly.
+    A default-on step that cannot preserve this model (``why_not``) is skipped with a logged reason:
+    ``center_writing_weights`` on RMSNorm models, ``center_unembed`` with soft-capped logits, ...
+    ``refactor_factored_attn_matrices`` raises ProcessingError instead, since it is only ever asked
+    for explicitly.
     """
     wanted = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
               "center_unembed": center_unembed, "fold_value_biases": fold_value_biases,
@@ -185,14 +221,14 @@ def process_weights(
     for step, on in wanted.items():
         if not on or getattr(done, step):
             continue
-        if step == "center_writing_weights" and cfg.norm.kind != "layernorm":
-            logger.info("skipping center_writing_weights: %s reads the residual stream through RMSNorm, "
-                        "which does not remove the mean", cfg.hf_architecture)
+        reason = why_not(step, cfg)
+        if reason is not None and step != "refactor_factored_attn_matrices":
+            logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
             continue
         out = STEPS[step](out, cfg)
         if step == "refactor_factored_attn_matrices":
             done = Processing(**{**vars(done), "fold_value_biases": True})
         done = Processing(**{**vars(done), step: True})
         if step == "fold_ln":
-            cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, weight=False, bias=False))
+            cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, weight=False, bias=False, weight_offset=0.0))
     return out, cfg.replace(processing=done)

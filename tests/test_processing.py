@@ -8,7 +8,6 @@ import torch
 from conftest import TOL, random_tokens, tiny_hf_model
 from hooked_attn import HookedTransformer
 from hooked_attn import processing as P
-from hooked_attn.config import Rotary
 
 
 def unprocessed(case):
@@ -24,11 +23,8 @@ def rebuilt(model: HookedTransformer, sd, cfg) -> HookedTransformer:
 
 
 def applicable(step: str, cfg) -> bool:
-    if step == "center_writing_weights":
-        return cfg.norm.kind == "layernorm"
-    if step == "refactor_factored_attn_matrices":
-        return not isinstance(cfg.positions, Rotary) and cfg.n_kv_heads == cfg.n_heads
-    return True
+    """The library's own judgement; a step it wrongly calls applicable fails its invariant below."""
+    return P.why_not(step, cfg) is None
 
 
 INVARIANT = {  # step -> what its docstring promises is unchanged

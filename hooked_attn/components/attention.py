@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from hooked_attn.components.alibi import alibi_bias
+from hooked_attn.components.norms import HeadNorm
 from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.rotary import RopeTables, apply_rotary, rope_tables
-from hooked_attn.config import ModelConfig, Rotary
+from hooked_attn.config import Alibi, ModelConfig
 from hooked_attn.hook_points import HookPoint
 
 AttendMask = Bool[Tensor, "batch 1 q_pos k_pos"]
@@ -37,12 +39,18 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.empty(kv, d))
         self.b_V = nn.Parameter(torch.empty(kv, d))
         self.b_O = nn.Parameter(torch.empty(m))
-        self.rotary: Rotary | None = cfg.positions if isinstance(cfg.positions, Rotary) else None
+        self.rotary = cfg.rotary_at(layer)
+        self.window = cfg.window_at(layer)
+        self.alibi = isinstance(cfg.positions, Alibi)
+        self.soft_cap = cfg.attn_scores_soft_cap
         self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_inverse_layer else 1)
         self.use_attn_result = False
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        if cfg.qk_norm is not None:
+            self.q_norm = HeadNorm(cfg.qk_norm, h, d)
+            self.k_norm = HeadNorm(cfg.qk_norm, kv, d)
         if self.rotary is not None:
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()
@@ -63,14 +71,19 @@ class Attention(nn.Module):
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(x, self.W_K, self.b_K))
         v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        if self.cfg.qk_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             cos, sin = rope_tables(self.rotary, positions, q.dtype, rope_cache)
             q = self.hook_rot_q(apply_rotary(q, cos, sin, self.rotary))
             k = self.hook_rot_k(apply_rotary(k, cos, sin, self.rotary))
-        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
-            z = self._explicit_attention(q, k, v, attend)
+        if self.window is not None:
+            attend = sliding_window(attend, q.shape[1], k.shape[1], self.window, q.device)
+        bias = alibi_bias(self.cfg.n_heads, positions, torch.float32) if self.alibi else None
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks or self.soft_cap is not None:
+            z = self._explicit_attention(q, k, v, attend, bias)
         else:
-            z = self._fused_attention(q, k, v, attend)
+            z = self._fused_attention(q, k, v, attend, bias)
         z = self.hook_z(z)
         if self.use_attn_result or self.hook_result.has_hooks:
             result = self.hook_result(
@@ -82,7 +95,7 @@ class Attention(nn.Module):
 
     def _explicit_attention(
         self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],
-        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None,
+        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None, bias: Tensor | None,
     ) -> Float[Tensor, "batch q_pos head d_head"]:
         # Same operations in the same order as HF's eager_attention_forward (matmul, then scale; fp32
         # softmax), so that even bf16 results round identically.
@@ -91,6 +104,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.cfg.group_size, dim=1)
             v = v.repeat_interleave(self.cfg.group_size, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        if self.soft_cap is not None:
+            scores = torch.tanh(scores / self.soft_cap) * self.soft_cap
         if attend is None:
             attend = causal_mask(q.shape[2], k.shape[2], q.device)
         scores = self.hook_attn_scores(scores.masked_fill(~attend, torch.finfo(scores.dtype).min))
@@ -99,13 +116,28 @@ class Attention(nn.Module):
 
     def _fused_attention(
         self, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],
-        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None,
+        v: Float[Tensor, "batch k_pos kv_head d_head"], attend: AttendMask | None, bias: Tensor | None,
     ) -> Float[Tensor, "batch q_pos head d_head"]:
+        mask: Tensor | None = attend
+        if bias is not None:
+            if attend is None:
+                attend = causal_mask(q.shape[1], k.shape[1], q.device)
+            mask = bias.to(q.dtype).masked_fill(~attend, float("-inf"))
         z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attend,
-            is_causal=attend is None and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
         )
         return z.transpose(1, 2)
+
+
+def sliding_window(
+    attend: AttendMask | None, q_len: int, k_len: int, window: int, device: torch.device
+) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
+    """Restrict a causal mask to keys less than ``window`` positions back (HF ``sliding_window_overlay``)."""
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_idx = torch.arange(k_len, device=device)[None, :]
+    near = (q_idx - k_idx < window) & (k_idx <= q_idx)
+    return near[None, None] if attend is None else attend & near
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Bool[Tensor, "1 1 q_pos k_pos"]:

@@ -14,16 +14,29 @@ from hooked_attn.hook_points import HookPoint
 class TransformerBlock(nn.Module):
     """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``.
 
-    With ``parallel_attn_mlp`` both sublayers read ``resid_pre`` and ``hook_resid_mid`` does not exist.
+    ``cfg.block_norms`` moves the norms: "sandwich" adds ``ln1_post``/``ln2_post`` on the sublayer
+    outputs; "output" has only those; "post_residual" normalises after each residual sum. With
+    ``parallel_attn_mlp`` both sublayers read ``resid_pre`` and ``hook_resid_mid`` does not exist.
+    ``hook_attn_out``/``hook_mlp_out`` always hold exactly what is added to the residual stream.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.parallel = cfg.parallel_attn_mlp
-        self.ln1 = Norm(cfg.norm, cfg.d_model)
+        self.placement = cfg.block_norms
+        if cfg.block_norms != "output":
+            self.ln1 = Norm(cfg.norm, cfg.d_model)
+            self.ln2 = Norm(cfg.norm, cfg.d_model)
+        if cfg.post_norm is not None:
+            self.ln1_post = Norm(cfg.post_norm, cfg.d_model)
+            self.ln2_post = Norm(cfg.post_norm, cfg.d_model)
         self.attn = Attention(cfg, layer)
-        self.ln2 = Norm(cfg.norm, cfg.d_model)
-        self.mlp = MLP(cfg)
+        if cfg.moe is not None:
+            from hooked_attn.components.moe import MoEMLP
+
+            self.mlp: nn.Module = MoEMLP(cfg)
+        else:
+            self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         if not self.parallel:
@@ -31,15 +44,29 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
+    def _sublayer(self, x: Tensor, which: int, *attn_args: object) -> Tensor:
+        """A sublayer's contribution to the residual stream, with the norms its placement puts around it."""
+        pre = getattr(self, f"ln{which}", None) if self.placement in ("pre", "sandwich") else None
+        post = getattr(self, f"ln{which}_post", None)
+        h = pre(x) if pre is not None else x
+        h = self.attn(h, *attn_args) if which == 1 else self.mlp(h)
+        return post(h) if post is not None else h
+
     def forward(
         self, resid_pre: Float[Tensor, "batch pos d_model"], attend: AttendMask | None, positions: Tensor,
         rope_cache: RopeTables,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), attend, positions, rope_cache))
+        attn_out = self.hook_attn_out(self._sublayer(resid_pre, 1, attend, positions, rope_cache))
         if self.parallel:
-            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_pre)))
+            mlp_out = self.hook_mlp_out(self._sublayer(resid_pre, 2))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
-        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        resid_mid = resid_pre + attn_out
+        if self.placement == "post_residual":
+            resid_mid = self.ln1(resid_mid)
+        resid_mid = self.hook_resid_mid(resid_mid)
+        mlp_out = self.hook_mlp_out(self._sublayer(resid_mid, 2))
+        resid_post = resid_mid + mlp_out
+        if self.placement == "post_residual":
+            resid_post = self.ln2(resid_post)
+        return self.hook_resid_post(resid_post)

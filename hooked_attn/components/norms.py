@@ -1,50 +1,90 @@
-"""LayerNorm and RMSNorm with hooks on the scale and the output. Mirrors HF ``nn.LayerNorm`` / ``LlamaRMSNorm``."""
+"""LayerNorm and RMSNorm with hooks on the scale and the output; the same norms on queries and keys.
+
+Mirrors HF ``nn.LayerNorm``, ``LlamaRMSNorm``, ``GemmaRMSNorm`` (``1 + w``, gain in float32) and the
+per-head ``q_norm``/``k_norm`` of Qwen3, Gemma 3, OLMo-2 and Cohere.
+"""
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.config import NormConfig
+from hooked_attn.config import NormConfig, QKNorm
 from hooked_attn.hook_points import HookPoint
+
+
+def normalize(
+    x: Tensor, cfg: NormConfig, w: Tensor | None, b: Tensor | None, hook_scale: HookPoint
+) -> Tensor:
+    """Normalise over the last axis in float32, then apply ``weight_offset + w`` and ``b``.
+
+    ``hook_scale`` sees the divisor ``[... 1]``: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``.
+    """
+    if cfg.kind == "layernorm" and not hook_scale.has_hooks and cfg.weight_offset == 0 and cfg.gain_dtype == "input":
+        return F.layer_norm(x, x.shape[-1:], w, b, cfg.eps)
+    x32 = x.float()
+    if cfg.kind == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdim=True)
+    # Multiply by rsqrt, as HF does, so reduced-precision outputs round identically; the scale
+    # is materialised for hook_scale only when something is attached there.
+    inv_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.eps)
+    if hook_scale.has_hooks:
+        scale = inv_scale.reciprocal()
+        original = scale.clone()  # [... 1]: cheap; tells whether a hook edited it in place
+        hooked = hook_scale(scale)
+        out32 = x32 * inv_scale if torch.equal(hooked, original) else x32 / hooked
+    else:
+        out32 = x32 * inv_scale
+    gain = None if w is None else (w.float() + cfg.weight_offset if cfg.weight_offset else w)
+    if cfg.gain_dtype == "float32":
+        out = out32 if gain is None else out32 * gain.float()
+        out = out.to(x.dtype)
+    else:
+        out = out32.to(x.dtype)
+        if gain is not None:
+            out = gain.to(x.dtype) * out
+    if b is not None:
+        out = out + b
+    return out
 
 
 class Norm(nn.Module):
     """Normalise over ``d_model``, then apply the gain ``w`` and bias ``b`` where the config has them.
 
-    Hooks: ``hook_scale [batch pos 1]`` (the divisor: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``)
-    and ``hook_normalized [batch pos d_model]`` (the norm's output, after gain and bias).
-    Statistics are computed in float32 whatever the input dtype, as HF does.
+    Hooks: ``hook_scale [batch pos 1]`` and ``hook_normalized [batch pos d_model]`` (the norm's
+    output, after gain and bias). Statistics are computed in float32 whatever the input dtype, as HF does.
     """
 
     def __init__(self, cfg: NormConfig, d_model: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.d_model = d_model
         self.w = nn.Parameter(torch.empty(d_model)) if cfg.weight else None
         self.b = nn.Parameter(torch.empty(d_model)) if cfg.bias else None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        if self.cfg.kind == "layernorm" and not self.hook_scale.has_hooks:
-            return self.hook_normalized(F.layer_norm(x, (self.d_model,), self.w, self.b, self.cfg.eps))
-        x32 = x.float()
-        if self.cfg.kind == "layernorm":
-            x32 = x32 - x32.mean(-1, keepdim=True)
-        # Multiply by rsqrt, as HF does, so reduced-precision outputs round identically; the scale
-        # is materialised for hook_scale only when something is attached there.
-        inv_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
-        if self.hook_scale.has_hooks:
-            scale = inv_scale.reciprocal()
-            original = scale.clone()  # [batch pos 1]: cheap; tells whether a hook edited it in place
-            hooked = self.hook_scale(scale)
-            out32 = x32 * inv_scale if torch.equal(hooked, original) else x32 / hooked
-        else:
-            out32 = x32 * inv_scale
-        out = out32.to(x.dtype)
-        if self.w is not None:
-            out = self.w * out
-        if self.b is not None:
-            out = out + self.b
-        return self.hook_normalized(out)
+        return self.hook_normalized(normalize(x, self.cfg, self.w, self.b, self.hook_scale))
+
+
+class HeadNorm(nn.Module):
+    """A norm on queries or keys ``[batch pos head d_head]``, with per-head gains ``w [head d_head]``.
+
+    Hooks: ``hook_scale`` (``[batch pos head 1]``, or ``[batch pos 1]`` over all heads) and
+    ``hook_normalized [batch pos head d_head]``.
+    """
+
+    def __init__(self, cfg: QKNorm, n_heads: int, d_head: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.w = nn.Parameter(torch.empty(n_heads, d_head)) if cfg.norm.weight else None
+        self.b = nn.Parameter(torch.empty(n_heads, d_head)) if cfg.norm.bias else None
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+        if self.cfg.over == "head":
+            return self.hook_normalized(normalize(x, self.cfg.norm, self.w, self.b, self.hook_scale))
+        flat = lambda t: None if t is None else t.flatten()  # noqa: E731
+        out = normalize(x.flatten(-2), self.cfg.norm, flat(self.w), flat(self.b), self.hook_scale)
+        return self.hook_normalized(out.unflatten(-1, x.shape[-2:]))
