@@ -4,12 +4,13 @@ from hooked_attn import utils
 from hooked_attn.architectures.base import StateDictError, UnknownArchitectureError, UnsupportedConfigError
 from hooked_attn.cache import ActivationCache
 from hooked_attn.config import ModelConfig
+from hooked_attn.encoder import HookedEncoder
 from hooked_attn.hook_points import HookedRootModule, HookPoint
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import ProcessingError
 
 __all__ = [
-    "ActivationCache", "HookPoint", "HookedRootModule", "HookedTransformer", "ModelConfig", "ProcessingError",
+    "ActivationCache", "HookPoint", "HookedEncoder", "HookedRootModule", "HookedTransformer", "ModelConfig", "ProcessingError",
     "StateDictError", "UnknownArchitectureError", "UnsupportedConfigError", "utils",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from torch import Tensor
 from hooked_attn.utils import get_act_name
 
 if TYPE_CHECKING:
-    from hooked_attn.model import HookedTransformer
+    from hooked_attn.hook_points import HookedRootModule
 
 
 class ActivationCache(Mapping[str, Tensor]):
@@ -20,7 +20,7 @@ class ActivationCache(Mapping[str, Tensor]):
     """
 
     def __init__(
-        self, cache_dict: dict[str, Tensor], model: "HookedTransformer | None" = None,
+        self, cache_dict: dict[str, Tensor], model: "HookedRootModule | None" = None,
         has_batch_dim: bool = True,
     ) -> None:
         self.cache_dict = cache_dict

@@ -140,6 +140,7 @@ class ModelConfig:
     positions: LearnedPositions | Rotary | Alibi
     attn_scale: float
     attn_scale_by_inverse_layer: bool = False
+    causal: bool = True                            # False: bidirectional attention (encoders)
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
     # Where the block's norms sit. "pre": x + f(norm(x)). "sandwich": x + post_norm(f(norm(x)))

@@ -9,10 +9,13 @@ import difflib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hooked_attn.cache import ActivationCache
 
 HookFn = Callable[..., Tensor | None]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -165,8 +168,14 @@ class HookedRootModule(nn.Module):
                 self.hook_dict[name] = module
 
     def _opt_in_enabled(self, name: str) -> bool:
-        """Whether the opt-in hook point ``name`` is switched on (subclasses say; default off)."""
-        return False
+        """Whether the opt-in hook point ``name`` is switched on by its module's ``use_attn_result``."""
+        return bool(getattr(self.mod_dict.get(name.rpartition(".")[0]), "use_attn_result", False))
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute and expose per-head outputs at ``attn.hook_result [batch pos head d_model]``."""
+        for module in self.modules():
+            if hasattr(module, "use_attn_result"):
+                module.use_attn_result = use_attn_result
 
     def hook_points(self) -> list[HookPoint]:
         return list(self.hook_dict.values())
@@ -284,6 +293,30 @@ class HookedRootModule(nn.Module):
         fwd = [(name, save) for name in names]
         bwd = [(name, functools.partial(save, suffix="_grad")) for name in names] if incl_bwd else []
         return cache, fwd, bwd  # type: ignore[return-value]
+
+    def run_with_cache(
+        self, *model_args: Any, names_filter: NamesFilter = None, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool = False,
+        reset_hooks_end: bool = True, clear_contexts: bool = False, **model_kwargs: Any,
+    ) -> tuple[Any, "ActivationCache"]:
+        """Run the model and return its output with an ActivationCache of the activations.
+
+        Args:
+            names_filter: a hook name, a list of names, or a predicate on names; None caches all
+                (``hook_result`` only when ``use_attn_result`` is on or it is named).
+            device, dtype: where and in what dtype to store the cached tensors.
+            remove_batch_dim: store ``tensor[0]`` (for a batch of one).
+            incl_bwd: also cache gradients as ``name + "_grad"``; call ``.backward()`` on the output
+                yourself (the gradients land in the returned cache).
+        """
+        from hooked_attn.cache import ActivationCache
+
+        cache, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd=incl_bwd, device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
+        )
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     def cache_all(self, cache: dict[str, Tensor], names_filter: NamesFilter = None, **kwargs: Any) -> None:
         """Permanently-until-reset cache activations into ``cache`` (TransformerLens' ``cache_all``)."""

@@ -8,14 +8,13 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hooked_attn.cache import ActivationCache
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
 from hooked_attn.components.rotary import RopeTables
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
-from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.hook_points import HookedRootModule, HookPoint
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -161,36 +160,6 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         # A padding query attends to itself alone, so its (unused) row stays finite.
         attend = attend | (torch.eye(n_pos, dtype=torch.bool, device=device)[None] & ~valid[:, :, None])
         return positions, attend[:, None]
-
-    def run_with_cache(
-        self, *model_args: Any, names_filter: NamesFilter = None, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool = False,
-        reset_hooks_end: bool = True, clear_contexts: bool = False, **model_kwargs: Any,
-    ) -> tuple[Any, ActivationCache]:
-        """Run the model and return its output with an ActivationCache of the activations.
-
-        Args:
-            names_filter: a hook name, a list of names, or a predicate on names; None caches all
-                (``hook_result`` only when ``use_attn_result`` is on or it is named).
-            device, dtype: where and in what dtype to store the cached tensors.
-            remove_batch_dim: store ``tensor[0]`` (for a batch of one).
-            incl_bwd: also cache gradients as ``name + "_grad"``; call ``.backward()`` on the output
-                yourself (the gradients land in the returned cache).
-        """
-        cache, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd=incl_bwd, device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
-        )
-        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = self(*model_args, **model_kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
-
-    def _opt_in_enabled(self, name: str) -> bool:
-        return name.endswith("attn.hook_result") and self.blocks[int(name.split(".")[1])].attn.use_attn_result
-
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Compute and expose per-head outputs at ``attn.hook_result [batch pos head d_model]``."""
-        for block in self.blocks:
-            block.attn.use_attn_result = use_attn_result
 
     def _stack(self, get: Callable[[TransformerBlock], Tensor]) -> Tensor:
         return torch.stack([get(block) for block in self.blocks])  # type: ignore[arg-type]

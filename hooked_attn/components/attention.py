@@ -18,7 +18,7 @@ from hooked_attn.components.rotary import RopeTables, apply_rotary, rope_tables
 from hooked_attn.config import Alibi, ModelConfig
 from hooked_attn.hook_points import HookPoint
 
-AttendMask = Bool[Tensor, "batch 1 q_pos k_pos"]
+AttendMask = Bool[Tensor, "batch 1 #q_pos k_pos"]  # q_pos may broadcast (encoders)
 
 
 class Attention(nn.Module):
@@ -108,9 +108,11 @@ class Attention(nn.Module):
             scores = scores + bias.to(scores.dtype)
         if self.soft_cap is not None:
             scores = torch.tanh(scores / self.soft_cap) * self.soft_cap
-        if attend is None:
+        if attend is None and self.cfg.causal:
             attend = causal_mask(q.shape[2], k.shape[2], q.device)
-        scores = self.hook_attn_scores(scores.masked_fill(~attend, torch.finfo(scores.dtype).min))
+        if attend is not None:
+            scores = scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
+        scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
         return torch.matmul(pattern, v).transpose(1, 2)
 
@@ -120,12 +122,12 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch q_pos head d_head"]:
         mask: Tensor | None = attend
         if bias is not None:
-            if attend is None:
+            if attend is None and self.cfg.causal:
                 attend = causal_mask(q.shape[1], k.shape[1], q.device)
-            mask = bias.to(q.dtype).masked_fill(~attend, float("-inf"))
+            mask = bias.to(q.dtype) if attend is None else bias.to(q.dtype).masked_fill(~attend, float("-inf"))
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=mask is None and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
+            is_causal=mask is None and self.cfg.causal and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
         )
         return z.transpose(1, 2)
 

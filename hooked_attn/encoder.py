@@ -1,0 +1,160 @@
+"""HookedEncoder: BERT-style bidirectional encoders, built from the same components and hook vocabulary.
+
+embed + token-type + position embeddings -> embedding LayerNorm -> post-LN blocks (bidirectional
+attention) -> optional masked-LM head (dense, activation, LayerNorm, unembed).
+"""
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from hooked_attn.architectures.base import UnknownArchitectureError, check_hf_config
+from hooked_attn.architectures.bert import ENCODERS, has_mlm_head
+from hooked_attn.components.activations import ACTIVATIONS
+from hooked_attn.components.block import TransformerBlock
+from hooked_attn.components.embed import Embed, PosEmbed
+from hooked_attn.components.norms import Norm
+from hooked_attn.components.params import strided_parameter
+from hooked_attn.components.unembed import Unembed
+from hooked_attn.config import ModelConfig
+from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.processing import process_weights
+from hooked_attn.tokens import TokenizerMixin
+
+EncoderReturn = Literal["logits", "embeddings"] | None
+
+
+class TokenTypeEmbed(nn.Module):
+    """``W_token_type [n_token_types d_model]``: BERT's segment embedding."""
+
+    def __init__(self, n_token_types: int, d_model: int) -> None:
+        super().__init__()
+        self.W_token_type = nn.Parameter(torch.empty(n_token_types, d_model))
+
+    def forward(self, token_type_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        n_types = self.W_token_type.shape[0]
+        if token_type_ids.numel() and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= n_types):
+            raise ValueError(f"token_type_ids must be in 0..{n_types - 1}, got {token_type_ids.unique().tolist()}")
+        return F.embedding(token_type_ids, self.W_token_type)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction-head transform: ``ln(act(x W + b))``, read by the unembedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.W = strided_parameter((cfg.d_model, cfg.d_model), (1, 0))
+        self.b = nn.Parameter(torch.empty(cfg.d_model))
+        self.ln = Norm(cfg.norm, cfg.d_model)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.ln(self.act(F.linear(x, self.W.T, self.b)))
+
+
+class HookedEncoder(TokenizerMixin, HookedRootModule):
+    """A BERT-style encoder with a HookPoint at every activation (see docs/encoder.md).
+
+    Hooks: ``hook_embed``, ``hook_pos_embed``, ``hook_token_type_embed``, ``embed_ln.*``, and per
+    block the decoder's vocabulary (``attn.hook_q`` ... ``hook_resid_post``; ``ln1``/``ln2`` are
+    BERT's post-attention and post-MLP LayerNorms). ``mlm_head.ln.*`` when there is a head.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, n_token_types: int, mlm_head: bool, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        super().__init__()
+        if cfg.causal or cfg.embed_norm is None:
+            raise ValueError("HookedEncoder needs a bidirectional config with an embedding norm")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        self.pos_embed = PosEmbed(cfg, cfg.n_ctx)
+        self.hook_pos_embed = HookPoint()
+        self.token_type_embed = TokenTypeEmbed(n_token_types, cfg.d_model)
+        self.hook_token_type_embed = HookPoint()
+        self.embed_ln = Norm(cfg.embed_norm, cfg.d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        if mlm_head:
+            self.mlm_head = MLMHead(cfg)
+            self.unembed = Unembed(cfg)
+        self.setup()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @classmethod
+    def from_pretrained(
+        cls, model_name_or_path: Any, *, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None, center_unembed: bool = True, fold_value_biases: bool = True,
+    ) -> "HookedEncoder":
+        """Load a ``BertModel`` or ``BertForMaskedLM`` (folder, hub id or in-memory model).
+
+        BERT's LayerNorms come after each residual sum, so they cannot be folded and the writing
+        weights cannot be centred; only the unembedding (with a head) and the value biases are processed.
+        """
+        from hooked_attn.loading import _load_tokenizer, _resolve
+
+        hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, None, None, None)
+        if arch_name not in ENCODERS:
+            raise UnknownArchitectureError(
+                f"architecture {arch_name!r} is not a supported encoder; supported: {', '.join(sorted(ENCODERS))}")
+        arch = ENCODERS[arch_name]
+        check_hf_config(hf_config, arch)
+        cfg = arch.config_from_hf(hf_config)
+        head = has_mlm_head(hf_sd)
+        sd = {k: v.to(dtype) for k, v in arch.convert_state_dict(hf_sd, cfg, hf_config).items()}
+        sd, cfg = process_weights(sd, cfg, fold_ln=False, center_writing_weights=False,
+                                  center_unembed=center_unembed and head, fold_value_biases=fold_value_biases)
+        with torch.device(torch.device(device) if device is not None else torch.device("cpu")):
+            model = cls(cfg, hf_config.type_vocab_size, head, tokenizer=_load_tokenizer(tokenizer, default_tokenizer))
+        model.to(dtype)
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    def forward(
+        self, input: str | list[str] | Tensor, return_type: EncoderReturn = None,
+        token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+    ) -> Tensor | None:
+        """Encode ``input`` (token ids ``[batch pos]``, a string, or a list of strings).
+
+        Returns the masked-LM logits (``return_type="logits"``, the default with a head) or the final
+        hidden states ``[batch pos d_model]`` (``"embeddings"``, the default without one, equal to
+        HF ``BertModel``'s ``last_hidden_state``).
+        """
+        if isinstance(input, (str, list)):
+            input, attention_mask = self._tokenize(input, None, None)
+            input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+        if input.ndim != 2 or input.dtype.is_floating_point:
+            raise ValueError(f"expected token ids of shape [batch pos], got {input.dtype} {tuple(input.shape)}")
+        if input.shape[1] == 0:
+            raise ValueError("the input has no positions: a sequence needs at least one token")
+        if return_type is None:
+            return_type = "logits" if hasattr(self, "unembed") else "embeddings"
+        batch, n_pos = input.shape
+        positions = torch.arange(n_pos, device=input.device).expand(batch, n_pos)  # HF BERT: absolute indices
+        token_type_ids = torch.zeros_like(input) if token_type_ids is None else token_type_ids
+        resid = (self.hook_embed(self.embed(input)) + self.hook_token_type_embed(self.token_type_embed(token_type_ids))
+                 + self.hook_pos_embed(self.pos_embed(positions)))
+        resid = self.embed_ln(resid)
+        attend = None
+        if attention_mask is not None:
+            if attention_mask.shape != input.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is "
+                                 f"{tuple(input.shape)}")
+            attend = attention_mask.to(input.device).bool()[:, None, None, :]
+        for block in self.blocks:
+            resid = block(resid, attend, positions, {})
+        if return_type == "embeddings":
+            return resid
+        if return_type == "logits":
+            if not hasattr(self, "unembed"):
+                raise ValueError("this encoder has no masked-LM head: use return_type='embeddings'")
+            return self.unembed(self.mlm_head(resid))
+        raise ValueError(f"return_type must be 'logits', 'embeddings' or None, got {return_type!r}")
