@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from hooked_attn.architectures.base import UnknownArchitectureError, check_hf_config
 from hooked_attn.architectures.bert import ENCODERS, has_mlm_head
 from hooked_attn.components.activations import ACTIVATIONS
+from hooked_attn.components.attention import AttentionContext
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
@@ -149,8 +150,9 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is "
                                  f"{tuple(input.shape)}")
             attend = attention_mask.to(input.device).bool()[:, None, None, :]
+        ctx = AttentionContext(attend=attend, positions=positions, key_positions=positions)
         for block in self.blocks:
-            resid = block(resid, attend, positions, {})
+            resid = block(resid, ctx)
         if return_type == "embeddings":
             return resid
         if return_type == "logits":

@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
-from hooked_attn.components.rotary import RopeTables
+from hooked_attn.components.attention import AttentionContext
+from hooked_attn.components.kv_cache import KVCache
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint
@@ -79,6 +80,7 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None, start_at_layer: int | None = None,
         stop_at_layer: int | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
     ) -> Any:
         """Run the model.
 
@@ -93,6 +95,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             start_at_layer: run from this block on; ``input`` is then its ``resid_pre``.
             stop_at_layer: stop before this block and return the residual stream entering it.
             tokens: the token ids, needed for the loss when starting mid-model.
+            past_kv_cache: a ``KVCache`` (``KVCache.empty(n_layers)`` to start): the input holds only
+                the new positions; their keys and values are appended to it. ``attention_mask``
+                then covers the new positions only (the cache remembers the earlier ones).
         """
         if isinstance(input, (str, list)):
             input, attention_mask = self._tokenize(input, prepend_bos, padding_side)
@@ -114,7 +119,7 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {tuple(input.shape[:2])}"
             )
-        positions, attend = self._positions_and_mask(input.shape[0], input.shape[1], input.device, attention_mask)
+        ctx = self._attention_context(input.shape[0], input.shape[1], input.device, attention_mask, past_kv_cache)
         if start_at_layer is None:
             embed = self.embed(input)
             if self.cfg.embed_scale is not None:  # HF multiplies in the activation dtype (Gemma)
@@ -123,12 +128,11 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             if self.cfg.embed_norm is not None:
                 resid = self.embed_ln(resid)
             if isinstance(self.cfg.positions, LearnedPositions):
-                resid = resid + self.hook_pos_embed(self.pos_embed(positions))
+                resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         else:
             resid = input
-        rope_cache: RopeTables = {}
         for block in self.blocks[start_at_layer:stop_at_layer]:
-            resid = block(resid, attend, positions, rope_cache)
+            resid = block(resid, ctx)
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
@@ -148,18 +152,33 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return logits, loss
         raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
 
-    def _positions_and_mask(
-        self, batch: int, n_pos: int, device: torch.device, attention_mask: Tensor | None
-    ) -> tuple[Int[Tensor, "batch pos"], Tensor | None]:
-        if attention_mask is None:
-            return torch.arange(n_pos, device=device).expand(batch, n_pos), None
-        valid = attention_mask.to(device).bool()
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+    def _attention_context(
+        self, batch: int, n_new: int, device: torch.device, attention_mask: Tensor | None, cache: KVCache | None
+    ) -> AttentionContext:
+        """Positions and the attend mask for ``n_new`` positions after any cached ones.
+
+        Positions count real tokens only (left padding does not shift them); padding keys are never
+        attended to, and a padding query attends to itself alone so its unused row stays finite.
+        """
+        n_cached = cache.n_cached if cache is not None else 0
+        if cache is not None:
+            full = cache.freeze_mask(attention_mask, n_new, batch, device)
+        else:
+            full = attention_mask
+        n_keys = n_cached + n_new
+        if full is None:
+            keys = torch.arange(n_keys, device=device).expand(batch, n_keys)
+            return AttentionContext(attend=None, positions=keys[:, n_cached:], key_positions=keys, kv_cache=cache)
+        valid = full.to(device).bool()
+        keys = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_cached)
         attend = causal[None] & valid[:, None, :]
-        # A padding query attends to itself alone, so its (unused) row stays finite.
-        attend = attend | (torch.eye(n_pos, dtype=torch.bool, device=device)[None] & ~valid[:, :, None])
-        return positions, attend[:, None]
+        rows = torch.arange(n_new, device=device)
+        own = torch.zeros(n_new, n_keys, dtype=torch.bool, device=device)
+        own[rows, n_cached + rows] = True  # each query's own position
+        attend = attend | (own[None] & ~valid[:, n_cached:, None])
+        return AttentionContext(attend=attend[:, None], positions=keys[:, n_cached:], key_positions=keys,
+                                kv_cache=cache)
 
     def _stack(self, get: Callable[[TransformerBlock], Tensor]) -> Tensor:
         return torch.stack([get(block) for block in self.blocks])  # type: ignore[arg-type]

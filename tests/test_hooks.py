@@ -14,30 +14,43 @@ B, P = 2, 7
 def documented_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
     """The hook table of docs/conventions.md, written out independently of the library."""
     c = model.cfg
-    rotary = hasattr(model.blocks[0].attn, "hook_rot_q")
-    shapes = {"hook_embed": (B, P, c.d_model), "ln_final.hook_scale": (B, P, 1),
-              "ln_final.hook_normalized": (B, P, c.d_model)}
-    if not rotary:
+    shapes = {"hook_embed": (B, P, c.d_model)}
+    if c.final_norm:
+        shapes |= {"ln_final.hook_scale": (B, P, 1), "ln_final.hook_normalized": (B, P, c.d_model)}
+    if c.embed_norm is not None:
+        shapes |= {"embed_ln.hook_scale": (B, P, 1), "embed_ln.hook_normalized": (B, P, c.d_model)}
+    if type(c.positions).__name__ == "LearnedPositions":
         shapes["hook_pos_embed"] = (B, P, c.d_model)
     for i in range(c.n_layers):
         b = f"blocks.{i}"
+        rotary = c.rotary_at(i) is not None
         sites = ("resid_pre", "resid_post", "attn_out", "mlp_out") + (() if c.parallel_attn_mlp else ("resid_mid",))
         for site in sites:
             shapes[f"{b}.hook_{site}"] = (B, P, c.d_model)
-        for ln in ("ln1", "ln2"):
+        norms = {"pre": ("ln1", "ln2"), "post_residual": ("ln1", "ln2"), "sandwich": ("ln1", "ln2", "ln1_post", "ln2_post"),
+                 "output": ("ln1_post", "ln2_post")}[c.block_norms]
+        for ln in norms:
             shapes[f"{b}.{ln}.hook_scale"] = (B, P, 1)
             shapes[f"{b}.{ln}.hook_normalized"] = (B, P, c.d_model)
         shapes[f"{b}.attn.hook_q"] = (B, P, c.n_heads, c.d_head)
         shapes[f"{b}.attn.hook_k"] = shapes[f"{b}.attn.hook_v"] = (B, P, c.n_kv_heads, c.d_head)
+        if c.qk_norm is not None:
+            for name, n in (("q_norm", c.n_heads), ("k_norm", c.n_kv_heads)):
+                shapes[f"{b}.attn.{name}.hook_scale"] = (B, P, n, 1) if c.qk_norm.over == "head" else (B, P, 1)
+                shapes[f"{b}.attn.{name}.hook_normalized"] = (B, P, n, c.d_head)
         if rotary:
             shapes[f"{b}.attn.hook_rot_q"] = (B, P, c.n_heads, c.d_head)
             shapes[f"{b}.attn.hook_rot_k"] = (B, P, c.n_kv_heads, c.d_head)
         shapes[f"{b}.attn.hook_attn_scores"] = shapes[f"{b}.attn.hook_pattern"] = (B, c.n_heads, P, P)
         shapes[f"{b}.attn.hook_z"] = (B, P, c.n_heads, c.d_head)
         shapes[f"{b}.attn.hook_result"] = (B, P, c.n_heads, c.d_model)
-        shapes[f"{b}.mlp.hook_pre"] = shapes[f"{b}.mlp.hook_post"] = (B, P, c.d_mlp)
-        if c.gated_mlp:
-            shapes[f"{b}.mlp.hook_pre_linear"] = (B, P, c.d_mlp)
+        if c.moe is not None:
+            shapes[f"{b}.mlp.hook_router_logits"] = (B, P, c.moe.n_experts)
+            shapes[f"{b}.mlp.hook_expert_indices"] = shapes[f"{b}.mlp.hook_expert_weights"] = (B, P, c.moe.top_k)
+        else:
+            shapes[f"{b}.mlp.hook_pre"] = shapes[f"{b}.mlp.hook_post"] = (B, P, c.d_mlp)
+            if c.gated_mlp:
+                shapes[f"{b}.mlp.hook_pre_linear"] = (B, P, c.d_mlp)
     return shapes
 
 

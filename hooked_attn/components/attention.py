@@ -5,20 +5,40 @@ same result: the explicit one materialises scores and pattern, the fused one cal
 ``scaled_dot_product_attention``; the fused path runs only when nothing hooks the scores or pattern.
 """
 
+from dataclasses import dataclass, field
+
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attn.components.alibi import alibi_bias
+from hooked_attn.components.kv_cache import KVCache
 from hooked_attn.components.norms import HeadNorm
 from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.rotary import RopeTables, apply_rotary, rope_tables
 from hooked_attn.config import Alibi, ModelConfig
 from hooked_attn.hook_points import HookPoint
 
-AttendMask = Bool[Tensor, "batch 1 #q_pos k_pos"]  # q_pos may broadcast (encoders)
+AttendMask = Bool[Tensor, "#batch 1 #q_pos k_pos"]  # batch and q_pos may broadcast
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares.
+
+    ``attend`` is True where a query may see a key (None: plain causal, queries aligned to the last
+    keys); ``positions`` are the queries' positions, ``key_positions`` every key's (cached ones
+    too); ``rope_cache`` holds cos/sin tables computed once per forward; ``kv_cache`` receives this
+    forward's keys and values.
+    """
+
+    attend: AttendMask | None
+    positions: Int[Tensor, "batch q_pos"]
+    key_positions: Int[Tensor, "batch k_pos"]
+    rope_cache: RopeTables = field(default_factory=dict)
+    kv_cache: KVCache | None = None
 
 
 class Attention(nn.Module):
@@ -64,22 +84,24 @@ class Attention(nn.Module):
         weight = W.transpose(1, 2).reshape(-1, W.shape[1])
         return F.linear(x, weight, b.flatten()).unflatten(-1, (W.shape[0], W.shape[2]))
 
-    def forward(
-        self, x: Float[Tensor, "batch pos d_model"], attend: AttendMask | None, positions: Tensor,
-        rope_cache: RopeTables,
-    ) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(x, self.W_K, self.b_K))
         v = self.hook_v(self._project(x, self.W_V, self.b_V))
         if self.cfg.qk_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            cos, sin = rope_tables(self.rotary, positions, q.dtype, rope_cache)
+            cos, sin = rope_tables(self.rotary, ctx.positions, q.dtype, ctx.rope_cache)
             q = self.hook_rot_q(apply_rotary(q, cos, sin, self.rotary))
             k = self.hook_rot_k(apply_rotary(k, cos, sin, self.rotary))
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.layers[self.layer].append(k, v)
+        attend = ctx.attend
+        if attend is None and self.cfg.causal and 1 < q.shape[1] < k.shape[1]:
+            attend = causal_mask(q.shape[1], k.shape[1], q.device)  # SDPA's is_causal aligns top-left
         if self.window is not None:
             attend = sliding_window(attend, q.shape[1], k.shape[1], self.window, q.device)
-        bias = alibi_bias(self.cfg.n_heads, positions, torch.float32) if self.alibi else None
+        bias = alibi_bias(self.cfg.n_heads, ctx.key_positions, torch.float32) if self.alibi else None
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks or self.soft_cap is not None:
             z = self._explicit_attention(q, k, v, attend, bias)
         else:
@@ -134,7 +156,7 @@ class Attention(nn.Module):
 
 def sliding_window(
     attend: AttendMask | None, q_len: int, k_len: int, window: int, device: torch.device
-) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
+) -> Bool[Tensor, "#batch 1 q_pos k_pos"]:
     """Restrict a causal mask to keys less than ``window`` positions back (HF ``sliding_window_overlay``)."""
     q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     k_idx = torch.arange(k_len, device=device)[None, :]

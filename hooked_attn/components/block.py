@@ -3,10 +3,9 @@
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.components.attention import Attention, AttendMask
+from hooked_attn.components.attention import Attention, AttentionContext
 from hooked_attn.components.mlp import MLP
 from hooked_attn.components.norms import Norm
-from hooked_attn.components.rotary import RopeTables
 from hooked_attn.config import ModelConfig
 from hooked_attn.hook_points import HookPoint
 
@@ -44,20 +43,19 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def _sublayer(self, x: Tensor, which: int, *attn_args: object) -> Tensor:
+    def _sublayer(self, x: Tensor, which: int, ctx: AttentionContext | None = None) -> Tensor:
         """A sublayer's contribution to the residual stream, with the norms its placement puts around it."""
         pre = getattr(self, f"ln{which}", None) if self.placement in ("pre", "sandwich") else None
         post = getattr(self, f"ln{which}_post", None)
         h = pre(x) if pre is not None else x
-        h = self.attn(h, *attn_args) if which == 1 else self.mlp(h)
+        h = self.attn(h, ctx) if which == 1 else self.mlp(h)
         return post(h) if post is not None else h
 
     def forward(
-        self, resid_pre: Float[Tensor, "batch pos d_model"], attend: AttendMask | None, positions: Tensor,
-        rope_cache: RopeTables,
+        self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self._sublayer(resid_pre, 1, attend, positions, rope_cache))
+        attn_out = self.hook_attn_out(self._sublayer(resid_pre, 1, ctx))
         if self.parallel:
             mlp_out = self.hook_mlp_out(self._sublayer(resid_pre, 2))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
