@@ -152,6 +152,12 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return logits, loss
         raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
 
+    def generate(self, input: Any, max_new_tokens: int = 10, **kwargs: Any) -> Any:
+        """Continue ``input``; see ``hooked_attn.generation.generate`` for the options (greedy by default)."""
+        from hooked_attn.generation import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     def _attention_context(
         self, batch: int, n_new: int, device: torch.device, attention_mask: Tensor | None, cache: KVCache | None
     ) -> AttentionContext:
