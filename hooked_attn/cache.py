@@ -1,9 +1,11 @@
 """ActivationCache: the activations of one forward pass, by hook name, with TransformerLens' shorthand."""
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import einops
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from hooked_attn.utils import get_act_name
@@ -12,11 +14,25 @@ if TYPE_CHECKING:
     from hooked_attn.hook_points import HookedRootModule
 
 
+PosSlice = int | slice | Sequence[int] | Tensor | None
+
+
+def _take_pos(t: Tensor, pos_slice: PosSlice, pos_axis: int = -2) -> Tensor:
+    """Select positions: an int drops the axis; a slice, a list or a tensor keeps it."""
+    if pos_slice is None:
+        return t
+    index = [slice(None)] * t.ndim
+    index[pos_axis] = torch.as_tensor(pos_slice) if isinstance(pos_slice, (list, tuple)) else pos_slice
+    return t[tuple(index)]
+
+
 class ActivationCache(Mapping[str, Tensor]):
-    """A read-only mapping of hook name to tensor.
+    """A read-only mapping of hook name to tensor, with the residual-stream analyses of TransformerLens.
 
     ``cache["blocks.3.attn.hook_pattern"]``, ``cache["pattern", 3]`` and ``cache["scale", 3, "ln1"]``
     name the same kind of entry; a missing name raises a KeyError that lists what was cached.
+    Stacks returned by the analyses are ``[component batch pos d_model]``; ``pos_slice`` selects
+    positions (an int drops the axis).
     """
 
     def __init__(
@@ -79,3 +95,189 @@ class ActivationCache(Mapping[str, Tensor]):
         self.cache_dict = {name: t[0] for name, t in self.cache_dict.items()}
         self.has_batch_dim = False
         return self
+
+    # -- residual-stream analyses (need the model that produced the cache) --------------------
+
+    def _model(self) -> Any:
+        if self.model is None:
+            raise ValueError("this analysis needs the model: build the cache with model.run_with_cache")
+        return self.model
+
+    def _n_layers_upto(self, layer: int | None) -> int:
+        n = self._model().cfg.n_layers
+        layer = n if layer is None else layer
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer must be in 0..{n} (n_layers = the final residual stream), got {layer}")
+        return layer
+
+    def accumulated_resid(
+        self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False, pos_slice: PosSlice = None,
+        mlp_input: bool = False, return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, list[str]]:  # [component batch pos d_model]
+        """The residual stream entering each block up to and including ``layer`` (None or n_layers:
+        every block, then the final ``resid_post``), optionally with each ``resid_mid``;
+        ``mlp_input`` adds block ``layer``'s ``resid_mid``; ``apply_ln`` scales each by the norm that
+        reads the last one (see ``apply_ln_to_stack``)."""
+        upto = self._n_layers_upto(layer)
+        n_layers = self._model().cfg.n_layers
+        parts, labels = [], []
+        for i in range(min(upto + 1, n_layers)):
+            parts.append(self[f"blocks.{i}.hook_resid_pre"])
+            labels.append(f"{i}_pre")
+            if (incl_mid and i < upto) or (mlp_input and i == upto):
+                parts.append(self[f"blocks.{i}.hook_resid_mid"])
+                labels.append(f"{i}_mid")
+        if upto == n_layers:
+            parts.append(self[f"blocks.{upto - 1}.hook_resid_post"])
+            labels.append("final_post")
+        stack = torch.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, upto, mlp_input=mlp_input)
+        stack = _take_pos(stack, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(
+        self, layer: int | None = None, mlp_input: bool = False, mode: str = "all", apply_ln: bool = False,
+        pos_slice: PosSlice = None, incl_embeds: bool = True, return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, list[str]]:  # [component batch pos d_model]
+        """The residual stream at ``layer`` split into what wrote it: the embeddings, then each
+        block's ``attn_out`` and ``mlp_out`` (``mode`` "attn" or "mlp" keeps one kind). The
+        components sum exactly to the residual stream (with ``mode="all"`` and the embeddings)."""
+        model = self._model()
+        cfg = model.cfg
+        if cfg.block_norms == "post_residual":
+            raise ValueError("a post-residual-norm model rewrites its residual stream in every block: "
+                             "it has no additive decomposition")
+        upto = self._n_layers_upto(layer)
+        parts, labels = [], []
+        if incl_embeds:
+            if cfg.embed_norm is not None:  # the embedding norm's output is what enters block 0
+                parts.append(self["blocks.0.hook_resid_pre"])
+                labels.append("embed")
+            else:
+                parts.append(self["hook_embed"])
+                labels.append("embed")
+                if "hook_pos_embed" in model.hook_dict:
+                    parts.append(self["hook_pos_embed"])
+                    labels.append("pos_embed")
+        for i in range(upto + (1 if mlp_input else 0)):
+            if mode in ("all", "attn"):
+                parts.append(self[f"blocks.{i}.hook_attn_out"])
+                labels.append(f"{i}_attn_out")
+            if mode in ("all", "mlp") and i < upto:
+                parts.append(self[f"blocks.{i}.hook_mlp_out"])
+                labels.append(f"{i}_mlp_out")
+        if not parts:
+            raise ValueError("nothing to decompose: no layers and no embeddings selected")
+        stack = torch.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, upto, mlp_input=mlp_input)
+        stack = _take_pos(stack, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def stack_head_results(
+        self, layer: int | None = None, return_labels: bool = False, incl_remainder: bool = False,
+        pos_slice: PosSlice = None, apply_ln: bool = False,
+    ) -> Tensor | tuple[Tensor, list[str]]:  # [component batch pos d_model]
+        """Each head's write to the residual stream, ``[layer*head batch pos d_model]`` for the
+        blocks before ``layer``: ``hook_result`` where cached, else ``z @ W_O`` from ``hook_z``.
+        ``incl_remainder`` adds the residual stream minus all of them (biases, MLPs, embeddings)."""
+        model = self._model()
+        upto = self._n_layers_upto(layer)
+        parts, labels = [], []
+        for i in range(upto):
+            if f"blocks.{i}.attn.hook_result" in self.cache_dict:
+                result = self[f"blocks.{i}.attn.hook_result"]
+            else:
+                result = einops.einsum(self[f"blocks.{i}.attn.hook_z"], model.blocks[i].attn.W_O.to(self[f"blocks.{i}.attn.hook_z"].device),
+                                       "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+            parts.append(einops.rearrange(result, "batch pos head d_model -> head batch pos d_model"))
+            labels += [f"L{i}H{h}" for h in range(result.shape[2])]
+        stack = torch.cat(parts) if parts else torch.zeros(0, *self["hook_embed"].shape)
+        if incl_remainder:
+            total = self.accumulated_resid(upto)[-1]
+            stack = torch.cat([stack, (total - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, upto)
+        stack = _take_pos(stack, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def stack_neuron_results(
+        self, layer: int | None = None, pos_slice: PosSlice = None, neuron_slice: slice | Sequence[int] | None = None,
+        return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
+    ) -> Tensor | tuple[Tensor, list[str]]:  # [component batch pos d_model]
+        """Each MLP neuron's write to the residual stream (``post[n] * W_out[n]``), for the blocks
+        before ``layer``; ``neuron_slice`` keeps some neurons of every layer."""
+        model = self._model()
+        if model.cfg.moe is not None:
+            raise ValueError("mixture-of-experts MLPs have no single set of neurons to stack")
+        upto = self._n_layers_upto(layer)
+        parts, labels = [], []
+        keep = slice(None) if neuron_slice is None else neuron_slice
+        for i in range(upto):
+            post = _take_pos(self[f"blocks.{i}.mlp.hook_post"], pos_slice)[..., keep]
+            W_out = model.blocks[i].mlp.W_out[keep].to(post.device)
+            parts.append(einops.einsum(post, W_out, "... d_mlp, d_mlp d_model -> d_mlp ... d_model"))
+            ids = range(model.cfg.d_mlp)[keep] if isinstance(keep, slice) else keep
+            labels += [f"L{i}N{n}" for n in ids]
+        stack = torch.cat(parts)
+        if incl_remainder:
+            total = _take_pos(self.accumulated_resid(upto)[-1], pos_slice)
+            stack = torch.cat([stack, (total - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, upto, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def apply_ln_to_stack(
+        self, residual_stack: Float[Tensor, "... batch pos d_model"], layer: int | None = None,
+        mlp_input: bool = False, pos_slice: PosSlice = None,
+    ) -> Float[Tensor, "... batch pos d_model"]:
+        """Treat each component as if it passed through the norm that reads the residual stream at
+        ``layer`` (``ln_final`` at the end, ``ln1`` of block ``layer``, ``ln2`` with ``mlp_input``):
+        centre it (LayerNorm) and divide by that norm's cached scale. Being linear, this keeps the
+        components summing to the normalised stream; gains and biases are left out, so on a model
+        processed with ``fold_ln`` the result feeds the unembedding exactly."""
+        model = self._model()
+        upto = self._n_layers_upto(layer)
+        if upto == model.cfg.n_layers and not mlp_input:
+            name = "ln_final.hook_scale"
+        else:
+            name = f"blocks.{upto}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
+        if name not in self.cache_dict:
+            raise KeyError(f"apply_ln needs {name!r} in the cache: cache it (names_filter) or run with it")
+        scale = _take_pos(self[name], pos_slice)
+        if model.cfg.norm.kind == "layernorm":
+            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+        return residual_stack / scale
+
+    def logit_attrs(
+        self, residual_stack: Float[Tensor, "component batch pos d_model"], tokens: Tensor | int | str,
+        incorrect_tokens: Tensor | int | str | None = None, pos_slice: PosSlice = None,
+    ) -> Tensor:  # [component batch pos]
+        """Each component's direct contribution to the logit of ``tokens`` (minus ``incorrect_tokens``):
+        ``component @ W_U[:, token]``. ``tokens`` is one id or string for every position, or ids
+        broadcastable to ``[batch pos]``. Apply the final norm first (``apply_ln=True``)."""
+        model = self._model()
+
+        def direction(t: Tensor | int | str) -> Tensor:
+            ids = torch.as_tensor(model.to_single_token(t) if isinstance(t, str) else t)
+            return model.W_U[:, ids.to(model.W_U.device)].movedim(0, -1)  # [... d_model]
+
+        dirs = direction(tokens)
+        if incorrect_tokens is not None:
+            dirs = dirs - direction(incorrect_tokens)
+        stack = _take_pos(residual_stack, pos_slice)
+        return (stack * dirs.to(stack.device, stack.dtype)).sum(-1)
+
+    def logit_lens(
+        self, layer: int | None = None, incl_mid: bool = False, pos_slice: PosSlice = None,
+    ) -> Tensor:  # [component batch pos d_vocab]
+        """The logits each accumulated residual stream would give if the model stopped there: each one
+        through the real final norm (its own statistics, gain and bias) and the unembedding."""
+        model = self._model()
+        stack = self.accumulated_resid(layer, incl_mid=incl_mid, pos_slice=pos_slice)
+        with torch.no_grad():
+            normed = model.ln_final(stack) if model.cfg.final_norm else stack
+            return model.unembed(normed.to(model.W_U.device))

@@ -17,5 +17,5 @@ class Unembed(nn.Module):
         self.W_U = strided_parameter((cfg.d_vocab, cfg.d_model), (1, 0))
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         return F.linear(x, self.W_U.T, self.b_U)
