@@ -135,7 +135,8 @@ class Attention(nn.Module):
         if attend is not None:
             scores = scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
+        wide = torch.float64 if scores.dtype == torch.float64 else torch.float32  # HF: float32 softmax
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=wide).to(v.dtype))
         return torch.matmul(pattern, v).transpose(1, 2)
 
     def _fused_attention(

@@ -16,13 +16,13 @@ from hooked_attn.hook_points import HookPoint
 def normalize(
     x: Tensor, cfg: NormConfig, w: Tensor | None, b: Tensor | None, hook_scale: HookPoint
 ) -> Tensor:
-    """Normalise over the last axis in float32, then apply ``weight_offset + w`` and ``b``.
+    """Normalise over the last axis in float32 (float64 for float64 input), then apply ``weight_offset + w`` and ``b``.
 
     ``hook_scale`` sees the divisor ``[... 1]``: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``.
     """
     if cfg.kind == "layernorm" and not hook_scale.has_hooks and cfg.weight_offset == 0 and cfg.gain_dtype == "input":
         return F.layer_norm(x, x.shape[-1:], w, b, cfg.eps)
-    x32 = x.float()
+    x32 = x if x.dtype == torch.float64 else x.float()  # at least float32, never narrower than the input
     if cfg.kind == "layernorm":
         x32 = x32 - x32.mean(-1, keepdim=True)
     # Multiply by rsqrt, as HF does, so reduced-precision outputs round identically; the scale
@@ -35,9 +35,9 @@ def normalize(
         out32 = x32 * inv_scale if torch.equal(hooked, original) else x32 / hooked
     else:
         out32 = x32 * inv_scale
-    gain = None if w is None else (w.float() + cfg.weight_offset if cfg.weight_offset else w)
+    gain = None if w is None else (w.to(x32.dtype) + cfg.weight_offset if cfg.weight_offset else w)
     if cfg.gain_dtype == "float32":
-        out = out32 if gain is None else out32 * gain.float()
+        out = out32 if gain is None else out32 * gain.to(out32.dtype)
         out = out.to(x.dtype)
     else:
         out = out32.to(x.dtype)

@@ -1,0 +1,318 @@
+"""Activation, path and attribution patching, under TransformerLens' names and signatures.
+
+Activation patching runs the corrupted input with one clean activation patched in, for every
+site of a sweep, and reports ``patching_metric(logits)``. Sweeps are batched: many patched variants
+run in one forward (each variant is its own slice of the batch), ``batch_size`` at a time.
+"""
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_attn.cache import ActivationCache
+from hooked_attn.hook_points import HookPoint
+from hooked_attn.model import HookedTransformer
+from hooked_attn.utils import get_act_name
+
+Metric = Callable[[Tensor], Tensor | float]
+# patch_setter(activation_slice, index, clean_activation) edits activation_slice in place.
+PatchSetter = Callable[[Tensor, tuple[int, ...], Tensor], None]
+
+
+def layer_pos_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch pos d_model]``: patch one position."""
+    act[:, index[0]] = clean[:, index[0]]
+
+
+def layer_pos_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch pos head d_head]``: patch one head at one position."""
+    pos, head = index
+    act[:, pos, head] = clean[:, pos, head]
+
+
+def layer_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch pos head d_head]``: patch one head at every position."""
+    act[:, :, index[0]] = clean[:, :, index[0]]
+
+
+def layer_head_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch head q_pos k_pos]``: patch one head's whole pattern."""
+    act[:, index[0]] = clean[:, index[0]]
+
+
+def layer_head_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch head q_pos k_pos]``: patch one head's pattern row for one destination position."""
+    dest, head = index
+    act[:, head, dest] = clean[:, head, dest]
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
+    """``[batch head q_pos k_pos]``: patch one entry of one head's pattern."""
+    head, dest, src = index
+    act[:, head, dest, src] = clean[:, head, dest, src]
+
+
+def _metric_value(value: Tensor | float) -> float:
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _auto_batch_size(model: HookedTransformer, tokens: Tensor) -> int:
+    # Keep a forward at about 4096 token positions, and never below one variant.
+    return max(1, 4096 // max(1, tokens.numel()))
+
+
+def generic_activation_patch(
+    model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
+    patch_setter: PatchSetter, activation_name: str, index_axis_names: Sequence[str] | None = None,
+    index_df: Any = None, return_index_df: bool = False, batch_size: int | None = None, progress: bool = True,
+    attention_mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Any]:
+    """Patch ``activation_name`` (a short site name: "resid_pre", "z", "pattern", ...) at every index
+    of ``index_axis_names`` (or the rows of ``index_df``), returning the metric per index.
+
+    Args:
+        index_axis_names: axes to sweep, from "layer", "pos", "head_index" (or "head"), "dest_pos",
+            "src_pos"; the result has one axis per name, in that order.
+        index_df: alternatively, an explicit table (pandas DataFrame or a list of tuples) of indices,
+            one row per variant, columns in ``index_axis_names`` order; the result is then flat.
+        batch_size: patched variants per forward (default: about 4096 token positions per forward).
+    """
+    cfg = model.cfg
+    n_pos = corrupted_tokens.shape[-1]
+    kv_site = activation_name in ("k", "v")
+    sizes = {"layer": cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
+             "head_index": cfg.n_kv_heads if kv_site else cfg.n_heads, "head": cfg.n_kv_heads if kv_site else cfg.n_heads}
+    if index_df is not None:
+        rows = index_df.itertuples(index=False) if hasattr(index_df, "itertuples") else index_df
+        indices = [tuple(int(x) for x in row) for row in rows]
+        if index_axis_names is None:
+            index_axis_names = list(index_df.columns) if hasattr(index_df, "columns") else None
+        shape: tuple[int, ...] = (len(indices),)
+    else:
+        if not index_axis_names:
+            raise ValueError("give index_axis_names (e.g. ['layer', 'pos']) or index_df")
+        unknown = [a for a in index_axis_names if a not in sizes]
+        if unknown:
+            raise ValueError(f"unknown index axes {unknown}; known: {sorted(sizes)}")
+        shape = tuple(sizes[a] for a in index_axis_names)
+        indices = list(itertools.product(*(range(n) for n in shape)))
+    if not index_axis_names or index_axis_names[0] != "layer":
+        raise ValueError("the first index axis must be 'layer'")
+    batch = corrupted_tokens.shape[0] if corrupted_tokens.ndim == 2 else 1
+    tokens = corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
+    chunk = batch_size or _auto_batch_size(model, tokens)
+    results: list[float] = []
+    for start in tqdm(range(0, len(indices), chunk), disable=not progress or len(indices) <= chunk,
+                      desc=f"patching {activation_name}"):
+        variants = indices[start:start + chunk]
+        by_layer: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        for slot, index in enumerate(variants):
+            by_layer.setdefault(index[0], []).append((slot, index[1:]))
+
+        def make_hook(layer_variants: list[tuple[int, tuple[int, ...]]], name: str) -> Callable:
+            def hook(act: Tensor, hook: HookPoint) -> Tensor:
+                act = act.clone()
+                clean = clean_cache[name].to(act.device, act.dtype)
+                for slot, rest in layer_variants:
+                    patch_setter(act[slot * batch:(slot + 1) * batch], rest, clean)
+                return act
+            return hook
+
+        hooks = [(get_act_name(activation_name, layer), make_hook(vs, get_act_name(activation_name, layer)))
+                 for layer, vs in by_layer.items()]
+        mask = None if attention_mask is None else attention_mask.repeat(len(variants), 1)
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens.repeat(len(variants), 1), fwd_hooks=hooks, attention_mask=mask)
+        for slot in range(len(variants)):
+            results.append(_metric_value(patching_metric(logits[slot * batch:(slot + 1) * batch])))
+    out = torch.tensor(results, dtype=torch.float64).reshape(shape)  # metric values, unrounded
+    return (out, indices) if return_index_df else out
+
+
+def _sweep(activation_name: str, axes: Sequence[str], setter: PatchSetter) -> Callable[..., Tensor]:
+    def sweep(model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache,
+              patching_metric: Metric, **kwargs: Any) -> Tensor:
+        return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, setter,
+                                        activation_name, index_axis_names=axes, **kwargs)  # type: ignore[return-value]
+
+    sweep.__name__ = f"patch_{activation_name}_{'_'.join(axes)}"
+    sweep.__doc__ = (f"Patch clean ``{activation_name}`` into the corrupted run at each "
+                     f"({', '.join(axes)}); returns the metric as a ``[{' '.join(axes)}]`` tensor.")
+    return sweep
+
+
+get_act_patch_resid_pre = _sweep("resid_pre", ("layer", "pos"), layer_pos_patch_setter)
+get_act_patch_resid_mid = _sweep("resid_mid", ("layer", "pos"), layer_pos_patch_setter)
+get_act_patch_attn_out = _sweep("attn_out", ("layer", "pos"), layer_pos_patch_setter)
+get_act_patch_mlp_out = _sweep("mlp_out", ("layer", "pos"), layer_pos_patch_setter)
+get_act_patch_attn_head_out_by_pos = _sweep("z", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
+get_act_patch_attn_head_q_by_pos = _sweep("q", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
+get_act_patch_attn_head_k_by_pos = _sweep("k", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
+get_act_patch_attn_head_v_by_pos = _sweep("v", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
+get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", ("layer", "dest_pos", "head"),
+                                                layer_head_pos_pattern_patch_setter)
+get_act_patch_attn_head_pattern_dest_src_pos = _sweep("pattern", ("layer", "head", "dest_pos", "src_pos"),
+                                                      layer_head_dest_src_pos_pattern_patch_setter)
+get_act_patch_attn_head_out_all_pos = _sweep("z", ("layer", "head"), layer_head_vector_patch_setter)
+get_act_patch_attn_head_q_all_pos = _sweep("q", ("layer", "head"), layer_head_vector_patch_setter)
+get_act_patch_attn_head_k_all_pos = _sweep("k", ("layer", "head"), layer_head_vector_patch_setter)
+get_act_patch_attn_head_v_all_pos = _sweep("v", ("layer", "head"), layer_head_vector_patch_setter)
+get_act_patch_attn_head_pattern_all_pos = _sweep("pattern", ("layer", "head"), layer_head_pattern_patch_setter)
+
+
+def get_act_patch_block_every(
+    model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
+    **kwargs: Any,
+) -> Tensor:
+    """``[3 layer pos]``: resid_pre, attn_out and mlp_out patching, stacked."""
+    return torch.stack([f(model, corrupted_tokens, clean_cache, patching_metric, **kwargs)
+                        for f in (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)])
+
+
+def get_act_patch_attn_head_all_pos_every(
+    model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
+    **kwargs: Any,
+) -> Tensor:
+    """``[5 layer head]``: output (z), q, k, v and pattern of each head, over all positions.
+    k and v sweep the K/V heads, so with grouped-query attention their head axis is padded with NaN."""
+    parts = [f(model, corrupted_tokens, clean_cache, patching_metric, **kwargs)
+             for f in (get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
+                       get_act_patch_attn_head_k_all_pos, get_act_patch_attn_head_v_all_pos,
+                       get_act_patch_attn_head_pattern_all_pos)]
+    width = model.cfg.n_heads
+    return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=float("nan")) for p in parts])
+
+
+# -- path patching ---------------------------------------------------------------------------
+
+Receiver = str | tuple[str, int]  # a hook name, or (hook name, head) for one head's q/k/v/z
+
+
+def path_patch(
+    model: HookedTransformer, orig_tokens: Tensor, new_tokens: Tensor, sender_heads: Sequence[tuple[int, int]],
+    receivers: Sequence[Receiver], patching_metric: Metric, orig_cache: ActivationCache | None = None,
+    new_cache: ActivationCache | None = None, freeze_mlps: bool = False,
+) -> float:
+    """The metric when the sender heads' outputs on ``new_tokens`` reach the receivers only directly.
+
+    1. Run ``orig_tokens`` with every head's ``z`` frozen to its original value, except the senders,
+       whose ``z`` comes from ``new_tokens`` (and, with ``freeze_mlps``, every ``mlp_out`` frozen
+       too); record the receiver activations.
+    2. Run ``orig_tokens`` again with only the receivers patched to those values; return the metric.
+
+    Receivers are hook names (``blocks.3.attn.hook_q``, ``blocks.5.hook_resid_pre``...), or
+    ``(name, head)`` to patch one head of a per-head activation.
+    """
+    def wanted(name: str) -> bool:
+        return name.endswith("attn.hook_z") or (freeze_mlps and name.endswith("hook_mlp_out"))
+
+    if orig_cache is None:
+        _, orig_cache = model.run_with_cache(orig_tokens, names_filter=wanted)
+    if new_cache is None:
+        _, new_cache = model.run_with_cache(new_tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
+    senders: dict[int, list[int]] = {}
+    for layer, head in sender_heads:
+        senders.setdefault(layer, []).append(head)
+    receiver_names = [r if isinstance(r, str) else r[0] for r in receivers]
+    model.resolve_hook_names(receiver_names)  # unknown names fail before anything runs
+
+    def freeze(act: Tensor, hook: HookPoint) -> Tensor:
+        frozen = orig_cache[str(hook.name)].to(act.device, act.dtype).clone()
+        if hook.name.endswith("attn.hook_z"):
+            for head in senders.get(hook.layer, []):  # type: ignore[arg-type]
+                frozen[:, :, head] = new_cache[str(hook.name)][:, :, head].to(act.device, act.dtype)
+        return frozen
+
+    recorded: dict[str, Tensor] = {}
+
+    def record(act: Tensor, hook: HookPoint) -> None:
+        recorded[str(hook.name)] = act.detach().clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(orig_tokens, fwd_hooks=[(wanted, freeze), *[(n, record) for n in set(receiver_names)]])
+
+        def patch(receiver: Receiver) -> tuple[str, Callable]:
+            name, head = (receiver, None) if isinstance(receiver, str) else receiver
+
+            def hook(act: Tensor, hook: HookPoint) -> Tensor:
+                if head is None:
+                    return recorded[name].to(act.dtype)
+                act = act.clone()
+                act[:, :, head] = recorded[name][:, :, head].to(act.dtype)
+                return act
+            return name, hook
+
+        logits = model.run_with_hooks(orig_tokens, fwd_hooks=[patch(r) for r in receivers])
+    return _metric_value(patching_metric(logits))
+
+
+def path_patch_senders(
+    model: HookedTransformer, orig_tokens: Tensor, new_tokens: Tensor, receivers: Sequence[Receiver],
+    patching_metric: Metric, freeze_mlps: bool = False, progress: bool = True,
+) -> Tensor:
+    """``[layer head]``: ``path_patch`` with each head alone as the sender (NaN for heads that
+    cannot reach any receiver: those in later layers, or in a receiver's own layer when the
+    receiver sits before that layer's attention output)."""
+    names = [r if isinstance(r, str) else r[0] for r in receivers]
+
+    def reach(name: str) -> int:
+        """How many layers' heads can write to the activation ``name``."""
+        if not name.startswith("blocks."):
+            return model.cfg.n_layers
+        layer = int(name.split(".")[1])
+        before_attn_out = ".attn." in name or ".ln1." in name or name.endswith("hook_resid_pre")
+        return layer if before_attn_out else layer + 1
+
+    first = max(reach(n) for n in names)
+    wanted = lambda n: n.endswith("attn.hook_z") or (freeze_mlps and n.endswith("hook_mlp_out"))  # noqa: E731
+    _, orig_cache = model.run_with_cache(orig_tokens, names_filter=wanted)
+    _, new_cache = model.run_with_cache(new_tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
+    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), dtype=torch.float64)
+    pairs = [(layer, head) for layer in range(first) for head in range(model.cfg.n_heads)]
+    for layer, head in tqdm(pairs, disable=not progress, desc="path patching"):
+        out[layer, head] = path_patch(model, orig_tokens, new_tokens, [(layer, head)], receivers, patching_metric,
+                                      orig_cache, new_cache, freeze_mlps)
+    return out
+
+
+# -- attribution patching --------------------------------------------------------------------
+
+_ATTRIBUTION_SITES = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+
+
+def attribution_patch(
+    model: HookedTransformer, clean_tokens: Tensor, corrupted_tokens: Tensor, patching_metric: Metric,
+    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
+) -> dict[str, Tensor]:
+    """First-order estimates of activation patching at every site, from one clean forward and one
+    corrupted forward and backward: ``(clean - corrupted) . d metric / d activation``.
+
+    Returns, per site, the estimated change of the metric when that clean activation is patched into
+    the corrupted run: ``[layer pos]`` for residual-stream sites, ``[layer pos head]`` for q/k/v/z,
+    ``[layer head dest_pos src_pos]`` for the pattern (summed over the batch).
+    """
+    unknown = [s for s in sites if s not in _ATTRIBUTION_SITES]
+    if unknown:
+        raise ValueError(f"unknown attribution sites {unknown}; known: {list(_ATTRIBUTION_SITES)}")
+    names = [get_act_name(s, layer) for s in sites for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(clean_tokens, names_filter=names)
+    with torch.enable_grad():
+        logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd=True)
+        value = patching_metric(logits)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError("attribution patching needs a metric that returns a scalar tensor")
+        value.backward()
+    out: dict[str, Tensor] = {}
+    for site in sites:
+        per_layer = []
+        for layer in range(model.cfg.n_layers):
+            name = get_act_name(site, layer)
+            attr = (clean[name] - corrupted[name]) * corrupted[name + "_grad"]
+            per_layer.append(attr.sum(0) if site == "pattern" else attr.sum(-1).sum(0))
+        out[site] = torch.stack(per_layer).detach()
+    return out
