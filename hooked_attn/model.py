@@ -1,7 +1,7 @@
 """HookedTransformer: embed -> blocks -> final norm -> unembed, with a HookPoint at every activation."""
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -13,6 +13,9 @@ from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
 from hooked_attn.components.attention import AttentionContext
 from hooked_attn.components.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from hooked_attn.factored_matrix import FactoredMatrix
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint
@@ -205,6 +208,23 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
     W_E = property(lambda self: self.embed.W_E)
     W_U = property(lambda self: self.unembed.W_U)
     b_U = property(lambda self: self.unembed.b_U)
+
+    @property
+    def QK(self) -> "FactoredMatrix":
+        """Each head's QK circuit ``W_Q W_K^T`` as a ``[layer head d_model d_model]`` FactoredMatrix
+        (K/V heads repeated to the query heads they serve). Rotary models rotate between the two
+        factors, so there this is the circuit at zero relative distance."""
+        from hooked_attn.factored_matrix import FactoredMatrix
+
+        W_K = self.W_K.repeat_interleave(self.cfg.group_size, dim=1)
+        return FactoredMatrix(self.W_Q, W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> "FactoredMatrix":
+        """Each head's OV circuit ``W_V W_O`` as a ``[layer head d_model d_model]`` FactoredMatrix."""
+        from hooked_attn.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V.repeat_interleave(self.cfg.group_size, dim=1), self.W_O)
 
     @property
     def W_gate(self) -> Tensor:
