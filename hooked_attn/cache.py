@@ -253,7 +253,7 @@ class ActivationCache(Mapping[str, Tensor]):
         return residual_stack / scale
 
     def logit_attrs(
-        self, residual_stack: Float[Tensor, "component batch pos d_model"], tokens: Tensor | int | str,
+        self, residual_stack: Float[Tensor, "component batch *pos d_model"], tokens: Tensor | int | str,
         incorrect_tokens: Tensor | int | str | None = None, pos_slice: PosSlice = None,
     ) -> Tensor:  # [component batch pos]
         """Each component's direct contribution to the logit of ``tokens`` (minus ``incorrect_tokens``):

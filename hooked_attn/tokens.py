@@ -86,6 +86,8 @@ class TokenizerMixin:
             ids = self.to_tokens(input, prepend_bos, move_to_device=False)[0].tolist()
         else:
             t = torch.as_tensor(input)
+            if t.ndim == 0:
+                t = t[None]
             if t.ndim == 2:
                 if t.shape[0] != 1:
                     return [self.to_str_tokens(row) for row in t]  # type: ignore[misc]
