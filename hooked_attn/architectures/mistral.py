@@ -1,0 +1,169 @@
+"""Mistral family (Mistral-7B v0.1-v0.3 and their fine-tunes). Mirrors
+transformers/models/mistral/modeling_mistral.py (``MistralForCausalLM``).
+
+Also home of two helpers the later sliding-window families share: ``full_head_rotary`` and
+``windows_from_layer_types``.
+"""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import MistralConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig, Rotary
+from hooked_attn.shapes import StateDict
+
+ARCH = "MistralForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_parameters",
+    "sliding_window",  # one window for every layer, or None
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+})
+# Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def full_head_rotary(rope: dict | None, d_head: int, arch: str) -> Rotary:
+    """Rotary over all of ``d_head`` from HF ``rope_parameters``, for families whose rotary class
+    rotates the whole head.
+
+    Their ``compute_default_rope_parameters`` (e.g. ``MistralRotaryEmbedding``) builds frequencies
+    for the full ``head_dim`` and ignores ``partial_rotary_factor``, while the scaled rope types of
+    modeling_rope_utils.py honour it and then fail in ``apply_rotary_pos_emb``; a factor other than
+    1 is therefore refused rather than guessed.
+    """
+    rope = dict(rope or {"rope_theta": 10_000.0})
+    factor = rope.pop("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise UnsupportedConfigError(
+            f"{arch}: rope_parameters partial_rotary_factor={factor!r} is not supported (this family's HF "
+            "rotary embedding rotates the full head_dim for the default rope type)"
+        )
+    return rotary_from_hf(rope, d_head, arch)
+
+
+def windows_from_layer_types(
+    layer_types: list[str] | None, sliding_window: int | None, n_layers: int, arch: str
+) -> tuple[int | None, ...] | None:
+    """Per-layer windows for ``ModelConfig.attn_windows`` from HF ``layer_types``.
+
+    HF builds one mask per layer type (``causal_mask_mapping[config.layer_types[i]]``):
+    ``create_sliding_window_causal_mask`` for "sliding_attention" layers, with
+    ``config.sliding_window`` and the rule ``kv_idx > q_idx - sliding_window``
+    (masking_utils.py ``sliding_window_overlay``), the same rule as our ``attn_windows``. Returns
+    None when every layer is full attention.
+    """
+    types = list(layer_types or ["full_attention"] * n_layers)
+    if len(types) != n_layers:
+        raise UnsupportedConfigError(f"{arch}: config field layer_types has {len(types)} entries for {n_layers} layers")
+    unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if unknown:
+        raise UnsupportedConfigError(f"{arch}: config field layer_types has unsupported layer types {unknown}")
+    if "sliding_attention" not in types:
+        return None
+    if sliding_window is None or sliding_window <= 0:
+        # HF's create_sliding_window_causal_mask raises for a missing window; we refuse the same config.
+        raise UnsupportedConfigError(
+            f"{arch}: config field layer_types has sliding_attention layers but sliding_window={sliding_window!r}"
+        )
+    return tuple(sliding_window if t == "sliding_attention" else None for t in types)
+
+
+def config_from_hf(hf: MistralConfig) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    if getattr(hf, "layer_types", None) is not None:
+        # MistralConfig.__post_init__ warns that layer_types is for Ministral: MistralModel never reads
+        # it and slides every layer. Refused, since the checkpoint most likely wants alternating layers.
+        raise UnsupportedConfigError(f"{ARCH}: config field layer_types={hf.layer_types!r} is not supported "
+                                     "(MistralForCausalLM ignores it; load the checkpoint as Ministral)")
+    if hf.sliding_window is not None and hf.sliding_window <= 0:
+        raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
+    # MistralAttention: head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads.
+    d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=full_head_rotary(hf.rope_parameters, d_head, ARCH),
+        attn_scale=d_head**-0.5, gated_mlp=True,  # MistralAttention: self.scaling = self.head_dim**-0.5
+        # MistralModel.forward: create_sliding_window_causal_mask for every layer whenever
+        # config.sliding_window is not None ("main diff with Llama").
+        attn_windows=None if hf.sliding_window is None else (hf.sliding_window,) * hf.num_hidden_layers,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: MistralConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        # MistralAttention: q/k/v/o_proj all have bias=False. nn.Linear weights are [out, in]; the out
+        # axis is (head d_head).
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = zeros(n, d)
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = zeros(m)
+        # MistralMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    # MistralForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, MistralConfig]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    return {
+        # GQA with a window of 4, shorter than the 9- and 16-token test sequences: the window binds.
+        "default": MistralConfig(**base, num_key_value_heads=2, sliding_window=4),
+        "no_window": MistralConfig(**base, num_key_value_heads=2, sliding_window=None),   # Mistral-7B v0.3
+        "mha_window_1": MistralConfig(**base, num_key_value_heads=4, sliding_window=1),   # attends to itself only
+        "mqa_tied": MistralConfig(**base, num_key_value_heads=1, sliding_window=6, tie_word_embeddings=True),
+        "head_dim_16": MistralConfig(**base, num_key_value_heads=2, head_dim=16, sliding_window=3,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        "rope_linear": MistralConfig(**base, num_key_value_heads=2, sliding_window=5, rope_parameters={
+            "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="mistral", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,155 @@
+"""Phi-3 family (Phi-3-mini/medium with the default rope, Phi-4). Mirrors
+transformers/models/phi3/modeling_phi3.py (``Phi3ForCausalLM``). Checkpoints with longrope (the 128k
+Phi-3 and Phi-3.5 models) are refused."""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import Phi3Config
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "Phi3ForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters",  # rope_type (default only) and partial_rotary_factor
+    # A top-level partial_rotary_factor (Phi-4-mini's config.json) stays an attribute, but
+    # Phi3Config.convert_rope_params_to_dict copies it into rope_parameters with setdefault, and the model
+    # reads only rope_parameters["partial_rotary_factor"]: it is read through rope_parameters.
+    "partial_rotary_factor",
+    "sliding_window",   # one window for every layer, or None
+    # Phi3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
+    # field, but a config that carries one gets it.
+    "head_dim",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
+    # Read only by the longrope rotary (modeling_rope_utils._compute_longrope_parameters and the
+    # longrope_frequency_update of dynamic_rope_update), which config_from_hf refuses, and by
+    # Phi3ForCausalLM.prepare_inputs_for_generation, which at most drops the KV cache.
+    "original_max_position_embeddings",
+    # Not a Phi3Config field, but Phi-3 config.json files carry attention_bias=false: Phi3Attention never
+    # reads it (qkv_proj and o_proj have bias=False), and a checkpoint with bias tensors is refused by the
+    # key ledger.
+    "attention_bias",
+    # Phi-3 config.json files name the remote-code classes the model was first released with
+    # (configuration_phi3.Phi3Config / modeling_phi3.Phi3ForCausalLM); transformers uses its built-in
+    # Phi3 classes, which this module mirrors, unless trust_remote_code is set.
+    "auto_map",
+})
+# Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def config_from_hf(hf: Phi3Config) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
+    kind = rope.get("rope_type", "default")
+    if kind != "default":
+        # Phi3Config.validate_rope allows default and longrope (legacy "su"/"yarn" are renamed longrope).
+        # longrope rescales each frequency by short_factor / long_factor depending on the sequence
+        # length and multiplies cos/sin by an attention factor; our Rotary has no such scaling.
+        raise UnsupportedConfigError(f"{ARCH}: config field rope_parameters with rope_type={kind!r} is not supported "
+                                     "(only the default rope type)")
+    if hf.sliding_window is not None and hf.sliding_window <= 0:
+        raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    # Partial rotary: Phi3RotaryEmbedding.compute_default_rope_parameters builds frequencies for
+    # int(head_dim * partial_rotary_factor) dims; apply_rotary_pos_emb rotates those first dims of each
+    # head with rotate_half and passes the rest through.
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    if n_rot <= 0 or n_rot % 2:
+        raise UnsupportedConfigError(
+            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
+            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+        )
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),  # Phi3RMSNorm: LLaMA's RMSNorm
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(rope, d_head, ARCH),
+        attn_scale=d_head**-0.5, gated_mlp=True,  # Phi3Attention: self.scaling = self.head_dim**-0.5
+        # Phi3Model.forward: create_sliding_window_causal_mask for every layer whenever
+        # config.sliding_window is not None.
+        attn_windows=None if hf.sliding_window is None else (hf.sliding_window,) * hf.num_hidden_layers,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        # Fused qkv_proj (bias=False): Phi3Attention.forward slices its output as
+        # [:h*d] queries, [h*d : h*d + kv*d] keys, the rest values, each (head d_head). With GQA the
+        # three blocks differ in size, so split by size first, then unflatten heads.
+        qkv = src.pop(f"{hf_i}.self_attn.qkv_proj.weight", ((h + 2 * kv) * d, m))
+        for site, w in zip("QKV", qkv.split([h * d, kv * d, kv * d], dim=0)):
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = zeros(w.shape[0] // d, d)
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = zeros(m)
+        # Fused gate_up_proj (bias=False): Phi3MLP.forward does `gate, up_states = x.chunk(2, dim=-1)`, so
+        # the first d_mlp rows are the gate and the last d_mlp rows the up projection;
+        # down_proj(up * act(gate)).
+        w_gate, w_up = src.pop(f"{hf_i}.mlp.gate_up_proj.weight", (2 * f, m)).chunk(2, dim=0)
+        out[f"{ours}.mlp.W_gate"] = w_gate.T
+        out[f"{ours}.mlp.W_in"] = w_up.T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    # Phi3ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, Phi3Config]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                original_max_position_embeddings=64, num_attention_heads=4, bos_token_id=0, eos_token_id=1,
+                pad_token_id=2)
+    return {
+        # GQA with a window of 4 that binds on the 9-token test sequences (Phi-3-mini has 2047).
+        "default": Phi3Config(**base, num_key_value_heads=2, sliding_window=4),
+        "mha_no_window": Phi3Config(**base),                                              # Phi-3-mini-4k layout
+        "mqa_tied": Phi3Config(**base, num_key_value_heads=1, tie_word_embeddings=True, sliding_window=6),
+        # Rotary on half of each head (Phi-4-mini uses 0.75), with another theta.
+        "partial_rotary": Phi3Config(**base, num_key_value_heads=2, sliding_window=5, rope_parameters={
+            "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}),
+        "quarter_rotary_gelu": Phi3Config(**base, num_key_value_heads=2, hidden_act="gelu_new",
+                                          partial_rotary_factor=0.25),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="phi3", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,155 @@
+"""SmolLM3 family (SmolLM3-3B). Mirrors transformers/models/smollm3/modeling_smollm3.py
+(``SmolLM3ForCausalLM``): a LLaMA-style decoder in which some layers use no rotary embedding (NoPE)."""
+
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import SmolLM3Config
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.mistral import full_head_rotary, windows_from_layer_types
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "SmolLM3ForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "attention_bias",
+    "mlp_bias",        # read only to refuse True
+    "no_rope_layers",  # per layer: 1 = rotary, 0 = NoPE
+    # Sliding windows: the mask of layer i is chosen by layer_types[i], with config.sliding_window.
+    "layer_types", "sliding_window", "use_sliding_window",
+    # SmolLM3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
+    # field, but a config that carries one gets it.
+    "head_dim",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",        # dropout: off at inference
+    # SmolLM3Config.__post_init__ uses it only to fill no_rope_layers when that is None; the model reads
+    # no_rope_layers, which to_dict() always carries.
+    "no_rope_layer_interval",
+    # Not SmolLM3Config fields, but SmolLM3-3B's config.json carries them: max_window_layers (a Qwen2
+    # leftover) is read neither by the config's __post_init__ nor by the model (layer_types decides the
+    # windows), and pretraining_tp is never read (transformers 5 does not split the matmuls).
+    "max_window_layers", "pretraining_tp",
+})
+# Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    if hf.mlp_bias:
+        # SmolLM3MLP gives gate_proj a bias too; our gated MLP has no gate bias. Refuse rather than drop it.
+        raise UnsupportedConfigError(f"{ARCH}: config field mlp_bias=True is not supported")
+    n = hf.num_hidden_layers
+    no_rope = list(hf.no_rope_layers)
+    if len(no_rope) != n or any(flag not in (0, 1) for flag in no_rope):
+        raise UnsupportedConfigError(f"{ARCH}: config field no_rope_layers={no_rope!r} must hold one 0 or 1 "
+                                     f"per layer ({n} layers)")
+    windows = windows_from_layer_types(hf.layer_types, hf.sliding_window, n, ARCH)
+    if windows is not None and not hf.use_sliding_window:
+        # SmolLM3Model builds the sliding mask from layer_types alone (eager and sdpa), while
+        # SmolLM3Attention.sliding_window also needs use_sliding_window (flash attention): HF's own
+        # implementations disagree, so there is no single model to reproduce.
+        raise UnsupportedConfigError(
+            f"{ARCH}: config field layer_types={hf.layer_types!r} has sliding_attention layers while "
+            "use_sliding_window=False; HF's eager and flash attention disagree on such a config"
+        )
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rotary = full_head_rotary(hf.rope_parameters, d_head, ARCH)
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=n, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary,
+        # SmolLM3Attention: `self.use_rope = config.no_rope_layers[layer_idx]`; apply_rotary_pos_emb runs
+        # only when it is truthy. Every layer shares one rotary table (SmolLM3Model.rotary_emb).
+        layer_rotary=None if all(no_rope) else tuple(rotary if flag else None for flag in no_rope),
+        attn_scale=d_head**-0.5, gated_mlp=True,  # SmolLM3Attention: self.scaling = self.head_dim**-0.5
+        attn_windows=windows,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: SmolLM3Config) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # SmolLM3Attention: all four projections have bias=config.attention_bias; zeros otherwise. When
+        # the config has none, a stray bias key is left over and finish() refuses it.
+        if not hf.attention_bias:
+            return zeros(*shape)
+        return src.pop(key, (math.prod(shape),)).reshape(shape)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        # nn.Linear weights are [out, in]; the out axis is (head d_head). NoPE layers have the same keys.
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        # SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)); mlp_bias=True is refused in config_from_hf.
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    # SmolLM3ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
+    # lm_head.weight (bias=False).
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, SmolLM3Config]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, max_position_embeddings=64,
+                num_attention_heads=4, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return {
+        # GQA, tied; with HF's interval of 4, two layers both use rotary.
+        "default": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=2),
+        # Every 2nd layer is NoPE, as every 4th is in SmolLM3-3B: layers 0 and 2 rotate, layer 1 does not.
+        "nope_interval_2": SmolLM3Config(**base, num_hidden_layers=3, num_key_value_heads=2,
+                                         no_rope_layer_interval=2, tie_word_embeddings=False),
+        "nope_first_mha": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=4, no_rope_layers=[0, 1]),
+        "all_nope_mqa": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=1, no_rope_layers=[0, 0]),
+        # HF's derivation: NoPE layers slide when use_sliding_window is set (here layer 1, window 4).
+        "nope_layers_slide": SmolLM3Config(**base, num_hidden_layers=3, num_key_value_heads=2,
+                                           no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4),
+        "attention_bias": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=2, attention_bias=True,
+                                        no_rope_layers=[1, 0]),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="smollm3", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))
