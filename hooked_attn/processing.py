@@ -59,6 +59,8 @@ def why_not(step: str, cfg: ModelConfig) -> str | None:
             return "post-residual norms write the residual stream itself, so their gains cannot move"
         if cfg.block_norms == "output" and not cfg.final_norm:
             return "this model has no norm whose gain feeds a weight"
+        if cfg.norm.bias and cfg.gated_mlp and cfg.block_norms in ("pre", "sandwich"):
+            return "the gated MLP has no gate bias to take the LayerNorm bias"
     if step == "center_writing_weights":
         if cfg.norm.kind != "layernorm":
             return "the residual stream is read through RMSNorm, which does not remove the mean"

@@ -83,7 +83,11 @@ def test_hook_result_is_opt_in_and_sums_to_attn_out(model_and_tokens):
     model.set_use_attn_result(True)
     _, cache = model.run_with_cache(tokens)
     attn = model.blocks[0].attn
-    torch.testing.assert_close(cache["result", 0].sum(2) + attn.b_O, cache["attn_out", 0], atol=1e-5, rtol=1e-5)
+    if model.cfg.block_norms in ("sandwich", "output"):  # attn_out is after the post-attention norm
+        expected = model.blocks[0].ln1_post(cache["result", 0].sum(2) + attn.b_O)
+    else:
+        expected = cache["result", 0].sum(2) + attn.b_O
+    torch.testing.assert_close(expected, cache["attn_out", 0], atol=1e-5, rtol=1e-5)
 
 
 def test_editing_the_pattern_changes_the_logits_and_cache_sees_the_edit(model_and_tokens):

@@ -70,19 +70,23 @@ def test_what_each_step_produces(case):
     """The structural effect, not just the invariant: folded norms vanish, centred weights have zero mean."""
     model, _ = unprocessed(case)
     sd, cfg = P.process_weights(model.state_dict(), model.cfg)
-    assert not any(k.endswith((".ln1.w", ".ln2.w", "ln_final.w", ".ln1.b", "ln_final.b")) for k in sd)
-    assert not cfg.norm.weight and not cfg.norm.bias
-    assert cfg.normalization_type in ("LNPre", "RMSPre")
-    torch.testing.assert_close(sd["unembed.W_U"].mean(-1), torch.zeros(cfg.d_model), atol=1e-6, rtol=0)
+    done = cfg.processing
+    for step in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
+        assert getattr(done, step) == (P.why_not(step, model.cfg) is None), step
+    if done.fold_ln:
+        assert not any(k.endswith((".ln1.w", ".ln2.w", "ln_final.w", ".ln1.b", "ln_final.b")) for k in sd
+                       if model.cfg.block_norms != "output")
+        assert not cfg.norm.weight and not cfg.norm.bias
+        assert cfg.normalization_type in ("LNPre", "RMSPre")
+    if done.center_unembed:
+        torch.testing.assert_close(sd["unembed.W_U"].mean(-1), torch.zeros(cfg.d_model), atol=1e-6, rtol=0)
     assert all(torch.all(sd[f"blocks.{i}.attn.b_V"] == 0) for i in range(cfg.n_layers))
-    if cfg.norm.kind == "layernorm":
-        assert cfg.processing.center_writing_weights
+    if done.center_writing_weights:
         torch.testing.assert_close(sd["blocks.0.attn.W_O"].mean(-1), torch.zeros_like(sd["blocks.0.attn.W_O"][..., 0]),
                                    atol=1e-6, rtol=0)
+    if done.fold_ln and cfg.norm.kind == "layernorm" and cfg.block_norms == "pre":
         torch.testing.assert_close(sd["blocks.0.attn.W_Q"].mean(1), torch.zeros_like(sd["blocks.0.attn.W_Q"][:, 0]),
                                    atol=1e-6, rtol=0)
-    else:
-        assert not cfg.processing.center_writing_weights
 
 
 def test_rmsnorm_skips_center_writing_weights_with_a_logged_reason(caplog):

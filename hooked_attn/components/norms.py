@@ -1,7 +1,7 @@
 """LayerNorm and RMSNorm with hooks on the scale and the output; the same norms on queries and keys.
 
-Mirrors HF ``nn.LayerNorm``, ``LlamaRMSNorm``, ``GemmaRMSNorm`` (``1 + w``, gain in float32) and the
-per-head ``q_norm``/``k_norm`` of Qwen3, Gemma 3, OLMo-2 and Cohere.
+Mirrors HF ``nn.LayerNorm`` and the RMSNorm variants of transformers: gain applied after the cast
+back, or in float32 with an offset (``1 + w``), and per-head ``q_norm``/``k_norm``.
 """
 
 import torch
