@@ -64,7 +64,7 @@ def why_not(step: str, cfg: ModelConfig) -> str | None:
     if step == "center_writing_weights":
         if cfg.norm.kind != "layernorm":
             return "the residual stream is read through RMSNorm, which does not remove the mean"
-        if cfg.block_norms != "pre" or cfg.embed_norm is not None or not cfg.final_norm:
+        if cfg.block_norms != "pre" or not cfg.final_norm:
             return "some reader of the residual stream is not a LayerNorm"
     if step == "center_unembed" and cfg.output_logits_soft_cap is not None:
         return "the final logits are soft-capped, and tanh does not commute with a shift"

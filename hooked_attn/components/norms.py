@@ -20,7 +20,9 @@ def normalize(
 
     ``hook_scale`` sees the divisor ``[... 1]``: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``.
     """
-    if cfg.kind == "layernorm" and not hook_scale.has_hooks and cfg.weight_offset == 0 and cfg.gain_dtype == "input":
+    per_channel = w is None or w.shape == x.shape[-1:]  # per-head gains [head d_head] take the general path
+    if (cfg.kind == "layernorm" and not hook_scale.has_hooks and cfg.weight_offset == 0
+            and cfg.gain_dtype == "input" and per_channel):
         return F.layer_norm(x, x.shape[-1:], w, b, cfg.eps)
     x32 = x if x.dtype == torch.float64 else x.float()  # at least float32, never narrower than the input
     if cfg.kind == "layernorm":

@@ -1,0 +1,132 @@
+"""GPT-Neo family (GPT-Neo 125M-2.7B). Mirrors transformers/models/gpt_neo/modeling_gpt_neo.py."""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import GPTNeoConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "GPTNeoForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    # to_dict() spells the sizes num_layers / num_heads (attribute_map aliases num_hidden_layers /
+    # num_attention_heads to them, configuration_gpt_neo.py).
+    "vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+    "activation_function", "layer_norm_epsilon", "tie_word_embeddings", "window_size",
+    # attention_types is the compact form; GPTNeoConfig.__post_init__ expands it into attention_layers
+    # (one "global"/"local" per layer), which is what GPTNeoAttention reads. We read attention_layers.
+    "attention_types", "attention_layers",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "resid_dropout", "embed_dropout", "attention_dropout",  # dropout: off at inference
+    "classifier_dropout",  # GPTNeoForSequenceClassification/TokenClassification heads only
+    "gradient_checkpointing",  # in EleutherAI/gpt-neo-* config.json; a training-memory setting
+    # Also in the EleutherAI configs, copied from GPT-2's; transformers has no GPT-Neo double-heads
+    # model and never reads them.
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+})
+# Old checkpoints (EleutherAI/gpt-neo-*) carry the per-layer causal / local-window mask buffers; they
+# hold no weights (now non-persistent buffers, GPTNeoSelfAttention.__init__).
+IGNORED_HF_KEYS = ("transformer.h.*.attn.attention.bias", "transformer.h.*.attn.attention.masked_bias")
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
+                "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
+    if hf.activation_function not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+    layers = list(hf.attention_layers)
+    if len(layers) != hf.num_layers or set(layers) - {"global", "local"}:
+        raise UnsupportedConfigError(
+            f"{ARCH}: attention_layers={layers!r} must name 'global' or 'local' for each of the "
+            f"{hf.num_layers} layers (attention_types={hf.attention_types!r})"
+        )
+    if "local" in layers and hf.window_size < 1:
+        raise UnsupportedConfigError(f"{ARCH}: window_size={hf.window_size!r} must be positive for local layers")
+    d_head = hf.hidden_size // hf.num_heads
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_layers, d_model=hf.hidden_size, n_heads=hf.num_heads, n_kv_heads=hf.num_heads,
+        d_head=d_head,
+        d_mlp=hf.intermediate_size if hf.intermediate_size is not None else 4 * hf.hidden_size,  # GPTNeoBlock
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
+        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
+        # GPTNeoSelfAttention._attn never scales q.k (no 1/sqrt(d_head)): the original Mesh-TF model
+        # folded the scale into its initialisation. It upcasts q and k to float32 first: identical in
+        # fp32; in reduced precision our scores are computed in the model's dtype.
+        attn_scale=1.0,
+        # Local layers: GPTNeoSelfAttention.__init__ builds bias = tril XOR tril(-window_size), so key
+        # k is visible from query q iff 0 <= q - k < window_size: exactly our attn_windows rule.
+        attn_windows=tuple(hf.window_size if kind == "local" else None for kind in layers),
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("transformer.wte.weight", (v, m))
+    out = {"embed.W_E": w_e, "pos_embed.W_pos": src.pop("transformer.wpe.weight", (cfg.n_ctx, m))}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
+        for hf_ln, our_ln in (("ln_1", "ln1"), ("ln_2", "ln2")):
+            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
+            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+        # The attention sits one level deeper than GPT-2's (GPTNeoAttention wraps GPTNeoSelfAttention
+        # as .attention). q/k/v are separate nn.Linear [out, in] with bias=False; out_proj has a bias.
+        attn = f"{hf_i}.attn.attention"
+        for site, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
+            w = src.pop(f"{attn}.{proj}.weight", (h * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = zeros(h, d)
+        w_o = src.pop(f"{attn}.out_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = src.pop(f"{attn}.out_proj.bias", (m,))
+        # GPTNeoMLP uses nn.Linear (not GPT-2's Conv1D): weights are [out, in].
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.c_fc.bias", (f,))
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.c_proj.bias", (m,))
+    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
+    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+    # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, GPTNeoConfig]:
+    base = dict(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_heads=4, bos_token_id=0,
+                eos_token_id=0)
+    return {
+        # GPT-Neo's alternation, with a window (4) that binds within the tests' 7-9 tokens.
+        "default": GPTNeoConfig(**base, num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
+        "local_first_relu_untied": GPTNeoConfig(**base, num_layers=3, window_size=3,
+                                                attention_types=[[["local", "global"], 1], [["local"], 1]],
+                                                activation_function="relu", intermediate_size=48,
+                                                tie_word_embeddings=False),
+        "all_global_gelu": GPTNeoConfig(**base, num_layers=2, attention_types=[[["global"], 2]],
+                                        activation_function="gelu"),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="gpt_neo", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,157 @@
+"""OPT family (facebook/opt-125m ... opt-66b). Mirrors transformers/models/opt/modeling_opt.py."""
+
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import OPTConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "OPTForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings", "num_attention_heads",
+    "activation_function", "do_layer_norm_before", "_remove_final_layer_norm", "word_embed_proj_dim",
+    "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "dropout", "attention_dropout",  # dropout: off at inference
+    "activation_dropout",            # in every facebook/opt-* config.json; not read by transformers (dropout)
+    "layerdrop",                     # OPTDecoder skips layers at random only when self.training
+    "init_std",                      # initialisation only
+})
+# The positional table is OPTLearnedPositionalEmbedding, a plain nn.Embedding: no buffers to skip.
+IGNORED_HF_KEYS: tuple[str, ...] = ()
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
+                "silu": "silu", "swish": "silu"}
+# OPTLearnedPositionalEmbedding.offset: the table has max_position_embeddings + 2 rows and position p
+# reads row p + 2 (fairseq reserved rows for its padding index).
+_POSITION_OFFSET = 2
+# Every OPT LayerNorm is nn.LayerNorm(hidden_size) with torch's default eps (OPTDecoderLayer, OPTDecoder).
+_LN_EPS = 1e-5
+
+
+def config_from_hf(hf: OPTConfig) -> ModelConfig:
+    if hf.activation_function not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+    d_head = hf.hidden_size // hf.num_attention_heads
+    affine = hf.layer_norm_elementwise_affine
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.ffn_dim, d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings,
+        norm=NormConfig(kind="layernorm", eps=_LN_EPS, weight=affine, bias=affine),
+        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
+        # OPTAttention.forward multiplies q_proj(x) (bias included) by head_dim**-0.5 before q.k and
+        # then calls the attention function with scaling=1.0: the same scores as scaling q.k.
+        attn_scale=d_head**-0.5,
+        # OPTDecoderLayer.forward: do_layer_norm_before=False (opt-350m) is post-LN, x = ln(x + f(x)),
+        # with self_attn_layer_norm after attention and final_layer_norm after the MLP.
+        block_norms="pre" if hf.do_layer_norm_before else "post_residual",
+        # OPTDecoder.__init__ builds the decoder's final_layer_norm only when do_layer_norm_before and
+        # not _remove_final_layer_norm.
+        final_norm=hf.do_layer_norm_before and not hf._remove_final_layer_norm,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OPTConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    p = hf.word_embed_proj_dim
+    dec = "model.decoder"
+    w_tok = src.pop(f"{dec}.embed_tokens.weight", (v, p))
+    dtype = w_tok.dtype
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=w_tok.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # enable_bias=False drops the bias of q/k/v/out_proj, fc1 and fc2 (OPTAttention, OPTDecoderLayer).
+        b = src.pop(key, (math.prod(shape),)) if hf.enable_bias else None
+        return zeros(*shape) if b is None else b.reshape(shape)
+
+    def norm(hf_name: str, ours: str) -> dict[str, Tensor]:
+        # layer_norm_elementwise_affine=False: nn.LayerNorm without weight or bias.
+        if not hf.layer_norm_elementwise_affine:
+            return {}
+        return {f"{ours}.w": src.pop(f"{hf_name}.weight", (m,)), f"{ours}.b": src.pop(f"{hf_name}.bias", (m,))}
+
+    # word_embed_proj_dim != hidden_size (opt-350m): embed_tokens and lm_head are p wide, with bias-free
+    # nn.Linear maps project_in (p -> hidden, right after the lookup) and project_out (hidden -> p, right
+    # before lm_head) (OPTDecoder.forward). Both are linear with nothing in between, so they fold
+    # exactly into our d_model-wide W_E = E @ P_in^T and W_U = (lm_head @ P_out)^T. The products are
+    # taken in float64 and rounded once.
+    if p != m:
+        p_in = src.pop(f"{dec}.project_in.weight", (m, p))
+        w_e = (w_tok.double() @ p_in.double().T).to(dtype)
+    else:
+        w_e = w_tok
+    out = {"embed.W_E": w_e}
+    # Drop the first _POSITION_OFFSET rows, so that our W_pos[p] is HF's row p + 2. HF reads those rows
+    # only for negative position ids: padding tokens get cumsum(mask) * mask - 1 = -1 (OPTDecoder.forward),
+    # and their outputs are never used. Real tokens count real tokens from 0 in HF and here alike.
+    w_pos = src.pop(f"{dec}.embed_positions.weight", (cfg.n_ctx + _POSITION_OFFSET, m))
+    out["pos_embed.W_pos"] = w_pos[_POSITION_OFFSET:]
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"{dec}.layers.{i}", f"blocks.{i}"
+        # The same two norms serve both placements: before attention / MLP (pre-LN), or after each
+        # residual sum (post-LN); our block reads ln1 / ln2 in either place.
+        out |= norm(f"{hf_i}.self_attn_layer_norm", f"{ours}.ln1")
+        out |= norm(f"{hf_i}.final_layer_norm", f"{ours}.ln2")
+        # Separate q/k/v/out projections, nn.Linear [out, in] with the out axis (head d_head).
+        for site, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (h * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (h, d))
+        w_o = src.pop(f"{hf_i}.self_attn.out_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.out_proj.bias", (m,))
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.fc1.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = bias(f"{hf_i}.fc1.bias", (f,))
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.fc2.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = bias(f"{hf_i}.fc2.bias", (m,))
+    if cfg.final_norm:
+        out |= norm(f"{dec}.final_layer_norm", "ln_final")
+    # A tied checkpoint may omit lm_head.weight (it is then embed_tokens); lm_head has no bias.
+    lm_head = src.pop_optional("lm_head.weight", (v, p))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_tok
+    if p != m:
+        p_out = src.pop(f"{dec}.project_out.weight", (p, m))
+        lm_head = (lm_head.double() @ p_out.double()).to(dtype)
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, OPTConfig]:
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=48, max_position_embeddings=32,
+                num_attention_heads=4, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    return {
+        # HF's defaults: pre-LN, ReLU, biases, tied embeddings (opt-125m and every size but 350m).
+        "default": OPTConfig(**base),
+        # opt-350m: post-LN, no final norm, and 16-wide embeddings projected in and out.
+        "post_ln_projected": OPTConfig(**base, do_layer_norm_before=False, word_embed_proj_dim=16),
+        "projected_untied": OPTConfig(**base, word_embed_proj_dim=24, tie_word_embeddings=False),
+        "no_bias_gelu": OPTConfig(**base, enable_bias=False, activation_function="gelu"),
+        "no_final_norm_no_affine": OPTConfig(**base, _remove_final_layer_norm=True,
+                                             layer_norm_elementwise_affine=False),
+        "post_ln_untied": OPTConfig(**base, do_layer_norm_before=False, tie_word_embeddings=False),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="opt", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,145 @@
+"""StableLM family (StableLM-3B-4E1T, StableLM-2 1.6B/12B, Zephyr). Mirrors transformers/models/stablelm/modeling_stablelm.py."""
+
+import einops
+import torch
+from torch import Tensor
+from transformers import StableLmConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig, QKNorm
+from hooked_attn.shapes import StateDict
+
+ARCH = "StableLmForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "intermediate_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
+    # Holds partial_rotary_factor (0.25 by default, StableLmConfig.__post_init__).
+    "rope_parameters", "use_qkv_bias", "qk_layernorm", "use_parallel_residual",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "hidden_dropout", "attention_dropout",  # dropout: off at inference
+})
+IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, rebuilt from rope_parameters
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def config_from_hf(hf: StableLmConfig) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+    # StableLmAttention: head_dim = hidden_size // num_attention_heads (no head_dim field).
+    d_head = hf.hidden_size // hf.num_attention_heads
+    rope = dict(hf.rope_parameters or {})
+    # Partial rotary: the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
+    # paired by rotate_half (StableLmAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    if n_rot <= 0 or n_rot % 2:
+        raise UnsupportedConfigError(
+            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
+            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+        )
+    qk_norm = None
+    if hf.qk_layernorm:
+        # StableLmLayerNormPerHead: one nn.LayerNorm(d_head, bias=False) per head, with its own weight,
+        # on q and k before rotary. gain_dtype="float32" applies the gain before the single rounding to
+        # the activation dtype, as nn.LayerNorm does (and keeps the [head d_head] gain off F.layer_norm,
+        # which takes a [d_head] weight only).
+        qk_norm = QKNorm(norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps, bias=False, gain_dtype="float32"),
+                         over="head")
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
+        gated_mlp=True,  # StableLmMLP: down(act(gate(x)) * up(x)), no biases
+        # StableLmDecoderLayer.forward: parallel adds attn(ln(x)) + mlp(ln(x)) to x, one shared norm.
+        parallel_attn_mlp=hf.use_parallel_residual,
+        qk_norm=qk_norm,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        ln_b = src.pop(f"{hf_i}.input_layernorm.bias", (m,))
+        out[f"{ours}.ln1.w"], out[f"{ours}.ln1.b"] = ln_w, ln_b
+        if cfg.parallel_attn_mlp:
+            # ONE norm, input_layernorm, read by attention and MLP (post_attention_layernorm is None).
+            # Our parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
+            # weights go into both: identical outputs, and weight processing folds each copy into its reader.
+            out[f"{ours}.ln2.w"], out[f"{ours}.ln2.b"] = ln_w, ln_b
+        else:
+            out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+            out[f"{ours}.ln2.b"] = src.pop(f"{hf_i}.post_attention_layernorm.bias", (m,))
+        # Separate q/k/v projections, nn.Linear [out, in] with the out axis (head d_head); biases only
+        # with use_qkv_bias; o_proj never has one (StableLmAttention.__init__).
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            b = src.pop(f"{hf_i}.self_attn.{proj}.bias", (n * d,)) if hf.use_qkv_bias else None
+            out[f"{ours}.attn.b_{site}"] = zeros(n, d) if b is None else b.reshape(n, d)
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = zeros(m)
+        if cfg.qk_norm is not None:
+            # q_layernorm.norms.{head} / k_layernorm.norms.{head}: one [d_head] weight per (K/V) head,
+            # stacked into our per-head gains [head d_head].
+            for site, hf_norm, n in (("q", "q_layernorm", h), ("k", "k_layernorm", kv)):
+                out[f"{ours}.attn.{site}_norm.w"] = torch.stack(
+                    [src.pop(f"{hf_i}.self_attn.{hf_norm}.norms.{j}.weight", (d,)) for j in range(n)]
+                )
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    out["ln_final.b"] = src.pop("model.norm.bias", (m,))
+    # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, StableLmConfig]:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+    return {
+        # HF's defaults (stablelm-3b-4e1t): sequential, rotary on a quarter of each head, no biases.
+        "default": StableLmConfig(**base, num_key_value_heads=4),
+        # stablelm-2-1_6b: q/k/v biases, half rotary.
+        "qkv_bias_half_rotary_gqa": StableLmConfig(**base, num_key_value_heads=2, use_qkv_bias=True,
+                                                   partial_rotary_factor=0.5),
+        # stablelm-2-12b: parallel residual with per-head q/k LayerNorms.
+        "parallel_qk_layernorm_gqa": StableLmConfig(**base, num_key_value_heads=2, use_parallel_residual=True,
+                                                    qk_layernorm=True),
+        "qk_layernorm_tied_gelu": StableLmConfig(**base, num_key_value_heads=4, qk_layernorm=True,
+                                                 tie_word_embeddings=True, hidden_act="gelu"),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="stablelm", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))
