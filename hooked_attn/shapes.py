@@ -14,6 +14,8 @@ Axis names (used in jaxtyping shapes, einops patterns, hook tables and the docs)
 ``d_mlp``   MLP hidden width
 ``d_vocab`` vocabulary size
 ``layer``   transformer block index
+``expert``  mixture-of-experts expert (router logits)
+``top_k``   the experts chosen for one token, most probable first
 =========  ==================================================================
 """
 
