@@ -15,8 +15,8 @@ GenerateReturn = Literal["input", "str", "tokens"]
 
 
 def sample_next(
-    logits: Float[Tensor, "batch d_vocab"], do_sample: bool, temperature: float, top_k: int | None,
-    top_p: float | None, generator: torch.Generator | None = None,
+    logits: Float[Tensor, "batch d_vocab"], do_sample: bool, temperature: float | int, top_k: int | None,
+    top_p: float | int | None, generator: torch.Generator | None = None,
 ) -> Int[Tensor, " batch"]:
     """The next token of each row: the argmax, or a sample after temperature, top-k and top-p filtering."""
     if not do_sample or temperature == 0:
@@ -36,7 +36,7 @@ def sample_next(
 @torch.no_grad()
 def generate(
     model: "HookedTransformer", input: str | list[str] | Tensor, max_new_tokens: int = 10, do_sample: bool = False,
-    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, stop_at_eos: bool = True,
+    temperature: float | int = 1.0, top_k: int | None = None, top_p: float | int | None = None, stop_at_eos: bool = True,
     eos_token_id: int | list[int] | None = None, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
     attention_mask: Tensor | None = None, return_type: GenerateReturn = "input", return_cache: bool = False,
     generator: torch.Generator | None = None,

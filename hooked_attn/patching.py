@@ -46,7 +46,7 @@ def layer_head_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: 
 
 def layer_head_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
     """``[batch head q_pos k_pos]``: patch one head's pattern row for one destination position."""
-    dest, head = index
+    head, dest = index
     act[:, head, dest] = clean[:, head, dest]
 
 
@@ -83,7 +83,7 @@ def generic_activation_patch(
     """
     cfg = model.cfg
     n_pos = corrupted_tokens.shape[-1]
-    kv_site = activation_name in ("k", "v")
+    kv_site = activation_name in ("k", "v", "rot_k")
     sizes = {"layer": cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
              "head_index": cfg.n_kv_heads if kv_site else cfg.n_heads, "head": cfg.n_kv_heads if kv_site else cfg.n_heads}
     if index_df is not None:
@@ -153,7 +153,7 @@ get_act_patch_attn_head_out_by_pos = _sweep("z", ("layer", "pos", "head"), layer
 get_act_patch_attn_head_q_by_pos = _sweep("q", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
 get_act_patch_attn_head_k_by_pos = _sweep("k", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
 get_act_patch_attn_head_v_by_pos = _sweep("v", ("layer", "pos", "head"), layer_pos_head_vector_patch_setter)
-get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", ("layer", "dest_pos", "head"),
+get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", ("layer", "head", "dest_pos"),
                                                 layer_head_pos_pattern_patch_setter)
 get_act_patch_attn_head_pattern_dest_src_pos = _sweep("pattern", ("layer", "head", "dest_pos", "src_pos"),
                                                       layer_head_dest_src_pos_pattern_patch_setter)

@@ -116,8 +116,9 @@ def main() -> None:
     findings = run(parser.parse_args().out)
     print(f"logit diff Paris - Rome: clean {findings['clean_logit_diff']:.2f}, "
           f"corrupted {findings['corrupted_logit_diff']:.2f}")
-    print(f"logit lens: Paris is the top token from block {findings['logit_lens_first_layer_with_paris_on_top']}'s "
-          "output on (0 = the embeddings)")
+    first = findings["logit_lens_first_layer_with_paris_on_top"]
+    where = "the embeddings" if first == 0 else f"the output of block {first - 1}"
+    print(f"logit lens: Paris is the top token from {where} on")
     print(f"direct logit attribution sums to {findings['dla_sum']:.2f}; top components "
           f"{findings['dla_top_components']}; top heads {findings['dla_top_heads']}")
     print(f"the country position carries the answer in the residual stream up to layer "
