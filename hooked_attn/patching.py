@@ -19,41 +19,52 @@ from hooked_attn.model import HookedTransformer
 from hooked_attn.utils import get_act_name
 
 Metric = Callable[[Tensor], Tensor | float]
-# patch_setter(activation_slice, index, clean_activation) edits activation_slice in place.
-PatchSetter = Callable[[Tensor, tuple[int, ...], Tensor], None]
+# patch_setter(activation, index, clean_activation), as in TransformerLens: ``index`` is the whole
+# row (layer first); the setter edits ``activation`` (this variant's slice of the batch) in place
+# and may return it.
+PatchSetter = Callable[[Tensor, tuple[int, ...], Tensor], Tensor | None]
 
 
-def layer_pos_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch pos d_model]``: patch one position."""
-    act[:, index[0]] = clean[:, index[0]]
+def layer_pos_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch pos d_model]``, index ``(layer, pos)``: patch one position."""
+    _, pos = index
+    act[:, pos] = clean[:, pos]
+    return act
 
 
-def layer_pos_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch pos head d_head]``: patch one head at one position."""
-    pos, head = index
+def layer_pos_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch pos head d_head]``, index ``(layer, pos, head)``: patch one head at one position."""
+    _, pos, head = index
     act[:, pos, head] = clean[:, pos, head]
+    return act
 
 
-def layer_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch pos head d_head]``: patch one head at every position."""
-    act[:, :, index[0]] = clean[:, :, index[0]]
+def layer_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch pos head d_head]``, index ``(layer, head)``: patch one head at every position."""
+    _, head = index
+    act[:, :, head] = clean[:, :, head]
+    return act
 
 
-def layer_head_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch head q_pos k_pos]``: patch one head's whole pattern."""
-    act[:, index[0]] = clean[:, index[0]]
+def layer_head_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch head q_pos k_pos]``, index ``(layer, head)``: patch one head's whole pattern."""
+    _, head = index
+    act[:, head] = clean[:, head]
+    return act
 
 
-def layer_head_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch head q_pos k_pos]``: patch one head's pattern row for one destination position."""
-    head, dest = index
+def layer_head_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch head q_pos k_pos]``, index ``(layer, head, dest_pos)``: one head's row for one destination."""
+    _, head, dest = index
     act[:, head, dest] = clean[:, head, dest]
+    return act
 
 
-def layer_head_dest_src_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> None:
-    """``[batch head q_pos k_pos]``: patch one entry of one head's pattern."""
-    head, dest, src = index
+def layer_head_dest_src_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
+    """``[batch head q_pos k_pos]``, index ``(layer, head, dest_pos, src_pos)``: one entry of one pattern."""
+    _, head, dest, src = index
     act[:, head, dest, src] = clean[:, head, dest, src]
+    return act
 
 
 def _metric_value(value: Tensor | float) -> float:
@@ -111,14 +122,17 @@ def generic_activation_patch(
         variants = indices[start:start + chunk]
         by_layer: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
         for slot, index in enumerate(variants):
-            by_layer.setdefault(index[0], []).append((slot, index[1:]))
+            by_layer.setdefault(index[0], []).append((slot, index))
 
         def make_hook(layer_variants: list[tuple[int, tuple[int, ...]]], name: str) -> Callable:
             def hook(act: Tensor, hook: HookPoint) -> Tensor:
                 act = act.clone()
                 clean = clean_cache[name].to(act.device, act.dtype)
-                for slot, rest in layer_variants:
-                    patch_setter(act[slot * batch:(slot + 1) * batch], rest, clean)
+                for slot, index in layer_variants:
+                    part = act[slot * batch:(slot + 1) * batch]
+                    patched = patch_setter(part, index, clean)
+                    if patched is not None and patched is not part:
+                        part.copy_(patched)
                 return act
             return hook
 

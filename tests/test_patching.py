@@ -117,7 +117,8 @@ def test_attribution_patching_is_the_first_order_term():
     eps = 1e-6
 
     def nudge(act, index, clean_act):
-        act[:, index[0]] += eps * (clean_act[:, index[0]] - act[:, index[0]])
+        _, pos = index
+        act[:, pos] += eps * (clean_act[:, pos] - act[:, pos])
 
     for site in ("resid_pre", "mlp_out"):
         moved = P.generic_activation_patch(model, corrupted, cache, metric, nudge, site,
