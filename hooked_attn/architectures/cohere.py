@@ -1,0 +1,151 @@
+"""Cohere family (Command-R, Command-R+, Aya-23). Mirrors transformers/models/cohere/modeling_cohere.py
+(``CohereForCausalLM``): a parallel block with one bias-free LayerNorm, interleaved rotary, an optional
+per-head LayerNorm on q and k, and a constant logit scale."""
+
+import dataclasses
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import CohereConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig, QKNorm
+from hooked_attn.shapes import StateDict
+
+ARCH = "CohereForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "attention_bias", "logit_scale", "use_qk_norm",
+    # CohereAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
+    # field, but a config that carries one gets it.
+    "head_dim",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+})
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def config_from_hf(hf: CohereConfig) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    if hf.logit_scale is None:
+        # CohereForCausalLM.forward multiplies by it unconditionally; HF's own forward fails on None.
+        raise UnsupportedConfigError(f"{ARCH}: config field logit_scale=None is not supported")
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rope = dict(hf.rope_parameters or {"rope_theta": 500_000.0})
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        # CohereRotaryEmbedding.compute_default_rope_parameters uses the whole head_dim, while HF's
+        # scaled rope types would honour the factor: refuse rather than guess.
+        raise UnsupportedConfigError(f"{ARCH}: rope_parameters partial_rotary_factor="
+                                     f"{rope['partial_rotary_factor']!r} is not supported")
+    # CohereLayerNorm: centre and scale in float32 (x.float(); mean; var of the centred x; rsqrt), then
+    # weight.float() * x BEFORE the cast back, and no bias: gain_dtype="float32", bias=False.
+    norm = NormConfig(kind="layernorm", eps=hf.layer_norm_eps, bias=False, gain_dtype="float32")
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=norm, act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        # Interleaved rotary: CohereRotaryEmbedding repeat_interleaves the frequencies (not cat) and
+        # rotate_half pairs dimensions (2i, 2i+1) (x[..., ::2], x[..., 1::2]). apply_rotary_pos_emb
+        # upcasts q and k to float32, multiplies by cos/sin (cast to the activation dtype), and casts
+        # back; our rotary computes in the activation dtype: the same in fp32, one rounding more in bf16.
+        positions=dataclasses.replace(rotary_from_hf(rope, d_head, ARCH), pairing="interleaved"),
+        # CohereAttention (use_qk_norm): q_norm/k_norm are CohereLayerNorm((heads, head_dim)) applied to
+        # q/k viewed [batch pos head d_head], before rotary: per-head statistics over d_head, per-head gains.
+        qk_norm=QKNorm(norm=norm, over="head") if hf.use_qk_norm else None,
+        attn_scale=d_head**-0.5,  # CohereAttention: self.scaling = self.head_dim**-0.5
+        gated_mlp=True,           # CohereMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases
+        # CohereDecoderLayer.forward: x + attn(input_layernorm(x)) + mlp(input_layernorm(x)), summed in
+        # that order (ours: resid_pre + attn_out + mlp_out).
+        parallel_attn_mlp=True,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: CohereConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
+        # none, a stray bias key is left over and finish() refuses it.
+        if not hf.attention_bias:
+            return zeros(*shape)
+        return src.pop(key, (math.prod(shape),)).reshape(shape)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        # ONE norm per block, input_layernorm, read by both attention and MLP. Our parallel block gives
+        # attention ln1 and the MLP ln2, both reading resid_pre, so the same weight goes into both:
+        # identical outputs, and weight processing folds each copy into its own reader (as gptj.py).
+        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln1.w"], out[f"{ours}.ln2.w"] = ln_w, ln_w
+        # nn.Linear weights are [out, in]; the out axis is (head d_head). The interleaved rotary pairs
+        # act within each head's d_head, so no row permutation is needed.
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        if hf.use_qk_norm:
+            # CohereLayerNorm(hidden_size=(heads, head_dim)): the gains are already [head d_head].
+            out[f"{ours}.attn.q_norm.w"] = src.pop(f"{hf_i}.self_attn.q_norm.weight", (h, d))
+            out[f"{ours}.attn.k_norm.w"] = src.pop(f"{hf_i}.self_attn.k_norm.weight", (kv, d))
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))  # CohereLayerNorm: weight only
+    # CohereForCausalLM._tied_weights_keys: a tied checkpoint (the default) may omit lm_head.weight.
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    # CohereForCausalLM.forward: logits = lm_head(h) * logit_scale. Folded into W_U (in at least fp32,
+    # then cast by the loader), so (h W) s becomes h (W s): bit-identical when logit_scale is a power of
+    # two (Command-R's 0.0625) and a few ulps apart otherwise (Command-R+'s 0.8333). W_U is then a scaled copy,
+    # no longer tied to W_E.
+    scale = float(hf.logit_scale)
+    out["unembed.W_U"] = lm_head.T.to(torch.promote_types(lm_head.dtype, torch.float32)) * scale
+    out["unembed.b_U"] = zeros(v)  # lm_head: bias=False
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, CohereConfig]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, layer_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+    return {
+        "default": CohereConfig(**base),                                  # MHA, tied, logit_scale 1/16 (Command-R)
+        "gqa_qk_norm": CohereConfig(**base, num_key_value_heads=2, use_qk_norm=True),      # Command-R+
+        "mqa_untied": CohereConfig(**base, num_key_value_heads=1, tie_word_embeddings=False),
+        "attention_bias": CohereConfig(**base, num_key_value_heads=2, attention_bias=True),
+        # A scale that is not a power of two (the fold is then exact only to rounding), large enough to give
+        # peaked next-token distributions.
+        "logit_scale_2.5": CohereConfig(**base, num_key_value_heads=2, logit_scale=2.5),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="cohere", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

@@ -1,0 +1,178 @@
+"""Gemma (1) family (gemma-2b, gemma-7b, CodeGemma). Mirrors transformers/models/gemma/modeling_gemma.py
+(``GemmaForCausalLM``); also holds the Gemma layout helpers that gemma2.py and gemma3.py reuse."""
+
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import GemmaConfig
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.shapes import StateDict
+
+ARCH = "GemmaForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_parameters", "attention_bias",
+    "use_bidirectional_attention",  # read only to refuse True
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+})
+# Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+# gelu_pytorch_tanh (all Gemma checkpoints; GemmaConfig.__post_init__ rewrites the legacy "gelu" to it)
+# is F.gelu(approximate="tanh"), which is our "gelu_new".
+ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu",
+               "swish": "silu", "relu": "relu"}
+
+
+def gemma_norm(eps: float) -> NormConfig:
+    """GemmaRMSNorm: ``(x * rsqrt(mean(x^2) + eps)) * (1 + w)``, all in float32, cast back at the end.
+
+    HF stores ``w`` around 0 and computes ``1.0 + weight.float()`` in float32 and multiplies before
+    the cast (``output * (1.0 + self.weight.float())`` then ``type_as(x)``), unlike LLaMA, which casts
+    first: ``weight_offset=1`` with ``gain_dtype="float32"`` does exactly that, so bf16 rounds as HF's.
+    """
+    return NormConfig(kind="rmsnorm", eps=eps, bias=False, weight_offset=1.0, gain_dtype="float32")
+
+
+def embed_scale(d_model: int) -> float:
+    """GemmaTextScaledWordEmbedding multiplies by ``sqrt(d_model)``.
+
+    HF keeps the scale in a buffer ``torch.tensor(hidden_size**0.5)`` and multiplies by it cast to the
+    weight dtype (``self.embed_scale.to(self.weight.dtype)``): in bf16 the factor itself is rounded
+    (sqrt(3072) = 55.43 becomes 55.5). Our model multiplies by ``torch.tensor(embed_scale,
+    dtype=activation dtype)``, the same rounding of the same Python float: equal in fp32, bf16 and fp64.
+    """
+    return d_model**0.5
+
+
+def check_activation(arch: str, field: str, value: str) -> str:
+    if value not in ACTIVATIONS:
+        raise UnsupportedConfigError(f"{arch}: config field {field}={value!r} is not supported "
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    return ACTIVATIONS[value]
+
+
+def check_causal(arch: str, hf) -> None:
+    # GemmaAttention.is_causal = not use_bidirectional_attention, and the mask becomes bidirectional
+    # (an encoder, EmbeddingGemma): our attention is always causal.
+    if getattr(hf, "use_bidirectional_attention", None):
+        raise UnsupportedConfigError(f"{arch}: config field use_bidirectional_attention=True is not supported "
+                                     "(hooked_attn's attention is causal)")
+
+
+def config_from_hf(hf: GemmaConfig) -> ModelConfig:
+    check_causal(ARCH, hf)
+    act = check_activation(ARCH, "hidden_act", hf.hidden_act)
+    # head_dim is a field of its own (256 for gemma-7b, where hidden_size // heads would be 192).
+    d_head = hf.head_dim
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=gemma_norm(hf.rms_norm_eps), act_fn=act,  # type: ignore[arg-type]
+        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        attn_scale=d_head**-0.5,  # GemmaAttention: self.scaling = self.head_dim**-0.5
+        gated_mlp=True,           # GemmaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases
+        embed_scale=embed_scale(hf.hidden_size),
+    )
+
+
+def convert_attention_and_mlp(
+    src: KeyLedger, hf_i: str, ours: str, cfg: ModelConfig, attention_bias: bool, like: Tensor
+) -> dict[str, Tensor]:
+    """The q/k/v/o projections and the gated MLP of one Gemma (1, 2 or 3) decoder layer; the zero
+    biases the family lacks take ``like``'s dtype and device."""
+    h, kv, d, m, f = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    out: dict[str, Tensor] = {}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
+        # none, a stray bias key is left over and KeyLedger.finish refuses it.
+        if not attention_bias:
+            return zeros(*shape)
+        return src.pop(key, (math.prod(shape),)).reshape(shape)
+
+    # nn.Linear weights are [out, in]; the out axis is (head d_head), with d_head = config.head_dim,
+    # which need not be hidden_size // num_attention_heads.
+    for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+        w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+        out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+        out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+    w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+    out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+    out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+    # GemmaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
+    out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+    out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+    out[f"{ours}.mlp.b_in"] = zeros(f)
+    out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+    out[f"{ours}.mlp.b_out"] = zeros(m)
+    return out
+
+
+def convert_unembed(src: KeyLedger, w_e: Tensor, cfg: ModelConfig, tied: bool) -> dict[str, Tensor]:
+    """``W_U`` from ``lm_head.weight``, or, in a tied checkpoint that omits it, from the token embedding.
+
+    The tie is to ``embed_tokens.weight`` itself, the *unscaled* table (the sqrt(d_model) factor is
+    applied in GemmaTextScaledWordEmbedding.forward, not stored), so ``W_U = W_E^T`` exactly.
+    """
+    lm_head = src.pop_optional("lm_head.weight", (cfg.d_vocab, cfg.d_model))
+    if lm_head is None:
+        if not tied:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    return {"unembed.W_U": lm_head.T,
+            "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=w_e.dtype, device=w_e.device)}  # lm_head: bias=False
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GemmaConfig) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    m = cfg.d_model
+    # The unscaled table: hook_embed sees it times embed_scale, as HF's inputs_embeds.
+    w_e = src.pop("model.embed_tokens.weight", (cfg.d_vocab, m))
+    out = {"embed.W_E": w_e}
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        # GemmaRMSNorm weights are stored as w, applied as (1 + w) (gemma_norm).
+        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
+        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))  # the pre-MLP norm
+        out |= convert_attention_and_mlp(src, hf_i, ours, cfg, hf.attention_bias, like=w_e)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    out |= convert_unembed(src, w_e, cfg, hf.tie_word_embeddings)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, GemmaConfig]:
+    # head_dim=16 with 4 heads: the attention width (64) differs from hidden_size (32), as in gemma-7b.
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6)
+    return {
+        "default": GemmaConfig(**base, num_key_value_heads=2),                       # GQA, tied (the default)
+        "mha": GemmaConfig(**base, num_key_value_heads=4),                           # gemma-7b
+        "mqa": GemmaConfig(**base, num_key_value_heads=1),                           # gemma-2b
+        "untied": GemmaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
+        "attention_bias": GemmaConfig(**base, num_key_value_heads=2, attention_bias=True),
+        "head_dim_8": GemmaConfig(**{**base, "head_dim": 8}, num_key_value_heads=2),  # 4 * 8 = 32 = hidden_size
+        "rope_linear": GemmaConfig(**base, num_key_value_heads=2, rope_parameters={
+            "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="gemma", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))

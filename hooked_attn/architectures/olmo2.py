@@ -1,0 +1,135 @@
+"""OLMo-2 family (OLMo-2-1124-7B/13B, OLMo-2-0425-1B, their -Instruct models). Mirrors
+transformers/models/olmo2/modeling_olmo2.py (``Olmo2ForCausalLM``): LLaMA with the block's norms moved
+onto the sublayer outputs and RMSNorm on the full q and k projections."""
+
+import math
+
+import einops
+import torch
+from torch import Tensor
+from transformers import Olmo2Config
+
+from hooked_attn.architectures import register
+from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.config import ModelConfig, NormConfig, QKNorm
+from hooked_attn.shapes import StateDict
+
+ARCH = "Olmo2ForCausalLM"
+HANDLED_HF_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "attention_bias",
+    # Olmo2Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
+    # field, but a config that carries one gets it.
+    "head_dim",
+})
+IGNORED_HF_FIELDS = frozenset({
+    "attention_dropout",  # dropout: off at inference
+})
+IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+
+def config_from_hf(hf: Olmo2Config) -> ModelConfig:
+    if hf.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
+    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    # Olmo2RMSNorm: x.float() * rsqrt(mean(x^2) + eps), then (weight * x) BEFORE the cast back
+    # (`(self.weight * hidden_states).to(input_dtype)`, unlike LlamaRMSNorm): gain_dtype="float32".
+    norm = NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False, gain_dtype="float32")
+    return ModelConfig(
+        hf_architecture=ARCH,
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        norm=norm,  # the final norm (model.norm); the blocks have no pre-norms
+        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        # Olmo2DecoderLayer: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)).
+        block_norms="output", post_norm=norm,
+        # Olmo2Attention: q_norm = Olmo2RMSNorm(num_attention_heads * head_dim) on q_proj's whole output,
+        # before splitting into heads (k_norm likewise over num_key_value_heads * head_dim): one
+        # statistic per position over all heads, not one per head.
+        qk_norm=QKNorm(norm=norm, over="all_heads"),
+        # Olmo2RotaryEmbedding returns cos/sin in float32 (no cast to x.dtype) and apply_rotary_pos_emb
+        # rotates in float32 before casting q and k back; our rotary computes in the activation dtype.
+        # The same in fp32; in bf16 HF rounds once where we round cos/sin and each product.
+        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        attn_scale=d_head**-0.5,  # Olmo2Attention: self.scaling = self.head_dim**-0.5
+        gated_mlp=True,
+    )
+
+
+def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Olmo2Config) -> dict[str, Tensor]:
+    src = KeyLedger(hf_sd, ARCH)
+    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    w_e = src.pop("model.embed_tokens.weight", (v, m))
+    out = {"embed.W_E": w_e}
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
+
+    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
+        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
+        # none, a stray bias key is left over and finish() refuses it.
+        if not hf.attention_bias:
+            return zeros(*shape)
+        return src.pop(key, (math.prod(shape),)).reshape(shape)
+
+    for i in range(cfg.n_layers):
+        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+        # Naming trap: post_attention_layernorm normalises the attention OUTPUT here (our ln1_post), not
+        # the MLP input as in LLaMA; there is no input_layernorm.
+        out[f"{ours}.ln1_post.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+        out[f"{ours}.ln2_post.w"] = src.pop(f"{hf_i}.post_feedforward_layernorm.weight", (m,))
+        # nn.Linear weights are [out, in]; the out axis is (head d_head).
+        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
+            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        # q_norm/k_norm gains cover the flat (head d_head) projection: the same order as the projection rows.
+        for name, n in (("q_norm", h), ("k_norm", kv)):
+            w = src.pop(f"{hf_i}.self_attn.{name}.weight", (n * d,))
+            out[f"{ours}.attn.{name}.w"] = einops.rearrange(w, "(head d_head) -> head d_head", d_head=d)
+        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
+        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        # Olmo2MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
+        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
+        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
+        out[f"{ours}.mlp.b_out"] = zeros(m)
+    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    # Olmo2ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
+    lm_head = src.pop_optional("lm_head.weight", (v, m))
+    if lm_head is None:
+        if not hf.tie_word_embeddings:
+            src.pop("lm_head.weight")  # raises: untied weights must be present
+        lm_head = w_e
+    out["unembed.W_U"] = lm_head.T
+    out["unembed.b_U"] = zeros(v)
+    src.finish(ignore=IGNORED_HF_KEYS)
+    return out
+
+
+def tiny_hf_configs() -> dict[str, Olmo2Config]:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                num_attention_heads=4, rms_norm_eps=1e-6, pad_token_id=1, eos_token_id=0)
+    return {
+        "default": Olmo2Config(**base),                                    # MHA, untied (OLMo-2 7B/13B)
+        "gqa": Olmo2Config(**base, num_key_value_heads=2),                 # k_norm over fewer heads than q_norm
+        "mqa_tied": Olmo2Config(**base, num_key_value_heads=1, tie_word_embeddings=True),
+        "attention_bias": Olmo2Config(**base, num_key_value_heads=2, attention_bias=True),
+        "rope_llama3": Olmo2Config(**base, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    }
+
+
+ARCHITECTURE = register(Architecture(
+    hf_architecture=ARCH, model_type="olmo2", handled_hf_fields=HANDLED_HF_FIELDS,
+    ignored_hf_fields=IGNORED_HF_FIELDS, config_from_hf=config_from_hf, convert_state_dict=convert_state_dict,
+    tiny_hf_configs=tiny_hf_configs,
+))
