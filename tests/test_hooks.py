@@ -265,22 +265,23 @@ def test_hook_point_is_identity_and_reports_itself():
 
 def test_editing_the_norm_scale_takes_effect_in_place_or_by_return(model_and_tokens):
     model, tokens, _ = model_and_tokens
-    name = "blocks.0.ln1.hook_scale"
-    _, clean = model.run_with_cache(tokens, names_filter="blocks.0.ln1.hook_normalized")
+    ln = "ln1" if hasattr(model.blocks[0], "ln1") else "ln1_post"  # "output" placement has post norms only
+    name = f"blocks.0.{ln}.hook_scale"
+    _, clean = model.run_with_cache(tokens, names_filter=f"blocks.0.{ln}.hook_normalized")
 
     def double_in_place(scale, hook):
         scale.mul_(2)
 
     for fn in (double_in_place, lambda scale, hook: scale * 2):
         with model.hooks([(name, fn)]):
-            _, cache = model.run_with_cache(tokens, names_filter="blocks.0.ln1.hook_normalized")
-        expected = clean["blocks.0.ln1.hook_normalized"]
-        norm = model.blocks[0].ln1
+            _, cache = model.run_with_cache(tokens, names_filter=f"blocks.0.{ln}.hook_normalized")
+        expected = clean[f"blocks.0.{ln}.hook_normalized"]
+        norm = getattr(model.blocks[0], ln)
         if norm.b is not None:  # halving the normalised input halves (out - b) / w
             expected = (expected - norm.b) / 2 + norm.b
         else:
             expected = expected / 2
-        torch.testing.assert_close(cache["blocks.0.ln1.hook_normalized"], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[f"blocks.0.{ln}.hook_normalized"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_caching_everything_works_under_inference_mode(model_and_tokens):
