@@ -40,7 +40,7 @@ def _import_families() -> None:
     import pkgutil
 
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module.name != "base":
+        if module.name not in ("base", "common"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 

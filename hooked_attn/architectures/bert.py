@@ -6,12 +6,11 @@ summed embeddings. These records live in ``ENCODERS``, not in the decoder ``REGI
 ``HookedEncoder`` loads them.
 """
 
-import einops
-import torch
 from torch import Tensor
 from transformers import BertConfig
 
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import heads_in, heads_out
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -65,10 +64,10 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BertConfig) -> di
         hf_i, ours = f"{p}encoder.layer.{i}", f"blocks.{i}"
         for site, name in (("Q", "query"), ("K", "key"), ("V", "value")):
             w = src.pop(f"{hf_i}.attention.self.{name}.weight", (m, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
+            out[f"{ours}.attn.W_{site}"] = heads_in(w, d)
             out[f"{ours}.attn.b_{site}"] = src.pop(f"{hf_i}.attention.self.{name}.bias", (m,)).reshape(-1, d)
         w_o = src.pop(f"{hf_i}.attention.output.dense.weight", (m, m))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.W_O"] = heads_out(w_o, d)
         out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.attention.output.dense.bias", (m,))
         # Post-LN: the attention output's LayerNorm normalises resid_pre + attn_out (our ln1), the
         # MLP output's LayerNorm normalises resid_mid + mlp_out (our ln2).

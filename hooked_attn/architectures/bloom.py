@@ -1,12 +1,12 @@
 """BLOOM family (bigscience/bloom, bloom-560m ... bloomz). Mirrors transformers/models/bloom/modeling_bloom.py."""
 
 import einops
-import torch
 from torch import Tensor
 from transformers import BloomConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import heads_out, pop_linear_mlp, pop_lm_head, zeros
 from hooked_attn.config import Alibi, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -70,7 +70,7 @@ def config_from_hf(hf: BloomConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BloomConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    h, d, m, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
     w_e = src.pop("transformer.word_embeddings.weight", (v, m))
     out = {"embed.W_E": w_e,
            "embed_ln.w": src.pop("transformer.word_embeddings_layernorm.weight", (m,)),
@@ -90,23 +90,15 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BloomConfig) -> d
             out[f"{ours}.attn.W_{site}"] = w
             out[f"{ours}.attn.b_{site}"] = b
         # nn.Linear weights are [out, in]; dense reads the merged (head d_head) axis (_merge_heads).
-        out[f"{ours}.attn.W_O"] = einops.rearrange(src.pop(f"{hf_i}.self_attention.dense.weight", (m, h * d)),
-                                                   "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.self_attention.dense.weight", (m, h * d)), d)
         out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.self_attention.dense.bias", (m,))
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.bias", (m,))
+        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
+    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)
+    out["unembed.b_U"] = zeros(lm_head, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

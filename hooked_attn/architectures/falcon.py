@@ -1,12 +1,12 @@
 """Falcon family (Falcon-7B/40B/180B, Falcon-RW without ALiBi). Mirrors transformers/models/falcon/modeling_falcon.py."""
 
 import einops
-import torch
 from torch import Tensor
 from transformers import FalconConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -25,8 +25,6 @@ IGNORED_HF_FIELDS = frozenset({
     "hidden_dropout", "attention_dropout",  # dropout: off at inference
 })
 IGNORED_HF_KEYS = ("transformer.rotary_emb.inv_freq",)  # a non-persistent buffer, rebuilt from rope_parameters
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def _layout(hf: FalconConfig) -> tuple[int, bool, int]:
@@ -70,9 +68,9 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
     if getattr(hf, "apply_residual_connection_post_layernorm", False):
         raise UnsupportedConfigError(f"{ARCH}: config field apply_residual_connection_post_layernorm=True is not "
                                      "supported (transformers' Falcon ignores it, so no reference exists)")
-    if hf.activation not in _ACTIVATIONS:
+    if hf.activation not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: activation={hf.activation!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         # FalconRotaryEmbedding's default init ignores partial_rotary_factor (rotary over all of d_head)
@@ -86,7 +84,7 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=n_kv,
         d_head=d_head, d_mlp=hf.ffn_hidden_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation],  # type: ignore[arg-type]
         # Rotary over the whole head, paired by rotate_half (FalconRotaryEmbedding, apply_rotary_pos_emb).
         positions=rotary_from_hf(rope, d_head, ARCH),
         # FalconAttention (rotary branch): q.k / sqrt(d_head). Its eager softmax runs in the activation
@@ -127,7 +125,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: FalconConfig) -> 
     def bias(key: str, n: int) -> Tensor:
         # bias=False drops every FalconLinear bias: query_key_value, dense and both MLP projections.
         b = src.pop(key, (n,)) if hf.bias else None
-        return torch.zeros(n, dtype=w_e.dtype, device=w_e.device) if b is None else b
+        return zeros(w_e, n) if b is None else b
 
     for i in range(cfg.n_layers):
         hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
@@ -160,13 +158,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: FalconConfig) -> 
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
+    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)
+    out["unembed.b_U"] = zeros(lm_head, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

@@ -1,12 +1,12 @@
 """GPT-2 family. Mirrors transformers/models/gpt2/modeling_gpt2.py (``GPT2LMHeadModel``)."""
 
 import einops
-import torch
 from torch import Tensor
 from transformers import GPT2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -23,12 +23,10 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # Old checkpoints carry the causal-mask buffers; they hold no weights.
 IGNORED_HF_KEYS = ("transformer.h.*.attn.bias", "transformer.h.*.attn.masked_bias")
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: GPT2Config) -> ModelConfig:
-    if hf.activation_function not in _ACTIVATIONS:
+    if hf.activation_function not in ACTIVATIONS:
         raise UnsupportedConfigError(f"GPT2LMHeadModel: activation_function={hf.activation_function!r} is not supported")
     d_head = hf.n_embd // hf.n_head
     return ModelConfig(
@@ -36,7 +34,7 @@ def config_from_hf(hf: GPT2Config) -> ModelConfig:
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
         positions=LearnedPositions(n_ctx=hf.n_positions),
         attn_scale=d_head**-0.5 if hf.scale_attn_weights else 1.0,
         attn_scale_by_inverse_layer=hf.scale_attn_by_inverse_layer_idx,
@@ -72,13 +70,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPT2Config) -> di
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # A tied checkpoint may omit lm_head.weight; it is then the token embedding.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = out["embed.W_E"]
+    lm_head = pop_lm_head(src, out["embed.W_E"], hf.tie_word_embeddings)
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)
+    out["unembed.b_U"] = zeros(lm_head, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

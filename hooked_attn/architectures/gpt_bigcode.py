@@ -2,12 +2,12 @@
 transformers/models/gpt_bigcode/modeling_gpt_bigcode.py (``GPTBigCodeForCausalLM``)."""
 
 import einops
-import torch
 from torch import Tensor
 from transformers import GPTBigCodeConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import heads_in, heads_out, pop_lm_head, zeros
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -76,8 +76,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTBigCodeConfig)
             w_q, w_k, w_v = w_qkv.split((h * d, kv * d, kv * d), dim=0)
             b_q, b_k, b_v = b_qkv.split((h * d, kv * d, kv * d), dim=0)
             for site, w, b in (("Q", w_q, b_q), ("K", w_k, b_k), ("V", w_v, b_v)):
-                out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head",
-                                                                d_head=d)
+                out[f"{ours}.attn.W_{site}"] = heads_in(w, d)
                 out[f"{ours}.attn.b_{site}"] = einops.rearrange(b, "(head d_head) -> head d_head", d_head=d)
         else:
             # `.view(*hidden_states.shape[:2], self.num_heads, 3 * self.head_dim).split(3 * [self.head_dim],
@@ -88,7 +87,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTBigCodeConfig)
                 out[f"{ours}.attn.W_{site}"] = w_sites[j]
                 out[f"{ours}.attn.b_{site}"] = b_sites[j]
         w_o = src.pop(f"{hf_i}.attn.c_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.W_O"] = heads_out(w_o, d)
         out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.attn.c_proj.bias", (m,))
         # GPTBigCodeMLP: c_fc and c_proj are nn.Linear too, so transpose to our [in, out].
         out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
@@ -98,13 +97,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTBigCodeConfig)
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # GPTBigCodeForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
+    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)
+    out["unembed.b_U"] = zeros(lm_head, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

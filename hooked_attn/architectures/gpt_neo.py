@@ -1,12 +1,11 @@
 """GPT-Neo family (GPT-Neo 125M-2.7B). Mirrors transformers/models/gpt_neo/modeling_gpt_neo.py."""
 
-import einops
-import torch
 from torch import Tensor
 from transformers import GPTNeoConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import ACTIVATIONS, pop_attention, pop_linear_mlp, pop_lm_head, zeros
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -31,14 +30,12 @@ IGNORED_HF_FIELDS = frozenset({
 # Old checkpoints (EleutherAI/gpt-neo-*) carry the per-layer causal / local-window mask buffers; they
 # hold no weights (now non-persistent buffers, GPTNeoSelfAttention.__init__).
 IGNORED_HF_KEYS = ("transformer.h.*.attn.attention.bias", "transformer.h.*.attn.attention.masked_bias")
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
-    if hf.activation_function not in _ACTIVATIONS:
+    if hf.activation_function not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     layers = list(hf.attention_layers)
     if len(layers) != hf.num_layers or set(layers) - {"global", "local"}:
         raise UnsupportedConfigError(
@@ -55,7 +52,7 @@ def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
         d_mlp=hf.intermediate_size if hf.intermediate_size is not None else 4 * hf.hidden_size,  # GPTNeoBlock
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # GPTNeoSelfAttention._attn never scales q.k (no 1/sqrt(d_head)): the original Mesh-TF model
         # folded the scale into its initialisation. It upcasts q and k to float32 first: identical in
@@ -69,13 +66,9 @@ def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    m, v = cfg.d_model, cfg.d_vocab
     w_e = src.pop("transformer.wte.weight", (v, m))
     out = {"embed.W_E": w_e, "pos_embed.W_pos": src.pop("transformer.wpe.weight", (cfg.n_ctx, m))}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
         for hf_ln, our_ln in (("ln_1", "ln1"), ("ln_2", "ln2")):
@@ -83,29 +76,15 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoConfig) -> 
             out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
         # The attention sits one level deeper than GPT-2's (GPTNeoAttention wraps GPTNeoSelfAttention
         # as .attention). q/k/v are separate nn.Linear [out, in] with bias=False; out_proj has a bias.
-        attn = f"{hf_i}.attn.attention"
-        for site, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
-            w = src.pop(f"{attn}.{proj}.weight", (h * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = zeros(h, d)
-        w_o = src.pop(f"{attn}.out_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = src.pop(f"{attn}.out_proj.bias", (m,))
+        out |= pop_attention(src, f"{hf_i}.attn.attention", ours, cfg, w_e, o_bias="required",
+                             names=("q_proj", "k_proj", "v_proj", "out_proj"))
         # GPTNeoMLP uses nn.Linear (not GPT-2's Conv1D): weights are [out, in].
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.c_fc.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.c_proj.bias", (m,))
+        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("c_fc", "c_proj"))
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

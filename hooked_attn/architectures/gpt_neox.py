@@ -1,12 +1,12 @@
 """GPT-NeoX family (Pythia, GPT-NeoX-20B). Mirrors transformers/models/gpt_neox/modeling_gpt_neox.py."""
 
 import einops
-import torch
 from torch import Tensor
 from transformers import GPTNeoXConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import heads_out, pop_linear_mlp, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -68,14 +68,14 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoXConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    h, d, m, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
     w_e = src.pop("gpt_neox.embed_in.weight", (v, m))
     out = {"embed.W_E": w_e}
 
     def bias_or_zeros(key: str, shape: tuple[int, ...]) -> Tensor:
         # attention_bias=False drops both query_key_value.bias and dense.bias (GPTNeoXAttention.__init__).
         b = src.pop(key, shape) if hf.attention_bias else None
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device) if b is None else b
+        return zeros(w_e, *shape) if b is None else b
 
     for i in range(cfg.n_layers):
         hf_i, ours = f"gpt_neox.layers.{i}", f"blocks.{i}"
@@ -92,13 +92,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoXConfig) ->
             out[f"{ours}.attn.W_{site}"] = w
             out[f"{ours}.attn.b_{site}"] = b
         # nn.Linear weights are [out, in]; dense reads the merged (head d_head) axis.
-        out[f"{ours}.attn.W_O"] = einops.rearrange(src.pop(f"{hf_i}.attention.dense.weight", (m, h * d)),
-                                                   "d_model (head d_head) -> head d_head d_model", d_head=d)
+        out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.attention.dense.weight", (m, h * d)), d)
         out[f"{ours}.attn.b_O"] = bias_or_zeros(f"{hf_i}.attention.dense.bias", (m,))
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.bias", (m,))
+        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
     out["ln_final.w"] = src.pop("gpt_neox.final_layer_norm.weight", (m,))
     out["ln_final.b"] = src.pop("gpt_neox.final_layer_norm.bias", (m,))
     # Hub checkpoints (Pythia) name the unembedding embed_out; transformers renames it to lm_head on
@@ -111,7 +107,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoXConfig) ->
             src.pop("lm_head.weight")  # raises: untied weights must be present
         lm_head = w_e
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = torch.zeros(v, dtype=lm_head.dtype, device=lm_head.device)  # lm_head has bias=False
+    out["unembed.b_U"] = zeros(lm_head, v)  # lm_head has bias=False
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

@@ -1,12 +1,11 @@
 """GPT-J family (GPT-J-6B and its fine-tunes). Mirrors transformers/models/gptj/modeling_gptj.py."""
 
-import einops
-import torch
 from torch import Tensor
 from transformers import GPTJConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import ACTIVATIONS, pop_attention, pop_linear_mlp, pop_lm_head
 from hooked_attn.config import ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
 
@@ -21,14 +20,12 @@ IGNORED_HF_FIELDS = frozenset({
 # Old checkpoints (EleutherAI/gpt-j-6b) carry the causal-mask buffers; they hold no weights. (The
 # sinusoid table embed_positions is a non-persistent buffer: never in a state dict.)
 IGNORED_HF_KEYS = ("transformer.h.*.attn.bias", "transformer.h.*.attn.masked_bias")
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: GPTJConfig) -> ModelConfig:
-    if hf.activation_function not in _ACTIVATIONS:
+    if hf.activation_function not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.n_embd // hf.n_head
     # GPTJConfig types rotary_dim as int (None is rejected by its strict validation). HF slices
     # [..., :rotary_dim] per head against a rotary_dim-wide sinusoid table (GPTJAttention.forward).
@@ -43,7 +40,7 @@ def config_from_hf(hf: GPTJConfig) -> ModelConfig:
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
         # Interleaved partial rotary: the first rotary_dim dimensions of each head rotate in adjacent
         # pairs (2i, 2i+1) (rotate_every_two, apply_rotary_pos_emb), base fixed at 10000
         # (create_sinusoidal_positions); the rest pass through.
@@ -58,13 +55,9 @@ def config_from_hf(hf: GPTJConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTJConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    m, v = cfg.d_model, cfg.d_vocab
     w_e = src.pop("transformer.wte.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
         # GPT-J has ONE norm per block, ln_1, read by both attention and MLP (GPTJBlock.forward). Our
@@ -74,28 +67,14 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTJConfig) -> di
         ln_b = src.pop(f"{hf_i}.ln_1.bias", (m,))
         for our_ln in ("ln1", "ln2"):
             out[f"{ours}.{our_ln}.w"], out[f"{ours}.{our_ln}.b"] = ln_w, ln_b
-        # Separate q/k/v/out projections, nn.Linear [out, in], all bias=False (GPTJAttention.__init__).
-        for site, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
-            w = src.pop(f"{hf_i}.attn.{proj}.weight", (h * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = zeros(h, d)
-        w_o = src.pop(f"{hf_i}.attn.out_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = zeros(m)
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.fc_in.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.fc_in.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.fc_out.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.fc_out.bias", (m,))
+        # Separate q/k/v/out projections, all bias=False (GPTJAttention.__init__).
+        out |= pop_attention(src, f"{hf_i}.attn", ours, cfg, w_e, names=("q_proj", "k_proj", "v_proj", "out_proj"))
+        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc_in", "fc_out"))
     out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
     out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head.bias is
     # never tied and always present (GPTJForCausalLM: nn.Linear(n_embd, vocab_size) with bias).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
     out["unembed.b_U"] = src.pop("lm_head.bias", (v,))
     src.finish(ignore=IGNORED_HF_KEYS)
     return out

@@ -8,6 +8,7 @@ from transformers import MixtralConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import ACTIVATIONS, decoder_sizes, pop_attention, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, MoE, NormConfig
 from hooked_attn.shapes import StateDict
@@ -28,12 +29,10 @@ IGNORED_HF_FIELDS = frozenset({
     "output_router_logits", "router_aux_loss_coef",
 })
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: MixtralConfig) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     # MixtralAttention: head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads.
     d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
@@ -42,11 +41,9 @@ def config_from_hf(hf: MixtralConfig) -> ModelConfig:
     windows = None if hf.sliding_window is None else (hf.sliding_window,) * hf.num_hidden_layers
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 1e6}), d_head, ARCH),
         attn_scale=d_head**-0.5, attn_windows=windows,
         gated_mlp=True, moe=MoE(n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok),
@@ -84,35 +81,19 @@ def _experts(src: KeyLedger, hf_i: str, cfg: ModelConfig) -> dict[str, Tensor]:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: MixtralConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
+    m, v = cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
         out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        # MixtralAttention: q/k/v/o_proj have no bias. nn.Linear weights are [out, in]; the out axis
-        # is (head d_head).
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = zeros(n, d)
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = zeros(m)
+        # MixtralAttention: q/k/v/o_proj have no bias.
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e)
         out |= {f"{ours}.mlp.{k}": t for k, t in _experts(src, hf_i, cfg).items()}
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

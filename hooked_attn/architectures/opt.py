@@ -1,14 +1,18 @@
 """OPT family (facebook/opt-125m ... opt-66b). Mirrors transformers/models/opt/modeling_opt.py."""
 
-import math
-
-import einops
-import torch
 from torch import Tensor
 from transformers import OPTConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    bias_rule,
+    pop_attention,
+    pop_bias,
+    pop_lm_head,
+    zeros,
+)
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -26,8 +30,6 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # The positional table is OPTLearnedPositionalEmbedding, a plain nn.Embedding: no buffers to skip.
 IGNORED_HF_KEYS: tuple[str, ...] = ()
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
-                "silu": "silu", "swish": "silu"}
 # OPTLearnedPositionalEmbedding.offset: the table has max_position_embeddings + 2 rows and position p
 # reads row p + 2 (fairseq reserved rows for its padding index).
 _POSITION_OFFSET = 2
@@ -36,9 +38,9 @@ _LN_EPS = 1e-5
 
 
 def config_from_hf(hf: OPTConfig) -> ModelConfig:
-    if hf.activation_function not in _ACTIVATIONS:
+    if hf.activation_function not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.hidden_size // hf.num_attention_heads
     affine = hf.layer_norm_elementwise_affine
     return ModelConfig(
@@ -47,7 +49,7 @@ def config_from_hf(hf: OPTConfig) -> ModelConfig:
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.ffn_dim, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=_LN_EPS, weight=affine, bias=affine),
-        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # OPTAttention.forward multiplies q_proj(x) (bias included) by head_dim**-0.5 before q.k and
         # then calls the attention function with scaling=1.0: the same scores as scaling q.k.
@@ -63,19 +65,13 @@ def config_from_hf(hf: OPTConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OPTConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, d, m, f, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    m, f, v = cfg.d_model, cfg.d_mlp, cfg.d_vocab
     p = hf.word_embed_proj_dim
     dec = "model.decoder"
     w_tok = src.pop(f"{dec}.embed_tokens.weight", (v, p))
     dtype = w_tok.dtype
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=dtype, device=w_tok.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # enable_bias=False drops the bias of q/k/v/out_proj, fc1 and fc2 (OPTAttention, OPTDecoderLayer).
-        b = src.pop(key, (math.prod(shape),)) if hf.enable_bias else None
-        return zeros(*shape) if b is None else b.reshape(shape)
+    # enable_bias=False drops the bias of q/k/v/out_proj, fc1 and fc2 (OPTAttention, OPTDecoderLayer).
+    bias = bias_rule(hf.enable_bias)
 
     def norm(hf_name: str, ours: str) -> dict[str, Tensor]:
         # layer_norm_elementwise_affine=False: nn.LayerNorm without weight or bias.
@@ -105,31 +101,21 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OPTConfig) -> dic
         # residual sum (post-LN); our block reads ln1 / ln2 in either place.
         out |= norm(f"{hf_i}.self_attn_layer_norm", f"{ours}.ln1")
         out |= norm(f"{hf_i}.final_layer_norm", f"{ours}.ln2")
-        # Separate q/k/v/out projections, nn.Linear [out, in] with the out axis (head d_head).
-        for site, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (h * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (h, d))
-        w_o = src.pop(f"{hf_i}.self_attn.out_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.out_proj.bias", (m,))
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_tok, bias=bias,
+                             names=("q_proj", "k_proj", "v_proj", "out_proj"))
         out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.fc1.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = bias(f"{hf_i}.fc1.bias", (f,))
+        out[f"{ours}.mlp.b_in"] = pop_bias(src, f"{hf_i}.fc1.bias", (f,), w_tok, bias)
         out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.fc2.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = bias(f"{hf_i}.fc2.bias", (m,))
+        out[f"{ours}.mlp.b_out"] = pop_bias(src, f"{hf_i}.fc2.bias", (m,), w_tok, bias)
     if cfg.final_norm:
         out |= norm(f"{dec}.final_layer_norm", "ln_final")
     # A tied checkpoint may omit lm_head.weight (it is then embed_tokens); lm_head has no bias.
-    lm_head = src.pop_optional("lm_head.weight", (v, p))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_tok
+    lm_head = pop_lm_head(src, w_tok, hf.tie_word_embeddings)
     if p != m:
         p_out = src.pop(f"{dec}.project_out.weight", (p, m))
         lm_head = (lm_head.double() @ p_out.double()).to(dtype)
     out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.b_U"] = zeros(w_tok, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

@@ -1,11 +1,17 @@
 """Phi family (phi-1, phi-1.5, phi-2). Mirrors transformers/models/phi/modeling_phi.py."""
 
-import einops
 from torch import Tensor
 from transformers import PhiConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    decoder_sizes,
+    pop_attention,
+    pop_linear_mlp,
+    pop_lm_head,
+)
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -21,8 +27,6 @@ IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
 })
 IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, rebuilt from rope_parameters
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: PhiConfig) -> ModelConfig:
@@ -30,9 +34,9 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         # PhiAttention applies a LayerNorm over d_head to q and k before rotary; our Attention has no
         # per-head q/k norm (it would need q_norm/k_norm parameters and hooks in components/attention.py).
         raise UnsupportedConfigError(f"{ARCH}: config field qk_layernorm=True is not supported")
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # PhiAttention: head_dim = hidden_size // num_attention_heads (PhiConfig has no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = dict(hf.rope_parameters or {})
@@ -46,11 +50,9 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         )
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
         # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
         parallel_attn_mlp=True,
@@ -59,7 +61,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    m, v = cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
     for i in range(cfg.n_layers):
@@ -71,28 +73,15 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dic
         ln_b = src.pop(f"{hf_i}.input_layernorm.bias", (m,))
         for our_ln in ("ln1", "ln2"):
             out[f"{ours}.{our_ln}.w"], out[f"{ours}.{our_ln}.b"] = ln_w, ln_b
-        # Separate q/k/v projections, nn.Linear [out, in] with the out axis (head d_head), all with bias.
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = src.pop(f"{hf_i}.self_attn.{proj}.bias", (n * d,)).reshape(n, d)
-        w_o = src.pop(f"{hf_i}.self_attn.dense.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.self_attn.dense.bias", (m,))
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.fc1.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.fc1.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.fc2.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.fc2.bias", (m,))
+        # Separate q/k/v projections and a dense output projection, all with bias.
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="required",
+                             names=("q_proj", "k_proj", "v_proj", "dense"))
+        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc1", "fc2"))
     out["ln_final.w"] = src.pop("model.final_layernorm.weight", (m,))
     out["ln_final.b"] = src.pop("model.final_layernorm.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head.bias is
     # never tied and always present (PhiForCausalLM: nn.Linear(..., bias=True)).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
     out["unembed.b_U"] = src.pop("lm_head.bias", (v,))
     src.finish(ignore=IGNORED_HF_KEYS)
     return out

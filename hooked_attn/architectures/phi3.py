@@ -2,13 +2,19 @@
 transformers/models/phi3/modeling_phi3.py (``Phi3ForCausalLM``). Checkpoints with longrope (the 128k
 Phi-3 and Phi-3.5 models) are refused."""
 
-import einops
-import torch
 from torch import Tensor
 from transformers import Phi3Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    decoder_sizes,
+    heads_in,
+    heads_out,
+    pop_lm_head,
+    zeros,
+)
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -44,12 +50,10 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: Phi3Config) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
     kind = rope.get("rope_type", "default")
@@ -73,11 +77,9 @@ def config_from_hf(hf: Phi3Config) -> ModelConfig:
         )
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),  # Phi3RMSNorm: LLaMA's RMSNorm
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(rope, d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Phi3Attention: self.scaling = self.head_dim**-0.5
         # Phi3Model.forward: create_sliding_window_causal_mask for every layer whenever
@@ -91,10 +93,6 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> di
     h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
@@ -104,29 +102,23 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> di
         # three blocks differ in size, so split by size first, then unflatten heads.
         qkv = src.pop(f"{hf_i}.self_attn.qkv_proj.weight", ((h + 2 * kv) * d, m))
         for site, w in zip("QKV", qkv.split([h * d, kv * d, kv * d], dim=0)):
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = zeros(w.shape[0] // d, d)
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = zeros(m)
+            out[f"{ours}.attn.W_{site}"] = heads_in(w, d)
+            out[f"{ours}.attn.b_{site}"] = zeros(w_e, w.shape[0] // d, d)
+        out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d)), d)
+        out[f"{ours}.attn.b_O"] = zeros(w_e, m)
         # Fused gate_up_proj (bias=False): Phi3MLP.forward does `gate, up_states = x.chunk(2, dim=-1)`, so
         # the first d_mlp rows are the gate and the last d_mlp rows the up projection;
         # down_proj(up * act(gate)).
         w_gate, w_up = src.pop(f"{hf_i}.mlp.gate_up_proj.weight", (2 * f, m)).chunk(2, dim=0)
         out[f"{ours}.mlp.W_gate"] = w_gate.T
         out[f"{ours}.mlp.W_in"] = w_up.T
-        out[f"{ours}.mlp.b_in"] = zeros(f)
+        out[f"{ours}.mlp.b_in"] = zeros(w_e, f)
         out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(m)
+        out[f"{ours}.mlp.b_out"] = zeros(w_e, m)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     # Phi3ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

@@ -1,15 +1,20 @@
 """SmolLM3 family (SmolLM3-3B). Mirrors transformers/models/smollm3/modeling_smollm3.py
 (``SmolLM3ForCausalLM``): a LLaMA-style decoder in which some layers use no rotary embedding (NoPE)."""
 
-import math
-
-import einops
-import torch
 from torch import Tensor
 from transformers import SmolLM3Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    bias_rule,
+    decoder_sizes,
+    pop_attention,
+    pop_gated_mlp,
+    pop_lm_head,
+    zeros,
+)
 from hooked_attn.architectures.mistral import full_head_rotary, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -39,12 +44,10 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     if hf.mlp_bias:
         # SmolLM3MLP gives gate_proj a bias too; our gated MLP has no gate bias. Refuse rather than drop it.
@@ -67,11 +70,9 @@ def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
     rotary = full_head_rotary(hf.rope_parameters, d_head, ARCH)
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=n, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary,
         # SmolLM3Attention: `self.use_rope = config.no_rope_layers[layer_idx]`; apply_rotary_pos_emb runs
         # only when it is truthy. Every layer shares one rotary table (SmolLM3Model.rotary_emb).
@@ -83,48 +84,25 @@ def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: SmolLM3Config) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    m, v = cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # SmolLM3Attention: all four projections have bias=config.attention_bias; zeros otherwise. When
-        # the config has none, a stray bias key is left over and finish() refuses it.
-        if not hf.attention_bias:
-            return zeros(*shape)
-        return src.pop(key, (math.prod(shape),)).reshape(shape)
 
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
         out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        # nn.Linear weights are [out, in]; the out axis is (head d_head). NoPE layers have the same keys.
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        # SmolLM3Attention: all four projections have bias=config.attention_bias; zeros otherwise. When
+        # the config has none, a stray bias key is left over and finish() refuses it. NoPE layers have
+        # the same keys.
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
         # SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)); mlp_bias=True is refused in config_from_hf.
-        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = zeros(f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(m)
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     # SmolLM3ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
     # lm_head.weight (bias=False).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

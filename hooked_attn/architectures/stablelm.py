@@ -1,12 +1,19 @@
 """StableLM family (StableLM-3B-4E1T, StableLM-2 1.6B/12B, Zephyr). Mirrors transformers/models/stablelm/modeling_stablelm.py."""
 
-import einops
 import torch
 from torch import Tensor
 from transformers import StableLmConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    bias_rule,
+    pop_attention,
+    pop_gated_mlp,
+    pop_lm_head,
+    zeros,
+)
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
@@ -22,14 +29,12 @@ IGNORED_HF_FIELDS = frozenset({
     "hidden_dropout", "attention_dropout",  # dropout: off at inference
 })
 IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, rebuilt from rope_parameters
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: StableLmConfig) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # StableLmAttention: head_dim = hidden_size // num_attention_heads (no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = dict(hf.rope_parameters or {})
@@ -54,7 +59,7 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
         gated_mlp=True,  # StableLmMLP: down(act(gate(x)) * up(x)), no biases
         # StableLmDecoderLayer.forward: parallel adds attn(ln(x)) + mlp(ln(x)) to x, one shared norm.
@@ -65,13 +70,9 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
@@ -85,16 +86,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -
         else:
             out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
             out[f"{ours}.ln2.b"] = src.pop(f"{hf_i}.post_attention_layernorm.bias", (m,))
-        # Separate q/k/v projections, nn.Linear [out, in] with the out axis (head d_head); biases only
-        # with use_qkv_bias; o_proj never has one (StableLmAttention.__init__).
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            b = src.pop(f"{hf_i}.self_attn.{proj}.bias", (n * d,)) if hf.use_qkv_bias else None
-            out[f"{ours}.attn.b_{site}"] = zeros(n, d) if b is None else b.reshape(n, d)
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = zeros(m)
+        # Separate q/k/v projections; biases only with use_qkv_bias; o_proj never has one
+        # (StableLmAttention.__init__).
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.use_qkv_bias), o_bias="none")
         if cfg.qk_norm is not None:
             # q_layernorm.norms.{head} / k_layernorm.norms.{head}: one [d_head] weight per (K/V) head,
             # stacked into our per-head gains [head d_head].
@@ -102,21 +96,12 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -
                 out[f"{ours}.attn.{site}_norm.w"] = torch.stack(
                     [src.pop(f"{hf_i}.self_attn.{hf_norm}.norms.{j}.weight", (d,)) for j in range(n)]
                 )
-        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = zeros(f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(m)
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     out["ln_final.b"] = src.pop("model.norm.bias", (m,))
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

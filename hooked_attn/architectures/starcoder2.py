@@ -1,15 +1,20 @@
 """StarCoder2 family (StarCoder2-3B/7B/15B). Mirrors transformers/models/starcoder2/modeling_starcoder2.py
 (``Starcoder2ForCausalLM``)."""
 
-import math
-
-import einops
-import torch
 from torch import Tensor
 from transformers import Starcoder2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import (
+    ACTIVATIONS,
+    bias_rule,
+    decoder_sizes,
+    pop_attention,
+    pop_bias,
+    pop_lm_head,
+    zeros,
+)
 from hooked_attn.architectures.mistral import full_head_rotary
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -33,14 +38,12 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     if hf.sliding_window is not None and hf.sliding_window <= 0:
         raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
     for name, built in (("norm_type", "layer_norm"), ("mlp_type", "default"), ("layer_norm_epsilon", hf.norm_epsilon)):
@@ -51,13 +54,11 @@ def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         # Starcoder2DecoderLayer and Starcoder2Model.norm: nn.LayerNorm(eps=norm_epsilon), always with a bias
         # (use_bias only concerns the linear layers).
         norm=NormConfig(kind="layernorm", eps=hf.norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=full_head_rotary(hf.rope_parameters, d_head, ARCH),
         attn_scale=d_head**-0.5,  # Starcoder2Attention: self.scaling = self.head_dim**-0.5
         # Starcoder2MLP: c_proj(act(c_fc(x))), not gated.
@@ -70,48 +71,29 @@ def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Starcoder2Config) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    f, m, v = cfg.d_mlp, cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # q/k/v/o_proj, c_fc and c_proj all have bias=config.use_bias; zeros otherwise. When the config
-        # has none, a stray bias key is left over and finish() refuses it.
-        if not hf.use_bias:
-            return zeros(*shape)
-        return src.pop(key, (math.prod(shape),)).reshape(shape)
+    # q/k/v/o_proj, c_fc and c_proj all have bias=config.use_bias; zeros otherwise. When the config has
+    # none, a stray bias key is left over and finish() refuses it.
+    bias = bias_rule(hf.use_bias)
 
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         for hf_ln, our_ln in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
             out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
             out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
-        # Separate q/k/v projections, nn.Linear [out, in] with the out axis (head d_head).
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias)
         out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = bias(f"{hf_i}.mlp.c_fc.bias", (f,))
+        out[f"{ours}.mlp.b_in"] = pop_bias(src, f"{hf_i}.mlp.c_fc.bias", (f,), w_e, bias)
         out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = bias(f"{hf_i}.mlp.c_proj.bias", (m,))
+        out[f"{ours}.mlp.b_out"] = pop_bias(src, f"{hf_i}.mlp.c_proj.bias", (m,), w_e, bias)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     out["ln_final.b"] = src.pop("model.norm.bias", (m,))
     # Starcoder2ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
     # lm_head.weight (bias=False).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 
