@@ -90,3 +90,19 @@ def test_pos_slice_and_errors(run):
     _, small = model.run_with_cache(torch.zeros(1, 3, dtype=torch.long), names_filter="hook_embed")
     with pytest.raises(KeyError, match="hook_resid_pre"):
         small.accumulated_resid()
+
+
+def test_start_and_stop_at_layer_do_only_the_work_they_name(run):
+    model, tokens, logits, cache = run
+    ran = []
+    with model.hooks(fwd_hooks=[(lambda n: n.endswith("hook_resid_pre"), lambda x, hook: ran.append(hook.layer))]):
+        resid = model(tokens, stop_at_layer=1)
+        assert ran == [0]
+        ran.clear()
+        out = model(resid, start_at_layer=1)
+        assert ran == list(range(1, model.cfg.n_layers))
+    torch.testing.assert_close(resid, cache["resid_pre", 1], **ATOL)
+    torch.testing.assert_close(out, logits, **ATOL)
+    loss = model(resid, start_at_layer=1, tokens=tokens, return_type="loss", loss_per_token=True)
+    assert loss.shape == (tokens.shape[0], tokens.shape[1] - 1)
+    assert model(tokens, return_type=None) is None

@@ -81,3 +81,16 @@ def test_bf16_is_as_accurate_as_hf_bf16(case):
     our_err = (ours.float().log_softmax(-1) - truth).abs().max().item()
     hf_err = (ref.float().log_softmax(-1) - truth).abs().max().item()
     assert our_err <= 1.5 * hf_err + 0.02, f"bf16 error vs fp32: ours {our_err:.4f}, HF's {hf_err:.4f}"
+
+
+@torch.no_grad()
+def test_fused_and_explicit_attention_paths_agree(case):
+    """Caching (or hooking) the pattern switches to the explicit attention path; results stay the same."""
+    arch, _, hf_cfg = case
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg)
+    model = HookedTransformer.from_pretrained_no_processing(hf)
+    fused = model(tokens)
+    explicit, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert len(cache) == model.cfg.n_layers
+    torch.testing.assert_close(explicit, fused, **TOL["tiny_fp32"])
