@@ -3,15 +3,14 @@
 per-head LayerNorm on q and k, and a constant logit scale."""
 
 import dataclasses
-import math
 
-import einops
 import torch
 from torch import Tensor
 from transformers import CohereConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
@@ -73,20 +72,9 @@ def config_from_hf(hf: CohereConfig) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: CohereConfig) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
-        # none, a stray bias key is left over and finish() refuses it.
-        if not hf.attention_bias:
-            return zeros(*shape)
-        return src.pop(key, (math.prod(shape),)).reshape(shape)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         # ONE norm per block, input_layernorm, read by both attention and MLP. Our parallel block gives
@@ -94,38 +82,24 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: CohereConfig) -> 
         # identical outputs, and weight processing folds each copy into its own reader (as gptj.py).
         ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
         out[f"{ours}.ln1.w"], out[f"{ours}.ln2.w"] = ln_w, ln_w
-        # nn.Linear weights are [out, in]; the out axis is (head d_head). The interleaved rotary pairs
-        # act within each head's d_head, so no row permutation is needed.
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        # The interleaved rotary pairs act within each head's d_head, so no row permutation is needed.
+        # All four projections have bias=config.attention_bias; with none, a stray bias key is refused.
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
         if hf.use_qk_norm:
             # CohereLayerNorm(hidden_size=(heads, head_dim)): the gains are already [head d_head].
             out[f"{ours}.attn.q_norm.w"] = src.pop(f"{hf_i}.self_attn.q_norm.weight", (h, d))
             out[f"{ours}.attn.k_norm.w"] = src.pop(f"{hf_i}.self_attn.k_norm.weight", (kv, d))
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
-        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = zeros(f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(m)
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))  # CohereLayerNorm: weight only
     # CohereForCausalLM._tied_weights_keys: a tied checkpoint (the default) may omit lm_head.weight.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
+    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
     # CohereForCausalLM.forward: logits = lm_head(h) * logit_scale. Folded into W_U (in at least fp32,
     # then cast by the loader), so (h W) s becomes h (W s): bit-identical when logit_scale is a power of
     # two (Command-R's 0.0625) and a few ulps apart otherwise (Command-R+'s 0.8333). W_U is then a scaled copy,
     # no longer tied to W_E.
     scale = float(hf.logit_scale)
     out["unembed.W_U"] = lm_head.T.to(torch.promote_types(lm_head.dtype, torch.float32)) * scale
-    out["unembed.b_U"] = zeros(v)  # lm_head: bias=False
+    out["unembed.b_U"] = zeros(w_e, v)  # lm_head: bias=False
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 

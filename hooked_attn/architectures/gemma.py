@@ -1,15 +1,13 @@
 """Gemma (1) family (gemma-2b, gemma-7b, CodeGemma). Mirrors transformers/models/gemma/modeling_gemma.py
 (``GemmaForCausalLM``); also holds the Gemma layout helpers that gemma2.py and gemma3.py reuse."""
 
-import math
 
-import einops
-import torch
 from torch import Tensor
 from transformers import GemmaConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -91,35 +89,11 @@ def convert_attention_and_mlp(
 ) -> dict[str, Tensor]:
     """The q/k/v/o projections and the gated MLP of one Gemma (1, 2 or 3) decoder layer; the zero
     biases the family lacks take ``like``'s dtype and device."""
-    h, kv, d, m, f = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
-    out: dict[str, Tensor] = {}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
-        # none, a stray bias key is left over and KeyLedger.finish refuses it.
-        if not attention_bias:
-            return zeros(*shape)
-        return src.pop(key, (math.prod(shape),)).reshape(shape)
-
-    # nn.Linear weights are [out, in]; the out axis is (head d_head), with d_head = config.head_dim,
-    # which need not be hidden_size // num_attention_heads.
-    for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-        w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-        out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-        out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
-    w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-    out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-    out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
+    # d_head = config.head_dim, which need not be hidden_size // num_attention_heads. All four
+    # projections have bias=config.attention_bias; with none, a stray bias key is refused.
+    out = pop_attention(src, f"{hf_i}.self_attn", ours, cfg, like, bias=bias_rule(attention_bias))
     # GemmaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-    out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
-    out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
-    out[f"{ours}.mlp.b_in"] = zeros(f)
-    out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-    out[f"{ours}.mlp.b_out"] = zeros(m)
-    return out
+    return out | pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, like)
 
 
 def convert_unembed(src: KeyLedger, w_e: Tensor, cfg: ModelConfig, tied: bool) -> dict[str, Tensor]:
@@ -128,13 +102,7 @@ def convert_unembed(src: KeyLedger, w_e: Tensor, cfg: ModelConfig, tied: bool) -
     The tie is to ``embed_tokens.weight`` itself, the *unscaled* table (the sqrt(d_model) factor is
     applied in GemmaTextScaledWordEmbedding.forward, not stored), so ``W_U = W_E^T`` exactly.
     """
-    lm_head = src.pop_optional("lm_head.weight", (cfg.d_vocab, cfg.d_model))
-    if lm_head is None:
-        if not tied:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    return {"unembed.W_U": lm_head.T,
-            "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=w_e.dtype, device=w_e.device)}  # lm_head: bias=False
+    return {"unembed.W_U": pop_lm_head(src, w_e, tied).T, "unembed.b_U": zeros(w_e, cfg.d_vocab)}  # bias=False
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GemmaConfig) -> dict[str, Tensor]:

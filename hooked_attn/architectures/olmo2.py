@@ -2,15 +2,14 @@
 transformers/models/olmo2/modeling_olmo2.py (``Olmo2ForCausalLM``): LLaMA with the block's norms moved
 onto the sublayer outputs and RMSNorm on the full q and k projections."""
 
-import math
 
 import einops
-import torch
 from torch import Tensor
 from transformers import Olmo2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
@@ -63,53 +62,27 @@ def config_from_hf(hf: Olmo2Config) -> ModelConfig:
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Olmo2Config) -> dict[str, Tensor]:
     src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
     w_e = src.pop("model.embed_tokens.weight", (v, m))
     out = {"embed.W_E": w_e}
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=w_e.dtype, device=w_e.device)
-
-    def bias(key: str, shape: tuple[int, ...]) -> Tensor:
-        # All four projections have bias=config.attention_bias; zeros otherwise. When the config has
-        # none, a stray bias key is left over and finish() refuses it.
-        if not hf.attention_bias:
-            return zeros(*shape)
-        return src.pop(key, (math.prod(shape),)).reshape(shape)
-
     for i in range(cfg.n_layers):
         hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
         # Naming trap: post_attention_layernorm normalises the attention OUTPUT here (our ln1_post), not
         # the MLP input as in LLaMA; there is no input_layernorm.
         out[f"{ours}.ln1_post.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
         out[f"{ours}.ln2_post.w"] = src.pop(f"{hf_i}.post_feedforward_layernorm.weight", (m,))
-        # nn.Linear weights are [out, in]; the out axis is (head d_head).
-        for site, proj, n in (("Q", "q_proj", h), ("K", "k_proj", kv), ("V", "v_proj", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{proj}.weight", (n * d, m))
-            out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "(head d_head) d_model -> head d_model d_head", d_head=d)
-            out[f"{ours}.attn.b_{site}"] = bias(f"{hf_i}.self_attn.{proj}.bias", (n, d))
+        # All four projections have bias=config.attention_bias; with none, a stray bias key is refused.
+        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
         # q_norm/k_norm gains cover the flat (head d_head) projection: the same order as the projection rows.
         for name, n in (("q_norm", h), ("k_norm", kv)):
             w = src.pop(f"{hf_i}.self_attn.{name}.weight", (n * d,))
             out[f"{ours}.attn.{name}.w"] = einops.rearrange(w, "(head d_head) -> head d_head", d_head=d)
-        w_o = src.pop(f"{hf_i}.self_attn.o_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attn.o_proj.bias", (m,))
         # Olmo2MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out[f"{ours}.mlp.W_gate"] = src.pop(f"{hf_i}.mlp.gate_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.up_proj.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = zeros(f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(m)
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     # Olmo2ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(v)
+    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
+    out["unembed.b_U"] = zeros(w_e, v)
     src.finish(ignore=IGNORED_HF_KEYS)
     return out
 
