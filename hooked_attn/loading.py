@@ -1,18 +1,20 @@
 """from_pretrained: resolve the source -> HF config -> check -> convert -> process -> load. Nothing else."""
 
-import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
-from hooked_attn.architectures.base import check_hf_config
+from hooked_attn.architectures.base import StateDictError, check_hf_config
+from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
+from hooked_attn.config import ModelConfig
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import process_weights
 from hooked_attn.shapes import StateDict
@@ -47,23 +49,55 @@ def from_pretrained(
         UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
             name of what is wrong. No model is returned half-built.
     """
-    hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir)
+    hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir, dtype)
     arch = get_architecture(arch_name, hf_config)
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
+    # Tensors that belong to a caller's in-memory model: they are copied, never adopted.
+    foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if isinstance(model_name_or_path, PreTrainedModel) else set()
     sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
-    sd = {k: v.to(dtype) for k, v in sd.items()}
+    del hf_sd
+    for key in sd:  # one tensor at a time, so the old one is freed as the new one is made
+        sd[key] = sd[key].to(dtype)
     sd, cfg = process_weights(
         sd, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
         fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
     target = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.device(target):
-        model = HookedTransformer(cfg, tokenizer=_load_tokenizer(tokenizer, default_tokenizer))
-    model.to(dtype)
-    model.load_state_dict(sd, strict=True)
+    model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)
     where = type(model_name_or_path).__name__ if isinstance(model_name_or_path, PreTrainedModel) else model_name_or_path
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
+    return model
+
+
+def _materialise(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+    tokenizer: PreTrainedTokenizerBase | None, foreign: set[int],
+) -> HookedTransformer:
+    """Build the model on the meta device and adopt ``sd``'s tensors as its parameters.
+
+    A tensor is adopted as it is when it already has the parameter's dtype, device and memory layout and
+    is not in ``foreign`` storage (a caller's model); otherwise it is copied into a fresh one. Each tensor
+    leaves ``sd`` as it is placed, so nothing is held twice.
+    """
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+    if missing or unexpected:
+        raise StateDictError(f"converted weights do not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for name, meta in params.items():
+        tensor = sd.pop(name)
+        if tensor.shape != meta.shape:
+            raise StateDictError(f"converted weight {name!r} has shape {tuple(tensor.shape)}, the model needs "
+                                 f"{tuple(meta.shape)}")
+        adopt = (tensor.dtype == dtype and tensor.device == device and tensor.stride() == meta.stride()
+                 and tensor.untyped_storage().data_ptr() not in foreign)
+        if not adopt:
+            fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=dtype, device=device)
+            tensor = fresh.copy_(tensor)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_parameter(leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
     return model
 
 
@@ -76,8 +110,12 @@ def from_pretrained_no_processing(model_name_or_path: Source, **kwargs: Any) -> 
 
 def _resolve(
     source: Source, gguf_file: str | None, revision: str | None, cache_dir: str | os.PathLike | None,
-) -> tuple[PretrainedConfig, str | None, StateDict, Any]:
-    """(HF config, HF architecture name, HF state dict, where the tokenizer is) for any source."""
+    dtype: torch.dtype | None = None,
+) -> tuple[PretrainedConfig, str | None, Mapping[str, torch.Tensor], Any]:
+    """(HF config, HF architecture name, HF state dict, where the tokenizer is) for any source.
+
+    A folder's state dict is lazy: each tensor is read from disk (in ``dtype``) when a converter asks.
+    """
     if isinstance(source, PreTrainedModel):
         name = getattr(source, "name_or_path", "")
         folder = name if name and Path(name).is_dir() else None  # Path("") is the current directory
@@ -99,7 +137,7 @@ def _resolve(
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not an HF model folder")
     hf_config = AutoConfig.from_pretrained(path)
     arch_name = (hf_config.architectures or [None])[0]
-    return hf_config, arch_name, _read_safetensors(path), path
+    return hf_config, arch_name, _read_weights(path, dtype), path
 
 
 def _resolve_gguf(
@@ -129,38 +167,10 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
         ) from err
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, memory-mapped."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-    if not files:
-        return _read_torch_bin(folder)
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            with safe_open(folder / name, framework="pt") as f:
-                for key in f.keys():
-                    sd[key] = f.get_tensor(key)
-        except Exception as err:
-            raise ValueError(f"cannot read safetensors file {str(folder / name)!r}: {err}") from err
-    return sd
-
-
-def _read_torch_bin(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) ``pytorch_model*.bin`` checkpoint, loaded as plain tensors."""
-    files = sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"{str(folder)!r} has no weights (.safetensors or pytorch_model.bin)")
-    sd: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            sd.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
-    return sd
+def _read_weights(folder: Path, dtype: torch.dtype | None) -> Mapping[str, torch.Tensor]:
+    """The folder's safetensors checkpoint, read lazily, or else its ``pytorch_model*.bin`` files."""
+    files = safetensors_files(folder)
+    return LazySafetensors(files, dtype) if files else read_torch_bin(folder, dtype)
 
 
 def _load_tokenizer(tokenizer: TokenizerArg, default: Any) -> PreTrainedTokenizerBase | None:

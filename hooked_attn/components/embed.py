@@ -16,7 +16,9 @@ class Embed(nn.Module):
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        if tokens.numel():
+        # The range check reads values back to Python, which torch.compile cannot trace; compiled, an
+        # out-of-range id still fails (F.embedding raises its own IndexError), only with a terser message.
+        if tokens.numel() and not torch.compiler.is_compiling():
             low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or high >= self.d_vocab:
                 bad = low if low < 0 else high
@@ -33,7 +35,7 @@ class PosEmbed(nn.Module):
         self.W_pos = nn.Parameter(torch.empty(n_ctx, cfg.d_model))
 
     def forward(self, positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        if positions.numel() and int(positions.max()) >= self.n_ctx:
+        if positions.numel() and not torch.compiler.is_compiling() and int(positions.max()) >= self.n_ctx:
             raise ValueError(
                 f"position {int(positions.max())} is past the model's n_ctx={self.n_ctx} learned positions; "
                 f"use at most {self.n_ctx} tokens"

@@ -1,0 +1,143 @@
+"""Reading HF checkpoints one tensor at a time: a lazy mapping over safetensors files, and ``.bin`` files.
+
+``LazySafetensors`` parses each file's header once and reads a tensor's bytes only when a converter asks
+for it, straight into a fresh tensor (converted to the target dtype at once). Nothing is memory-mapped, so
+what a load keeps resident is exactly the tensors still referenced: a converted, processed model is never
+held twice. The format (a little-endian u64 header length, a JSON header of ``{name: {dtype, shape,
+data_offsets}}``, then the data) is checked as it is read, and every error names the file and the tensor.
+"""
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100_000_000  # the format's own bound on the JSON header
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, truncated or in a format this reader does not know."""
+
+
+class LazySafetensors(Mapping[str, Tensor]):
+    """Every tensor of a (possibly sharded) safetensors checkpoint, read on access.
+
+    Floating-point tensors come back in ``dtype`` when given (one conversion per tensor, while it is
+    read); integer and boolean tensors keep theirs. Each access reads the file again and returns a tensor
+    nobody else holds.
+    """
+
+    def __init__(self, files: list[Path], dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for path in files:
+            for name, entry in _read_header(path).items():
+                if name in self._where:
+                    raise CheckpointError(f"{str(path)!r}: tensor {name!r} is also in {str(self._where[name][0])!r}")
+                self._where[name] = (path, *entry)
+
+    def __getitem__(self, key: str) -> Tensor:
+        path, dtype, shape, start, end = self._where[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        with path.open("rb") as f:
+            f.seek(start)
+            if tensor.numel():
+                got = f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                if got != end - start:
+                    raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} needs {end - start} bytes, "
+                                          f"{got} are there")
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of ``key`` as stored in the file."""
+        _, _, _, start, end = self._where[key]
+        return end - start
+
+
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """{name: (dtype, shape, absolute start, absolute end)} from a safetensors file's header, checked
+    against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {size} bytes, shorter than a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: its header claims {n} bytes and the "
+                                  f"file has {size}; the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: its header is not JSON ({err})") from err
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"safetensors file {str(path)!r}: bad header entry for {name!r}: {entry!r} "
+                                  f"({type(err).__name__}: {err})") from err
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"safetensors file {str(path)!r}: tensor {name!r} of shape {shape} {entry['dtype']} "
+                                  f"needs {expected} bytes, its offsets {begin}..{end} give {end - begin}")
+        if 8 + n + end > size:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: it is truncated (tensor {name!r} ends "
+                                  f"at byte {8 + n + end}, the file has {size})")
+        out[name] = (dtype, shape, 8 + n + begin, 8 + n + end)
+    return out
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors shards, from its index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{str(index)!r} is not a safetensors index ({type(err).__name__}: {err})") from err
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(index)!r} names shards that are not in the folder: {missing}")
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_torch_bin(folder: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of a (possibly sharded) ``pytorch_model*.bin`` checkpoint, loaded as plain tensors."""
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{str(folder)!r} has no weights (.safetensors or pytorch_model.bin)")
+    sd: dict[str, Tensor] = {}
+    for path in files:
+        try:
+            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        for key, tensor in part.items():
+            floating = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+            sd[key] = tensor.to(dtype) if floating else tensor
+    return sd
