@@ -1,4 +1,5 @@
-"""The ``hooked-attn`` command: argument parsing and printing around ``hooked_attn.verify``.
+"""The ``hooked-attn`` command: argument parsing and printing around ``hooked_attn.verify`` and
+``hooked_attn.analysis``.
 
 Exit status: 0 on success, 1 when ``verify`` finds a difference above ``--atol`` (or ``hooks --filter``
 matches nothing), 2 for a usage error or a model that cannot be loaded.
@@ -9,14 +10,18 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 import transformers
 
+from hooked_attn.model import HookedTransformer
 from hooked_attn.verify import (
-    DEFAULT_ATOL, DEFAULT_PROMPT, DTYPES, USER_ERRORS, HookTable, RunResult, VerifyReport, list_hooks,
-    verify_model,
+    DEFAULT_ATOL, DEFAULT_PROMPT, DTYPES, USER_ERRORS, HookTable, RunResult, VerifyError, VerifyReport,
+    list_hooks, resolve_source, verify_model,
 )
 
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
 MODEL_HELP = ("a local HF model folder, a .gguf file or a hub id; by default the embedded "
               "SmolLM2-135M-Instruct (prepared once into ~/.cache/hooked_attn)")
 
@@ -32,8 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "verify":
             return _verify(args)
+        if args.command == "attention":
+            return _attention(args)
         return _hooks(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ImportError) as err:  # ImportError: --png without matplotlib
         if args.verbose:
             logging.getLogger(__name__).exception("%s failed", args.command)
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -42,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hooked-attn", description="Check hooked_attn's conversion of a model and list its hook points.",
+        prog="hooked-attn", description="Check hooked_attn's conversion of a model, list its hook points and "
+                                        "show its attention patterns.",
         epilog="exit status: 0 ok, 1 verify found a difference above --atol (or hooks --filter matched "
                "nothing), 2 usage error or a model that cannot be loaded",
     )
@@ -69,6 +77,31 @@ def _parser() -> argparse.ArgumentParser:
                                             "and print one line per hook: name, shape, axes.")
     hooks.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     hooks.add_argument("--filter", metavar="SUBSTRING", help="only hooks whose name contains SUBSTRING")
+
+    attention = commands.add_parser(
+        "attention", help="show one head's attention pattern on a text (terminal, PNG, HTML)",
+        description="Run MODEL on TEXT caching the attention patterns; print head HEAD of layer LAYER as a "
+                    "text heatmap and the top keys of one query, and optionally write a PNG picture and a "
+                    "self-contained interactive HTML viewer (every layer and head). With one positional "
+                    "argument, it is TEXT and the default model is used.",
+    )
+    attention.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    attention.add_argument("text", metavar="TEXT", help="the input text")
+    attention.add_argument("--layer", type=int, default=0, help="layer to show (default 0; negative counts from the end)")
+    attention.add_argument("--head", type=int, default=0, help="head to show (default 0; negative counts from the end)")
+    attention.add_argument("--query", type=int, default=-1,
+                           help="query position of the top-k table (default -1, the last token)")
+    attention.add_argument("--top-k", type=int, default=5, metavar="K", help="keys in the top-k table (default 5)")
+    attention.add_argument("--max-tokens", type=int, default=40, metavar="N",
+                           help="draw at most the last N queries and keys (default 40)")
+    attention.add_argument("--color", action="store_true", help="shade the heatmap with ANSI colours")
+    attention.add_argument("--png", metavar="FILE", help="write the head's heatmap as a picture (.png, .svg, .pdf; "
+                                                         "needs matplotlib, the `plots` extra)")
+    attention.add_argument("--all-heads", action="store_true", help="with --png, draw every head of the layer")
+    attention.add_argument("--html", metavar="FILE", help="write the interactive viewer of every layer and head")
+    attention.add_argument("--tokenizer", metavar="PATH", help="a tokenizer folder, for a MODEL without one")
+    attention.add_argument("--prepend-bos", action="store_true",
+                           help="put the BOS token first even where the tokenizer does not add it")
     return parser
 
 
@@ -150,6 +183,55 @@ def format_hooks(table: HookTable, contains: str | None = None) -> str:
     lines += [f"{h.name:<{width}}  {shapes[h.name]:<{shape_width}}  {h.axes or '?'}".rstrip()
               for h in table.hooks]
     return "\n".join(lines)
+
+
+def _in_range(value: int, size: int, flag: str, what: str) -> int:
+    if not -size <= value < size:
+        raise VerifyError(f"{flag} {value} is out of range: the model has {size} {what} (0..{size - 1})")
+    return value % size
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from hooked_attn.analysis import attention_viewer, plot_attention, text_heatmap, top_k_table
+
+    if args.top_k < 1 or args.max_tokens < 1:
+        raise VerifyError(f"--top-k and --max-tokens must be at least 1, got {args.top_k} and {args.max_tokens}")
+    if not args.text:
+        raise VerifyError("TEXT is empty: give the text to run")
+    if args.png and Path(args.png).suffix.lower() not in PICTURE_SUFFIXES:
+        raise VerifyError(f"--png {args.png!r}: the file name must end in one of {', '.join(PICTURE_SUFFIXES)}")
+    source = resolve_source(args.model)
+    model = HookedTransformer.from_pretrained_no_processing(source, tokenizer=args.tokenizer)
+    if model.tokenizer is None:
+        raise VerifyError(f"{source} has no tokenizer: pass --tokenizer PATH (a folder holding one)")
+    cfg = model.cfg
+    layer = _in_range(args.layer, cfg.n_layers, "--layer", "layers")
+    head = _in_range(args.head, cfg.n_heads, "--head", "heads per layer")
+    tokens = model.to_tokens(args.text, prepend_bos=True if args.prepend_bos else None)
+    str_tokens = model.to_str_tokens(tokens[0])
+    query = _in_range(args.query, tokens.shape[1], "--query", "tokens in TEXT")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
+    pattern = cache["pattern", layer]  # [batch head q_pos k_pos]
+    print(f"model  {source} ({cfg.hf_architecture}, {cfg.n_layers} layers, {cfg.n_heads} heads)")
+    print(f"text   {args.text!r} ({tokens.shape[1]} tokens)")
+    print()
+    print(text_heatmap(pattern, str_tokens, head=head, max_tokens=args.max_tokens, color=args.color,
+                       title=f"layer {layer} head {head}"))
+    print()
+    print(top_k_table(pattern, query, str_tokens, head=head, k=args.top_k))
+    if args.png:
+        heads = None if args.all_heads else head
+        figure = plot_attention(pattern, str_tokens, heads=heads, layer=layer, path=args.png,
+                                title=f"{Path(source).name}: {args.text[:60]!r}")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        print(f"wrote {args.png}")
+    if args.html:
+        attention_viewer(cache, str_tokens, title=f"{Path(source).name}: {args.text[:80]!r}").save(args.html)
+        print(f"wrote {args.html}")
+    return 0
 
 
 if __name__ == "__main__":

