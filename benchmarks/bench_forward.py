@@ -1,66 +1,93 @@
-"""Forward-pass time of hooked_attn (no hooks, and with a full run_with_cache) against HF, side by side.
+"""Forward time with no hooks, and run_with_cache of everything or a filtered set, against HF side by side.
 
-    python benchmarks/bench_forward.py [--threads 1] [--out benchmarks/results/forward.json]
+    python benchmarks/bench_forward.py [--threads 1] [--sizes 1x32,4x128,8x512] [--dtypes float32,bfloat16]
 
-Measures, never asserts. Each figure is a median from torch.utils.benchmark's blocked_autorange,
-taken in the same process, so the ratios compare like with like on this machine.
+Measures, never asserts. Each figure is a median from torch.utils.benchmark's blocked_autorange, all
+taken in one process, so each ratio compares like with like on this machine.
 """
 
 import argparse
 import json
-import platform
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 import transformers
-from torch.utils import benchmark
 
+from benchmarks.common import RESULTS, machine, median_seconds, shapes, smollm2_folder
 from hooked_attn import HookedTransformer
 
-
-def shapes() -> dict[str, transformers.PretrainedConfig]:
-    return {
-        "gpt2-small-shape": transformers.GPT2Config(),
-        "llama-shape-small": transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                                      tie_word_embeddings=True),
-    }
+CACHE_SIZE = (4, 128)
 
 
-def median(stmt: str, **globals_: object) -> float:
-    return benchmark.Timer(stmt=stmt, globals=globals_).blocked_autorange(min_run_time=1.0).median
+def models(names: list[str], dtype: torch.dtype) -> Iterator[tuple[str, dict, HookedTransformer, int]]:
+    """(name, {"sdpa": HF, "eager": HF}, ours, vocab size) for each model, one at a time."""
+    for name in names:
+        if name == "smollm2-135m":
+            folder = smollm2_folder()
+            hf = {impl: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl)
+                  for impl in ("sdpa", "eager")}
+        else:
+            torch.manual_seed(0)
+            hf = {"sdpa": transformers.AutoModelForCausalLM.from_config(shapes()[name], attn_implementation="sdpa")}
+            hf["eager"] = transformers.AutoModelForCausalLM.from_config(shapes()[name], attn_implementation="eager")
+            hf["eager"].load_state_dict(hf["sdpa"].state_dict())
+            hf = {impl: m.to(dtype) for impl, m in hf.items()}
+        hf = {impl: m.eval() for impl, m in hf.items()}
+        ours = HookedTransformer.from_pretrained(hf["sdpa"], dtype=dtype)
+        yield name, hf, ours, hf["sdpa"].config.vocab_size
+        del hf, ours
+
+
+def run(names: list[str], sizes: list[tuple[int, int]], dtypes: list[torch.dtype], min_run_time: float = 1.0) -> list[dict]:
+    records = []
+    torch.set_grad_enabled(False)
+    for dtype in dtypes:
+        for name, hf, ours, vocab in models(names, dtype):
+            for batch, n_pos in sizes:
+                tokens = torch.randint(0, vocab, (batch, n_pos), generator=torch.Generator().manual_seed(0))
+                t = {f"hf_{impl}_s": median_seconds(lambda m=m: m(tokens), min_run_time) for impl, m in hf.items()}
+                t["hooked_s"] = median_seconds(lambda: ours(tokens), min_run_time)
+                rec = {"op": "forward", "model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                       "pos": n_pos, **t, "hooked_over_hf_sdpa": t["hooked_s"] / t["hf_sdpa_s"],
+                       "hooked_over_hf_eager": t["hooked_s"] / t["hf_eager_s"]}
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+                if (batch, n_pos) == CACHE_SIZE and dtype == torch.float32:
+                    records.append(cache_record(name, ours, hf["sdpa"], tokens, t, min_run_time))
+                    print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def cache_record(name: str, ours: HookedTransformer, hf: torch.nn.Module, tokens: torch.Tensor, t: dict,
+                 min_run_time: float) -> dict:
+    every = median_seconds(lambda: ours.run_with_cache(tokens), min_run_time)
+    resid = median_seconds(lambda: ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre")),
+                           min_run_time)
+    _, cache = ours.run_with_cache(tokens)
+    return {"op": "run_with_cache", "model": name, "dtype": "float32", "batch": tokens.shape[0], "pos": tokens.shape[1],
+            "hooks_cached": len(cache), "cache_bytes": sum(v.numel() * v.element_size() for v in cache.values()),
+            "cache_all_s": every, "cache_resid_pre_s": resid, "hooked_s": t["hooked_s"], "hf_sdpa_s": t["hf_sdpa_s"],
+            "cache_all_over_hooked": every / t["hooked_s"], "cache_all_over_hf_sdpa": every / t["hf_sdpa_s"],
+            "cache_resid_pre_over_hf_sdpa": resid / t["hf_sdpa_s"]}
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(n) for n in size.split("x")) for size in text.split(",")]  # type: ignore[misc]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sizes", default="1x32,4x128")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/forward.json"))
+    parser.add_argument("--models", default="gpt2-small-shape,llama-shape,smollm2-135m")
+    parser.add_argument("--sizes", default="1x32,4x128,8x512")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--min-run-time", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    records = []
-    for name, cfg in shapes().items():
-        hf = {impl: transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
-              for impl in ("sdpa", "eager")}
-        ours = HookedTransformer.from_pretrained_no_processing(hf["sdpa"])
-        for size in args.sizes.split(","):
-            batch, n_pos = map(int, size.split("x"))
-            tokens = torch.randint(0, cfg.vocab_size, (batch, n_pos))
-            t = {f"hf_{impl}": median("m(tokens)", m=m, tokens=tokens) for impl, m in hf.items()}
-            t["hooked"] = median("m(tokens)", m=ours, tokens=tokens)
-            t["hooked_cache_all"] = median("m.run_with_cache(tokens)", m=ours, tokens=tokens)
-            rec = {"model": name, "batch": batch, "pos": n_pos, "dtype": "float32", "threads": args.threads,
-                   **{f"{k}_s": v for k, v in t.items()},
-                   "hooked_over_hf_sdpa": t["hooked"] / t["hf_sdpa"],
-                   "hooked_over_hf_eager": t["hooked"] / t["hf_eager"],
-                   "cache_all_over_forward": t["hooked_cache_all"] / t["hooked"]}
-            records.append(rec)
-            print(json.dumps(rec))
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-           "processor": platform.processor(), "cpus": torch.get_num_threads()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"env": env, "records": records}, indent=1))
+    records = run(args.models.split(","), parse_sizes(args.sizes), [getattr(torch, d) for d in args.dtypes.split(",")],
+                  args.min_run_time)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "forward.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
 
 
 if __name__ == "__main__":

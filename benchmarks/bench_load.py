@@ -1,0 +1,80 @@
+"""Load time and peak RSS growth from a local safetensors folder: hooked_attn (processed and not) / HF.
+
+    python benchmarks/bench_load.py [--models gpt2-small-shape,smollm2-135m] [--dtypes float32,bfloat16]
+
+Every measurement runs in a fresh process (``--child``), which imports everything first, resets the
+kernel's peak-RSS mark, loads, and reports the wall time, the peak RSS growth over the RSS before the
+load, and the loaded model's parameter bytes. HF's ``from_pretrained`` memory-maps safetensors, so its
+pages become resident only as they are read: its growth is low until the first forward. Measures,
+never asserts.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    RESULTS, machine, param_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, run_child, save_shape, smollm2_folder,
+)
+
+LOADERS = ("hf", "hooked_processed", "hooked_unprocessed")
+
+
+def child(loader: str, folder: str, dtype_name: str) -> dict:
+    import transformers
+
+    from hooked_attn import HookedTransformer
+
+    dtype = getattr(torch, dtype_name)
+    before = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    if loader == "hf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    elif loader == "hooked_processed":
+        model = HookedTransformer.from_pretrained(folder, dtype=dtype)
+    else:
+        model = HookedTransformer.from_pretrained_no_processing(folder, dtype=dtype)
+    seconds = time.perf_counter() - start
+    growth = peak_rss_bytes() - before
+    return {"loader": loader, "seconds": seconds, "peak_rss_growth_bytes": growth, "param_bytes": param_bytes(model),
+            "growth_over_param_bytes": growth / param_bytes(model)}
+
+
+def run(names: list[str], dtypes: list[str], repeats: int = 3) -> list[dict]:
+    records = []
+    for name in names:
+        folder = smollm2_folder() if name == "smollm2-135m" else save_shape(name, RESULTS / "models" / name)
+        for dtype in dtypes:
+            runs = {loader: [run_child(["-m", "benchmarks.bench_load", "--child", loader, str(folder), dtype])
+                             for _ in range(repeats)] for loader in LOADERS}
+            med = {loader: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for loader, rs in runs.items()}
+            rec = {"op": "load", "model": name, "dtype": dtype, "repeats": repeats,
+                   **{f"{loader}_{k}": v for loader, r in med.items() for k, v in r.items() if k != "loader"}}
+            for loader in LOADERS[1:]:
+                rec[f"{loader}_over_hf_seconds"] = med[loader]["seconds"] / med["hf"]["seconds"]
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt2-small-shape,smollm2-135m")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("LOADER", "FOLDER", "DTYPE"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    records = run(args.models.split(","), args.dtypes.split(","), args.repeats)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""What every benchmark shares: timing by median, the machine's description, the model shapes, peak RSS.
+
+Benchmarks measure and never assert. Each ratio is taken side by side in one process (or, for loading,
+in fresh processes started one after another), so that both sides see the same machine state.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils import benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
+    """Median wall time of ``fn()`` over as many blocks as fit in ``min_run_time`` (at least a few)."""
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def shapes() -> dict[str, transformers.PretrainedConfig]:
+    """Randomly initialised models with the shapes of GPT-2 small and of SmolLM2-135M (a LLaMA)."""
+    return {
+        "gpt2-small-shape": transformers.GPT2Config(),
+        "llama-shape": transformers.LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+    }
+
+
+def smollm2_folder() -> Path:
+    """The real SmolLM2-135M that setup prepares (see hooked_attn.default_model)."""
+    from hooked_attn.default_model import prepare_smollm2
+
+    return Path(prepare_smollm2())
+
+
+def save_shape(name: str, folder: Path) -> Path:
+    """Save the random-init model ``name`` (with the GPT-2 tokenizer) as an HF folder, once."""
+    from hooked_attn.default_model import gpt2_tokenizer
+
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(shapes()[name])
+        model.save_pretrained(folder)
+        gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) for this process, where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(args: list[str], python: str = sys.executable, timeout: float = 1200) -> dict:
+    """Run ``python args...`` in a fresh process and return the JSON object it prints last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([python, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
