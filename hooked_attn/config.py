@@ -56,7 +56,13 @@ class Alibi:
     """ALiBi (BLOOM, Falcon-RW): no position embedding; each head adds ``slope * k_pos`` to its scores.
 
     Slopes are the geometric sequence of the ALiBi paper for ``n_heads`` (HF ``build_alibi_tensor``).
+    ``scaled_with_scores=False`` adds the bias after the attention scale, ``q.k * attn_scale + bias``;
+    True adds it before, ``(q.k + bias) * attn_scale``. ``bias_dtype="bfloat16"`` rounds each slope,
+    then each ``slope * k_pos``, to bfloat16 before use; ``"float32"`` keeps them in float32.
     """
+
+    scaled_with_scores: bool = False
+    bias_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +143,7 @@ class ModelConfig:
     n_ctx: int
     norm: NormConfig
     act_fn: ActFn
-    positions: LearnedPositions | Rotary | Alibi
+    positions: LearnedPositions | Rotary | Alibi | None  # None: no positional information at all
     attn_scale: float
     attn_scale_by_inverse_layer: bool = False
     causal: bool = True                            # False: bidirectional attention (encoders)
@@ -145,7 +151,9 @@ class ModelConfig:
     parallel_attn_mlp: bool = False
     # Where the block's norms sit. "pre": x + f(norm(x)). "sandwich": x + post_norm(f(norm(x)))
     # (Gemma 2/3). "output": x + post_norm(f(x)) (OLMo-2). "post_residual": norm(x + f(x)) (OPT-350m).
-    block_norms: Literal["pre", "sandwich", "output", "post_residual"] = "pre"
+    # "normed_residual": norm(x) + f(norm(x)), the norm's output replaces the residual (BLOOM's
+    # apply_residual_connection_post_layernorm).
+    block_norms: Literal["pre", "sandwich", "output", "post_residual", "normed_residual"] = "pre"
     post_norm: NormConfig | None = None            # the ln1_post / ln2_post norms of sandwich and output
     final_norm: bool = True                        # ln_final before the unembedding
     embed_scale: float | None = None               # multiply token embeddings by this (Gemma: sqrt(d_model))
@@ -153,8 +161,10 @@ class ModelConfig:
     qk_norm: QKNorm | None = None
     # Per-layer overrides, each a tuple of n_layers entries.
     layer_rotary: tuple[Rotary | None, ...] | None = None  # rotary per layer; None entries: no rotary there
-    attn_windows: tuple[int | None, ...] | None = None     # sliding window per layer: q_pos - k_pos < window
+    # Sliding window per layer: keys with q_pos - k_pos < window (|q_pos - k_pos| < window when not causal).
+    attn_windows: tuple[int | None, ...] | None = None
     attn_scores_soft_cap: float | None = None      # scores = cap * tanh(scores / cap) before masking
+    clip_qkv: float | None = None                  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection
     output_logits_soft_cap: float | None = None    # logits = cap * tanh(logits / cap)
     moe: MoE | None = None
     processing: Processing = Processing()
@@ -176,6 +186,8 @@ class ModelConfig:
                 raise ValueError(f"{name} has {len(per_layer)} entries for {self.n_layers} layers")
         if self.layer_rotary is not None and not isinstance(self.positions, Rotary):
             raise ValueError("layer_rotary needs positions=Rotary(...)")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"clip_qkv={self.clip_qkv} must be positive")
         if any(w is not None and w <= 0 for w in self.attn_windows or ()):
             raise ValueError(f"attn_windows must be positive, got {self.attn_windows}")
         needs_post = self.block_norms in ("sandwich", "output")
@@ -209,7 +221,7 @@ class ModelConfig:
         return self.positions if isinstance(self.positions, Rotary) else None
 
     def window_at(self, layer: int) -> int | None:
-        """The sliding-window size of block ``layer``, or None for full causal attention."""
+        """The sliding-window size of block ``layer``, or None for attention over every key."""
         return self.attn_windows[layer] if self.attn_windows is not None else None
 
     def replace(self, **changes: object) -> "ModelConfig":

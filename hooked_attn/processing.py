@@ -43,7 +43,7 @@ def _norm_readers(cfg: ModelConfig, sd: StateDict) -> list[tuple[str, list[str]]
     return out
 
 
-_READER_BIAS = {"W_Q": "b_Q", "W_K": "b_K", "W_V": "b_V", "W_in": "b_in", "W_U": "b_U"}
+_READER_BIAS = {"W_Q": "b_Q", "W_K": "b_K", "W_V": "b_V", "W_in": "b_in", "W_gate": "b_gate", "W_U": "b_U"}
 
 
 def _bias_key(weight_key: str, sd: StateDict) -> str | None:
@@ -54,13 +54,19 @@ def _bias_key(weight_key: str, sd: StateDict) -> str | None:
 
 def why_not(step: str, cfg: ModelConfig) -> str | None:
     """Why ``step`` cannot preserve this model, or None when it can."""
+    # clip_qkv clamps x W + b for q, k and v. Folding a norm's gain and bias into W and b, centring
+    # W over d_model (the norm's output has zero mean) and centring the residual stream (every reader
+    # is a LayerNorm) all leave x W + b unchanged, so what is clamped is unchanged; the steps below
+    # that would change it are refused.
     if step == "fold_ln":
         if cfg.block_norms == "post_residual":
             return "post-residual norms write the residual stream itself, so their gains cannot move"
+        if cfg.block_norms == "normed_residual":
+            return "each block adds its sublayers to the norm's output, so its gains shape the residual stream"
         if cfg.block_norms == "output" and not cfg.final_norm:
             return "this model has no norm whose gain feeds a weight"
-        if cfg.norm.bias and cfg.gated_mlp and cfg.block_norms in ("pre", "sandwich"):
-            return "the gated MLP has no gate bias to take the LayerNorm bias"
+    if step == "fold_value_biases" and cfg.clip_qkv is not None:
+        return "v is clamped (clip_qkv) after its bias is added, so the bias cannot move past the clamp"
     if step == "center_writing_weights":
         if cfg.norm.kind != "layernorm":
             return "the residual stream is read through RMSNorm, which does not remove the mean"
@@ -75,6 +81,8 @@ def why_not(step: str, cfg: ModelConfig) -> str | None:
             return f"it needs one K/V head per query head ({cfg.n_heads} query, {cfg.n_kv_heads} K/V heads here)"
         if cfg.qk_norm is not None:
             return "a norm sits between the Q/K projections and the scores"
+        if cfg.clip_qkv is not None:
+            return "q, k and v are clamped (clip_qkv) after projection: refactoring changes what is clamped"
     return None
 
 
@@ -89,9 +97,10 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
     then centre those reading weights over ``d_model``.
 
     Invariant: logits unchanged. The norms keep normalising (the config's norm gets
-    ``weight=False, bias=False``); ``w`` scales the rows of each reader, ``b`` becomes reader bias,
-    and a LayerNorm output has zero mean, so a reader's component along the all-ones direction is
-    never used and centring removes it.
+    ``weight=False, bias=False``); ``w`` scales the rows of each reader, ``b`` becomes reader bias
+    (``b_Q``/``b_K``/``b_V``, ``b_in`` and, in gated MLPs, ``b_gate``; ``b_U``), and a LayerNorm
+    output has zero mean, so a reader's component along the all-ones direction is never used and
+    centring removes it. Each reader's output ``x W + b`` is unchanged.
     """
     _refuse("fold_ln", cfg)
     out = dict(sd)
@@ -151,8 +160,9 @@ def fold_value_biases(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
     """Move each value bias into the output bias: ``b_O += sum_head b_V[head] @ W_O[head]``; ``b_V = 0``.
 
     Invariant: logits unchanged, because every pattern row sums to 1, so the value bias reaches
-    ``z`` unchanged whatever the pattern.
+    ``z`` unchanged whatever the pattern. Refused when v is clamped (``clip_qkv``).
     """
+    _refuse("fold_value_biases", cfg)
     out = dict(sd)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
@@ -177,7 +187,8 @@ def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig) -> dict[str
     of ``W_Q W_K^T`` and ``W_V W_O``; value biases are folded into ``b_O`` first.
 
     Invariant: logits unchanged; each head's QK and OV products (bias rows included) are preserved.
-    Refused for rotary models (rotation sits between Q and K) and for shared K/V heads.
+    Refused for rotary models (rotation sits between Q and K), for shared K/V heads, Q/K norms and
+    clamped q, k, v.
     """
     _refuse("refactor_factored_attn_matrices", cfg)
     out = fold_value_biases(sd, cfg)

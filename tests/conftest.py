@@ -41,9 +41,25 @@ def randomize_(model: torch.nn.Module, seed: int = 0, biases: bool = True) -> to
     return model
 
 
+def reference_attn_implementation(hf_cfg: transformers.PretrainedConfig) -> str:
+    """The HF attention implementation the tests treat as ground truth: eager, except where
+    transformers' eager path computes something its other paths and the original model do not.
+
+    Falcon with alibi=True: FalconModel.forward folds ``alibi / sqrt(d_head)`` into the causal mask
+    it hands every layer, and FalconAttention's eager branch then also adds ``alibi`` to q.k itself,
+    so eager scores are ``(q.k + alibi) / sqrt(d_head) + alibi / sqrt(d_head)``: the bias twice.
+    The sdpa branch (Falcon's default implementation) and the original Falcon-RW code add it once.
+    ``test_falcon_alibi_hf_eager_adds_the_bias_twice`` (test_equivalence.py) checks this is still so.
+    """
+    if hf_cfg.model_type == "falcon" and getattr(hf_cfg, "alibi", False):
+        return "sdpa"
+    return "eager"
+
+
 def tiny_hf_model(hf_cfg: transformers.PretrainedConfig, seed: int = 0, biases: bool = True) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_cfg, attn_implementation=reference_attn_implementation(hf_cfg)).eval()
     return randomize_(model, seed, biases)
 
 

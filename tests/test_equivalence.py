@@ -94,3 +94,47 @@ def test_fused_and_explicit_attention_paths_agree(case):
     explicit, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     assert len(cache) == model.cfg.n_layers
     torch.testing.assert_close(explicit, fused, **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+def test_falcon_alibi_hf_eager_adds_the_bias_twice():
+    """Why conftest.reference_attn_implementation compares Falcon-with-ALiBi against HF's sdpa
+    branch: HF's eager branch disagrees with it, and we match sdpa (one bias, scaled with the
+    scores, as the original Falcon-RW code). If transformers fixes its eager branch this test fails:
+    then drop the exception in conftest."""
+    from hooked_attn.architectures.falcon import tiny_hf_configs
+
+    hf_cfg = tiny_hf_configs()["alibi_mha_sequential_bias"]
+    hf = tiny_hf_model(hf_cfg)
+    assert hf.config._attn_implementation == "sdpa"
+    tokens = random_tokens(hf_cfg)
+    sdpa_logits = hf(tokens).logits
+    model = HookedTransformer.from_pretrained_no_processing(hf)
+    hf.config._attn_implementation = "eager"  # FalconAttention reads it at every call
+    eager_logits = hf(tokens).logits
+    torch.testing.assert_close(model(tokens), sdpa_logits, **TOL["tiny_fp32"])
+    assert (eager_logits - sdpa_logits).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_clip_qkv_hooks_hold_the_clamped_values():
+    """hook_q/k/v fire after OLMo's clamp: they hold what attention uses, never beyond clip_qkv."""
+    from hooked_attn.architectures.olmo import tiny_hf_configs
+
+    hf_cfg = tiny_hf_configs()["clip_qkv_attention_bias"]
+    model = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(hf_cfg))
+    clip = model.cfg.clip_qkv
+    sites = ("hook_q", "hook_k", "hook_v")
+    _, cache = model.run_with_cache(random_tokens(hf_cfg), names_filter=lambda n: n.endswith(sites))
+    for name, value in cache.items():
+        assert value.abs().max() <= clip, name
+        assert (value.abs() == clip).any(), f"{name}: the clamp never binds, so this variant proves nothing"
+
+
+def test_rotary_fraction_zero_means_no_positions():
+    """GPT-NeoX rotary_pct=0: HF rotates an empty slice, so there is no rotary and no rotary hook."""
+    from hooked_attn.architectures.gpt_neox import tiny_hf_configs
+
+    model = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(tiny_hf_configs()["no_rotary"]))
+    assert model.cfg.positions is None
+    assert not any("hook_rot_" in name for name in model.hook_dict)

@@ -80,7 +80,8 @@ def test_what_each_step_produces(case):
         assert cfg.normalization_type in ("LNPre", "RMSPre")
     if done.center_unembed:
         torch.testing.assert_close(sd["unembed.W_U"].mean(-1), torch.zeros(cfg.d_model), atol=1e-6, rtol=0)
-    assert all(torch.all(sd[f"blocks.{i}.attn.b_V"] == 0) for i in range(cfg.n_layers))
+    if done.fold_value_biases:
+        assert all(torch.all(sd[f"blocks.{i}.attn.b_V"] == 0) for i in range(cfg.n_layers))
     if done.center_writing_weights:
         torch.testing.assert_close(sd["blocks.0.attn.W_O"].mean(-1), torch.zeros_like(sd["blocks.0.attn.W_O"][..., 0]),
                                    atol=1e-6, rtol=0)
@@ -97,6 +98,53 @@ def test_rmsnorm_skips_center_writing_weights_with_a_logged_reason(caplog):
         model = HookedTransformer.from_pretrained(hf, center_writing_weights=True)
     assert "skipping center_writing_weights" in caplog.text and "RMSNorm" in caplog.text
     assert not model.cfg.processing.center_writing_weights
+
+
+@torch.no_grad()
+def test_clip_qkv_skips_fold_value_biases_and_still_matches_hf(caplog):
+    """OLMo's clip_qkv clamps v after its bias: moving b_V into b_O would change what is clamped,
+    so that step is skipped with a logged reason; the steps that keep x W + b (fold_ln, centring) run."""
+    from hooked_attn.architectures.olmo import tiny_hf_configs
+
+    hf_cfg = tiny_hf_configs()["clip_qkv_attention_bias"]
+    hf = tiny_hf_model(hf_cfg)
+    tokens = random_tokens(hf_cfg)
+    with caplog.at_level(logging.INFO, logger="hooked_attn.processing"):
+        model = HookedTransformer.from_pretrained(hf)
+    assert "skipping fold_value_biases" in caplog.text and "clip_qkv" in caplog.text
+    done = model.cfg.processing
+    assert not done.fold_value_biases and done.fold_ln and done.center_writing_weights and done.center_unembed
+    assert model.blocks[0].attn.b_V.abs().max() > 0  # the random value biases stayed where they were
+    ref = hf(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(model(tokens).log_softmax(-1), ref, **TOL["tiny_fp32"])
+    with pytest.raises(P.ProcessingError, match="clip_qkv"):
+        P.fold_value_biases(model.state_dict(), model.cfg)
+
+
+@torch.no_grad()
+def test_fold_ln_moves_a_layernorm_bias_into_the_gate_bias():
+    """StableLM: LayerNorm with a bias before a gated MLP. The bias lands in b_gate and b_in."""
+    from hooked_attn.architectures.stablelm import tiny_hf_configs
+
+    model, tokens = unprocessed((None, "default", tiny_hf_configs()["default"]))
+    raw = model.state_dict()
+    assert torch.all(raw["blocks.0.mlp.b_gate"] == 0) and raw["blocks.0.ln2.b"].abs().max() > 0
+    sd, cfg = P.process_weights(raw, model.cfg, center_writing_weights=False, center_unembed=False,
+                                fold_value_biases=False)
+    assert cfg.processing.fold_ln and "blocks.0.ln2.b" not in sd
+    expected = raw["blocks.0.ln2.b"] @ raw["blocks.0.mlp.W_gate"]  # b W_gate, then zero bias added
+    torch.testing.assert_close(sd["blocks.0.mlp.b_gate"], expected, **TOL["tiny_fp32"])
+    torch.testing.assert_close(rebuilt(model, sd, cfg)(tokens), model(tokens), **TOL["tiny_fp32"])
+
+
+def test_normed_residual_skips_fold_ln_with_a_logged_reason(caplog):
+    from hooked_attn.architectures.bloom import tiny_hf_configs
+
+    hf = tiny_hf_model(tiny_hf_configs()["residual_post_layernorm"])
+    with caplog.at_level(logging.INFO, logger="hooked_attn.processing"):
+        model = HookedTransformer.from_pretrained(hf)
+    assert "skipping fold_ln" in caplog.text and "norm's output" in caplog.text
+    assert not model.cfg.processing.fold_ln and model.cfg.block_norms == "normed_residual"
 
 
 def test_refactor_is_refused_on_rotary_models_and_leaves_nothing_built():

@@ -15,7 +15,7 @@ HANDLED_HF_FIELDS = frozenset({
     # to_dict() spells the sizes n_layer / n_head (attribute_map aliases num_hidden_layers /
     # num_attention_heads to them); a checkpoint's n_embed is folded into hidden_size by __post_init__.
     "vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "tie_word_embeddings",
-    "apply_residual_connection_post_layernorm",  # read only to refuse True
+    "apply_residual_connection_post_layernorm",
     # Read only to refuse pretraining_tp > 1 together with slow_but_exact. Either alone changes nothing:
     # BloomAttention/BloomMLP take the sliced path only when both are set.
     "pretraining_tp", "slow_but_exact",
@@ -34,13 +34,6 @@ _N_CTX = 2048
 
 
 def config_from_hf(hf: BloomConfig) -> ModelConfig:
-    if hf.apply_residual_connection_post_layernorm:
-        # BloomBlock.forward then adds each sublayer to its *normed* input, ln(x) + f(ln(x)); our
-        # blocks always add to the un-normed residual stream.
-        raise UnsupportedConfigError(
-            f"{ARCH}: config field apply_residual_connection_post_layernorm=True is not supported "
-            "(the residual is the LayerNorm output, which no block_norms placement expresses)"
-        )
     if hf.pretraining_tp > 1 and hf.slow_but_exact:
         # The sliced path of BloomAttention.forward / BloomMLP.forward sums F.linear over column slices
         # of dense / dense_4h_to_h *without their biases*, so HF then drops two trained biases per layer.
@@ -65,6 +58,9 @@ def config_from_hf(hf: BloomConfig) -> ModelConfig:
         positions=Alibi(), attn_scale=d_head**-0.5,
         # BloomModel.word_embeddings_layernorm, right after the token embedding.
         embed_norm=norm,
+        # BloomBlock.forward: with apply_residual_connection_post_layernorm the residual each sublayer
+        # is added to is the LayerNorm's output, ln(x) + f(ln(x)), not x + f(ln(x)).
+        block_norms="normed_residual" if hf.apply_residual_connection_post_layernorm else "pre",
     )
 
 
@@ -111,6 +107,8 @@ def tiny_hf_configs() -> dict[str, BloomConfig]:
         "six_heads_untied": BloomConfig(**base, hidden_size=48, n_head=6, tie_word_embeddings=False),
         # bigscience/bloom's pretraining_tp=4 without slow_but_exact: the ordinary path.
         "pretraining_tp_4": BloomConfig(**base, hidden_size=32, n_head=4, pretraining_tp=4),
+        "residual_post_layernorm": BloomConfig(**base, hidden_size=32, n_head=4,
+                                               apply_residual_connection_post_layernorm=True),
     }
 
 

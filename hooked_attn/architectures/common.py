@@ -1,5 +1,5 @@
 """Small helpers the family converters share: HF ``nn.Linear`` projections into our per-head layout,
-the gated MLP, the lm_head-or-tied unembedding, and the activation-name table.
+the gated MLP (with or without biases), the lm_head-or-tied unembedding, and the activation-name table.
 
 Every helper pops its keys through the family's :class:`KeyLedger`, so the ledger still accounts for
 every HF key, and every shape check names the HF key. Layout quirks (fused projections, odd biases,
@@ -99,16 +99,19 @@ def pop_attention(
 
 def pop_gated_mlp(
     src: KeyLedger, hf_mlp: str, ours: str, cfg: ModelConfig, like: Tensor,
-    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), *, bias: BiasRule = "none",
 ) -> dict[str, Tensor]:
-    """W_gate, W_in, W_out (zero biases) under ``{ours}.mlp`` from bias-free gate/up/down nn.Linear layers."""
+    """W_gate, b_gate, W_in, b_in, W_out, b_out under ``{ours}.mlp`` from gate/up/down nn.Linear
+    layers; their biases are read as ``bias`` says (zeros with the default "none")."""
     f, m = cfg.d_mlp, cfg.d_model
+    gate, up, down = (f"{hf_mlp}.{name}" for name in names)
     return {
-        f"{ours}.mlp.W_gate": src.pop(f"{hf_mlp}.{names[0]}.weight", (f, m)).T,
-        f"{ours}.mlp.W_in": src.pop(f"{hf_mlp}.{names[1]}.weight", (f, m)).T,
-        f"{ours}.mlp.b_in": zeros(like, f),
-        f"{ours}.mlp.W_out": src.pop(f"{hf_mlp}.{names[2]}.weight", (m, f)).T,
-        f"{ours}.mlp.b_out": zeros(like, m),
+        f"{ours}.mlp.W_gate": src.pop(f"{gate}.weight", (f, m)).T,
+        f"{ours}.mlp.b_gate": pop_bias(src, f"{gate}.bias", (f,), like, bias),
+        f"{ours}.mlp.W_in": src.pop(f"{up}.weight", (f, m)).T,
+        f"{ours}.mlp.b_in": pop_bias(src, f"{up}.bias", (f,), like, bias),
+        f"{ours}.mlp.W_out": src.pop(f"{down}.weight", (m, f)).T,
+        f"{ours}.mlp.b_out": pop_bias(src, f"{down}.bias", (m,), like, bias),
     }
 
 

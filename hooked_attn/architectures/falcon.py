@@ -1,4 +1,5 @@
-"""Falcon family (Falcon-7B/40B/180B, Falcon-RW without ALiBi). Mirrors transformers/models/falcon/modeling_falcon.py."""
+"""Falcon family (Falcon-7B/40B/180B, Falcon-RW with ALiBi). Mirrors
+transformers/models/falcon/modeling_falcon.py."""
 
 import einops
 from torch import Tensor
@@ -8,7 +9,7 @@ from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
 from hooked_attn.architectures.llama import rotary_from_hf
-from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.config import Alibi, ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
 
 ARCH = "FalconForCausalLM"
@@ -16,7 +17,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_kv_heads", "layer_norm_epsilon",
     "max_position_embeddings", "ffn_hidden_size", "activation", "tie_word_embeddings", "bias",
     "new_decoder_architecture", "multi_query", "parallel_attn", "num_ln_in_parallel_attn", "rope_parameters",
-    "alibi",  # read only to refuse True (see config_from_hf)
+    "alibi",
     # Not a FalconConfig field, but the Falcon hub configs (falcon-7b, falcon-rw-1b...) carry it from the
     # original RW code. FalconDecoderLayer never reads it; read only to refuse True.
     "apply_residual_connection_post_layernorm",
@@ -55,28 +56,33 @@ def _layout(hf: FalconConfig) -> tuple[int, bool, int]:
     return h, hf.parallel_attn, 1
 
 
-def config_from_hf(hf: FalconConfig) -> ModelConfig:
+def _positions(hf: FalconConfig, d_head: int) -> Rotary | Alibi:
     if hf.alibi:
-        # FalconAttention.forward adds ALiBi *before* scaling, (q.k + alibi) / sqrt(d_head), and
-        # build_alibi_tensor rounds slope * k_pos to bfloat16 (slopes[..., None].bfloat16() *
-        # arange): effective slopes slope / sqrt(d_head), bf16-rounded products. Our Alibi adds
-        # slope * k_pos in float32 after scaling (BLOOM's formula), so the scores would differ.
-        raise UnsupportedConfigError(
-            f"{ARCH}: config field alibi=True is not supported (Falcon scales its bf16-rounded ALiBi bias by "
-            "1/sqrt(d_head); hooked_attn's Alibi is BLOOM's unscaled float32 bias)"
-        )
-    if getattr(hf, "apply_residual_connection_post_layernorm", False):
-        raise UnsupportedConfigError(f"{ARCH}: config field apply_residual_connection_post_layernorm=True is not "
-                                     "supported (transformers' Falcon ignores it, so no reference exists)")
-    if hf.activation not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: activation={hf.activation!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+        # FalconModel.forward: build_alibi_tensor rounds the slopes, then slope * k_pos, to bfloat16
+        # (`slopes[..., None].bfloat16() * arange_tensor`), with k_pos counting real tokens; no rotary
+        # then (FalconAttention applies rotary only `if alibi is None`). The bias is scaled with the
+        # scores: the original Falcon-RW attention computes (q.k + alibi) / sqrt(d_head), and HF's sdpa
+        # branch passes alibi / sqrt(d_head) as the mask of an SDPA scaled by 1/sqrt(d_head), which is
+        # the same. (HF's eager branch adds alibi once there and once more through the mask that
+        # FalconModel.forward builds from it: tests/conftest.py compares with the sdpa branch.)
+        return Alibi(scaled_with_scores=True, bias_dtype="bfloat16")
     rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         # FalconRotaryEmbedding's default init ignores partial_rotary_factor (rotary over all of d_head)
         # while the scaled types honour it and then fail in apply_rotary_pos_emb: no consistent reference.
         raise UnsupportedConfigError(f"{ARCH}: rope_parameters partial_rotary_factor="
                                      f"{rope['partial_rotary_factor']!r} is not supported")
+    # Rotary over the whole head, paired by rotate_half (FalconRotaryEmbedding, apply_rotary_pos_emb).
+    return rotary_from_hf(rope, d_head, ARCH)
+
+
+def config_from_hf(hf: FalconConfig) -> ModelConfig:
+    if getattr(hf, "apply_residual_connection_post_layernorm", False):
+        raise UnsupportedConfigError(f"{ARCH}: config field apply_residual_connection_post_layernorm=True is not "
+                                     "supported (transformers' Falcon ignores it, so no reference exists)")
+    if hf.activation not in ACTIVATIONS:
+        raise UnsupportedConfigError(f"{ARCH}: activation={hf.activation!r} is not supported "
+                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.hidden_size // hf.num_attention_heads  # FalconConfig.head_dim
     n_kv, parallel, _ = _layout(hf)
     return ModelConfig(
@@ -85,9 +91,8 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
         d_head=d_head, d_mlp=hf.ffn_hidden_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
         act_fn=ACTIVATIONS[hf.activation],  # type: ignore[arg-type]
-        # Rotary over the whole head, paired by rotate_half (FalconRotaryEmbedding, apply_rotary_pos_emb).
-        positions=rotary_from_hf(rope, d_head, ARCH),
-        # FalconAttention (rotary branch): q.k / sqrt(d_head). Its eager softmax runs in the activation
+        positions=_positions(hf, d_head),
+        # FalconAttention: q.k / sqrt(d_head) (inv_norm_factor). Its eager softmax runs in the activation
         # dtype; ours in float32 (identical in fp32).
         attn_scale=d_head**-0.5,
         # FalconDecoderLayer.forward: parallel adds attn(ln(x)) + mlp(ln'(x)) to x; otherwise sequential.
@@ -180,6 +185,15 @@ def tiny_hf_configs() -> dict[str, FalconConfig]:
                                                    num_ln_in_parallel_attn=1, bias=True),
         "rope_linear": FalconConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
                                                              "factor": 2.0}),
+        # ALiBi (falcon-rw-1b/7b: multi-head, sequential, biases) and the other layouts with it.
+        "alibi_mha_sequential_bias": FalconConfig(**base, alibi=True, multi_query=False, parallel_attn=False,
+                                                  bias=True),
+        "alibi_mqa_parallel": FalconConfig(**base, alibi=True),
+        "alibi_new_arch_gqa": FalconConfig(**base, alibi=True, new_decoder_architecture=True, num_kv_heads=2),
+        # 12 heads, not a power of two: the slopes interleave those of 16 heads, 2^-0.5, 2^-1.5 ..., which
+        # bfloat16 cannot hold exactly (those of 4 or 8 heads are powers of two), so the rounding shows.
+        "alibi_twelve_heads_parallel": FalconConfig(**{**base, "num_attention_heads": 12, "hidden_size": 48},
+                                                    alibi=True, multi_query=False),
     }
 
 

@@ -59,11 +59,19 @@ def check_activation(arch: str, field: str, value: str) -> str:
 
 
 def check_causal(arch: str, hf) -> None:
-    # GemmaAttention.is_causal = not use_bidirectional_attention, and the mask becomes bidirectional
-    # (an encoder, EmbeddingGemma): our attention is always causal.
+    """Refuse use_bidirectional_attention=True for Gemma 1 and 2, where transformers has no single meaning.
+
+    GemmaAttention/Gemma2Attention only set ``is_causal = not use_bidirectional_attention``, while
+    GemmaModel/Gemma2Model still build their masks with create_causal_mask. Eager attention adds that
+    causal mask and stays causal; the kernels that read ``is_causal`` instead of a mask (Gemma's sdpa
+    when nothing is padded, flash attention) attend both ways. Gemma 3 (gemma3.py) changes the masks
+    themselves and is supported.
+    """
     if getattr(hf, "use_bidirectional_attention", None):
-        raise UnsupportedConfigError(f"{arch}: config field use_bidirectional_attention=True is not supported "
-                                     "(hooked_attn's attention is causal)")
+        raise UnsupportedConfigError(
+            f"{arch}: config field use_bidirectional_attention=True is not supported (transformers' eager "
+            "attention stays causal while its sdpa/flash attention becomes bidirectional, so there is no "
+            "single reference to match; Gemma3 configs support it)")
 
 
 def config_from_hf(hf: GemmaConfig) -> ModelConfig:

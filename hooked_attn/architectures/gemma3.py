@@ -9,7 +9,7 @@ from transformers import Gemma3TextConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.gemma import (
-    check_activation, check_causal, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
+    check_activation, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
 )
 from hooked_attn.architectures.gemma2 import layer_windows
 from hooked_attn.architectures.llama import rotary_from_hf
@@ -25,7 +25,7 @@ HANDLED_HF_FIELDS = frozenset({
     # {"sliding_attention": {...}, "full_attention": {...}}: Gemma3TextConfig.convert_rope_params_to_dict
     # puts rope_local_base_freq into the first and rope_theta plus any rope_scaling into the second.
     "rope_parameters",
-    "use_bidirectional_attention",  # read only to refuse True
+    "use_bidirectional_attention",
 })
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
@@ -59,7 +59,6 @@ def layer_rotaries(hf: Gemma3TextConfig, d_head: int) -> tuple[Rotary, ...]:
 
 
 def config_from_hf(hf: Gemma3TextConfig) -> ModelConfig:
-    check_causal(ARCH, hf)
     act = check_activation(ARCH, "hidden_activation", hf.hidden_activation)
     d_head = hf.head_dim
     norm = gemma_norm(hf.rms_norm_eps)
@@ -82,6 +81,12 @@ def config_from_hf(hf: Gemma3TextConfig) -> ModelConfig:
         attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,  # Gemma3Attention.scaling
         gated_mlp=True, embed_scale=embed_scale(hf.hidden_size),
         attn_windows=layer_windows(ARCH, list(hf.layer_types), hf.sliding_window),
+        # use_bidirectional_attention (EmbeddingGemma): Gemma3TextModel.forward ORs a full mask onto the
+        # causal one of full layers, and onto the sliding layers' mask the overlay
+        # |q_idx - kv_idx| < sliding_window, so every query sees the keys within the window on both
+        # sides: our causal=False with the same attn_windows. Gemma3TextConfig.__post_init__ has
+        # already turned the config's window w into w // 2 + 1; hf.sliding_window is that value.
+        causal=not hf.use_bidirectional_attention,
         # Gemma3ForCausalLM.forward: logits / cap, tanh, * cap (None on the released checkpoints).
         output_logits_soft_cap=hf.final_logit_softcapping,
     )
@@ -134,6 +139,9 @@ def tiny_hf_configs() -> dict[str, Gemma3TextConfig]:
         # HF ignores attn_logit_softcapping in Gemma 3: equal logits prove we ignore it the same way.
         "attn_softcap_unused": Gemma3TextConfig(**base, num_key_value_heads=2, rope_parameters=rope,
                                                 attn_logit_softcapping=1.0),
+        # Bidirectional (EmbeddingGemma): the window of 4 becomes 4 // 2 + 1 = 3 on each side.
+        "bidirectional": Gemma3TextConfig(**base, num_key_value_heads=1, rope_parameters=rope,
+                                          use_bidirectional_attention=True),
     }
 
 

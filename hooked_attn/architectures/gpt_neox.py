@@ -49,18 +49,22 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
     # Partial rotary (rotary_pct, 0.25 for Pythia): only the first int(d_head * factor) dimensions of
     # each head rotate, paired by rotate_half (GPTNeoXAttention.rotary_ndims, apply_rotary_pos_emb).
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    if n_rot <= 0 or n_rot % 2:
+    if n_rot < 0 or n_rot % 2:
         raise UnsupportedConfigError(
             f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+            f"{n_rot} rotary dimensions of d_head={d_head}; zero or a positive even number is needed"
         )
+    # rotary_ndims == 0: GPTNeoXRotaryEmbedding has no frequencies, apply_rotary_pos_emb rotates the
+    # empty slice q[..., :0] and concatenates the untouched rest, so q and k carry no position at all
+    # (attention sees positions only through the causal mask): positions=None, no rotary hooks.
+    positions = rotary_from_hf(rope, d_head, ARCH) if n_rot else None
     return ModelConfig(
         hf_architecture=ARCH,
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
         act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
+        positions=positions, attn_scale=d_head**-0.5,
         # GPTNeoXLayer.forward: parallel adds attn(ln1(x)) + mlp(ln2(x)) to x; sequential is the GPT-2 order.
         parallel_attn_mlp=hf.use_parallel_residual,
     )
@@ -123,6 +127,8 @@ def tiny_hf_configs() -> dict[str, GPTNeoXConfig]:
         "sequential_half_rotary_tied": GPTNeoXConfig(**base, use_parallel_residual=False, rotary_pct=0.5,
                                                      tie_word_embeddings=True),
         "no_attention_bias_relu": GPTNeoXConfig(**base, attention_bias=False, hidden_act="relu"),
+        "no_rotary": GPTNeoXConfig(**base, rotary_pct=0.0),          # no positional information at all
+        "no_rotary_sequential": GPTNeoXConfig(**base, rotary_pct=0.0, use_parallel_residual=False),
         "rope_linear": GPTNeoXConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 1000.0,
                                                               "factor": 2.0, "partial_rotary_factor": 0.5}),
     }

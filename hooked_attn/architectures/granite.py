@@ -25,7 +25,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters", "attention_bias",
-    "mlp_bias",  # refused when True
+    "mlp_bias",
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
     # GraniteAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
@@ -41,9 +41,6 @@ IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary
 def config_from_hf(hf: GraniteConfig) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    if hf.mlp_bias:
-        # GraniteMLP gives gate_proj a bias too; our gated MLP has no gate bias (TransformerLens' layout).
-        raise UnsupportedConfigError(f"{ARCH}: config field mlp_bias=True is not supported (no gate bias)")
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return ModelConfig(
         hf_architecture=ARCH,
@@ -81,10 +78,11 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GraniteConfig) ->
         for key in (f"{ours}.attn.W_O", f"{ours}.attn.b_O"):
             attn[key] = _scaled(attn[key], residual)
         out |= attn
-        # GraniteMLP: down_proj(act(gate_proj(x)) * up_proj(x)); the same residual_multiplier line after
-        # the MLP scales W_out and b_out (b_out is zero: mlp_bias is refused).
-        mlp = pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-        mlp[f"{ours}.mlp.W_out"] = _scaled(mlp[f"{ours}.mlp.W_out"], residual)
+        # GraniteMLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with bias=config.mlp_bias;
+        # the same residual_multiplier line after the MLP scales down_proj's output, bias included.
+        mlp = pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
+        for key in (f"{ours}.mlp.W_out", f"{ours}.mlp.b_out"):
+            mlp[key] = _scaled(mlp[key], residual)
         out |= mlp
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     # GraniteForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight; it is then the
@@ -108,6 +106,8 @@ def tiny_hf_configs() -> dict[str, GraniteConfig]:
         "default": GraniteConfig(**base, **multipliers, num_key_value_heads=2),                  # GQA, untied
         "tied": GraniteConfig(**base, **multipliers, num_key_value_heads=2, tie_word_embeddings=True),
         "mha_attention_bias": GraniteConfig(**base, **multipliers, num_key_value_heads=4, attention_bias=True),
+        # Biases on gate_proj, up_proj and down_proj; down_proj's is scaled by residual_multiplier too.
+        "mlp_bias": GraniteConfig(**base, **multipliers, num_key_value_heads=2, mlp_bias=True),
         "mqa": GraniteConfig(**base, **multipliers, num_key_value_heads=1),
         "unit_multipliers": GraniteConfig(**base, num_key_value_heads=2),  # HF defaults: all 1.0
     }

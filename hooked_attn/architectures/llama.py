@@ -7,6 +7,7 @@ from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
     ACTIVATIONS,
+    bias_rule,
     decoder_sizes,
     pop_attention,
     pop_gated_mlp,
@@ -53,9 +54,6 @@ def rotary_from_hf(rope: dict, d_head: int, arch: str) -> Rotary:
 def config_from_hf(hf: LlamaConfig) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"LlamaForCausalLM: hidden_act={hf.hidden_act!r} is not supported")
-    if hf.mlp_bias:
-        # Our gated MLP has no gate bias (TransformerLens' layout); refuse rather than drop it.
-        raise UnsupportedConfigError("LlamaForCausalLM: config field mlp_bias=True is not supported")
     d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
     return ModelConfig(
         hf_architecture="LlamaForCausalLM",
@@ -78,7 +76,8 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: LlamaConfig) -> d
         out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
         # Biases are present only with attention_bias; zeros otherwise (our layout always has biases).
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="optional")
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
+        # LlamaMLP: down_proj(act(gate_proj(x)) * up_proj(x)); all three have bias=config.mlp_bias.
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
     out["unembed.b_U"] = zeros(w_e, v)
@@ -95,6 +94,8 @@ def tiny_hf_configs() -> dict[str, LlamaConfig]:
         "mqa": LlamaConfig(**base, num_key_value_heads=1),
         "tied": LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=True),
         "attention_bias": LlamaConfig(**base, num_key_value_heads=2, attention_bias=True),
+        # Biases on gate_proj, up_proj and down_proj (b_gate, b_in, b_out), with attention biases too.
+        "mlp_bias": LlamaConfig(**base, num_key_value_heads=2, mlp_bias=True, attention_bias=True),
         "head_dim_16": LlamaConfig(**base, num_key_value_heads=2, head_dim=16),
         "rope_linear": LlamaConfig(**base, num_key_value_heads=2,
                                    rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),

@@ -24,7 +24,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
     "attention_bias",
-    "clip_qkv",  # refused unless None
+    "clip_qkv",
     # OlmoAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
@@ -41,11 +41,10 @@ _NORM_EPS = 1e-5
 def config_from_hf(hf: OlmoConfig) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    if hf.clip_qkv is not None:
-        # OlmoAttention clamps q, k and v to [-clip_qkv, clip_qkv] after projection; our attention has
-        # no clamp between hook_q/k/v and the scores.
-        raise UnsupportedConfigError(f"{ARCH}: config field clip_qkv={hf.clip_qkv!r} is not supported "
-                                     "(hooked_attn's attention does not clamp q, k and v)")
+    if hf.clip_qkv is not None and not hf.clip_qkv > 0:
+        # HF would clamp every q, k, v to [-c, c] with c <= 0: refuse rather than reproduce that.
+        raise UnsupportedConfigError(f"{ARCH}: config field clip_qkv={hf.clip_qkv!r} must be positive or "
+                                     "None")
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return ModelConfig(
         hf_architecture=ARCH,
@@ -55,6 +54,10 @@ def config_from_hf(hf: OlmoConfig) -> ModelConfig:
         act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # OlmoAttention: self.scaling = self.head_dim**-0.5
+        # OlmoAttention.forward: q, k and v clamped to [-clip_qkv, clip_qkv] right after q/k/v_proj
+        # (biases included), before rotary. Weight processing skips the steps that would change what is
+        # clamped (processing.why_not).
+        clip_qkv=None if hf.clip_qkv is None else float(hf.clip_qkv),
     )
 
 
@@ -89,6 +92,11 @@ def tiny_hf_configs() -> dict[str, OlmoConfig]:
         "mqa": OlmoConfig(**base, num_key_value_heads=1),
         "attention_bias": OlmoConfig(**base, num_key_value_heads=2, attention_bias=True),
         "rope_linear": OlmoConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+        # OLMo-1B/7B clamp q, k, v at 8; 0.5 clamps a good share of this tiny model's values (with random
+        # biases, so fold_value_biases, which would move b_V past the clamp, must be skipped).
+        "clip_qkv_attention_bias": OlmoConfig(**base, num_key_value_heads=2, attention_bias=True,
+                                              clip_qkv=0.5),
+        "clip_qkv_mha": OlmoConfig(**base, clip_qkv=1.0),
     }
 
 

@@ -1,5 +1,6 @@
 """Phi family (phi-1, phi-1.5, phi-2). Mirrors transformers/models/phi/modeling_phi.py."""
 
+import einops
 from torch import Tensor
 from transformers import PhiConfig
 
@@ -13,7 +14,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
 )
 from hooked_attn.architectures.llama import rotary_from_hf
-from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
 ARCH = "PhiForCausalLM"
@@ -21,7 +22,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
     "rope_parameters",  # holds partial_rotary_factor (0.5 by default, PhiConfig.__post_init__)
-    "qk_layernorm",     # read only to refuse True
+    "qk_layernorm",
 })
 IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
@@ -30,10 +31,6 @@ IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, reb
 
 
 def config_from_hf(hf: PhiConfig) -> ModelConfig:
-    if hf.qk_layernorm:
-        # PhiAttention applies a LayerNorm over d_head to q and k before rotary; our Attention has no
-        # per-head q/k norm (it would need q_norm/k_norm parameters and hooks in components/attention.py).
-        raise UnsupportedConfigError(f"{ARCH}: config field qk_layernorm=True is not supported")
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
                                      f"(supported: {', '.join(sorted(ACTIVATIONS))})")
@@ -48,6 +45,13 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
             f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
             f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
         )
+    qk_norm = None
+    if hf.qk_layernorm:
+        # PhiAttention.forward: q_layernorm/k_layernorm, nn.LayerNorm(d_head) with weight and bias, on
+        # every head's q and k after the projections, before the partial rotary. gain_dtype="float32"
+        # applies the gain before the one rounding to the activation dtype, as nn.LayerNorm does.
+        head_ln = NormConfig(kind="layernorm", eps=hf.layer_norm_eps, gain_dtype="float32")
+        qk_norm = QKNorm(norm=head_ln, over="head")
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
@@ -56,6 +60,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
         # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
         parallel_attn_mlp=True,
+        qk_norm=qk_norm,
     )
 
 
@@ -76,6 +81,14 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dic
         # Separate q/k/v projections and a dense output projection, all with bias.
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="required",
                              names=("q_proj", "k_proj", "v_proj", "dense"))
+        if cfg.qk_norm is not None:
+            # q_layernorm/k_layernorm: ONE [d_head] weight and bias shared by every head; ours are per
+            # head [head d_head] (QKNorm's layout), so each is repeated over the (K/V) heads.
+            for site, hf_norm, n in (("q", "q_layernorm", cfg.n_heads), ("k", "k_layernorm", cfg.n_kv_heads)):
+                for param, ours_param in (("weight", "w"), ("bias", "b")):
+                    t = src.pop(f"{hf_i}.self_attn.{hf_norm}.{param}", (cfg.d_head,))
+                    t = einops.repeat(t, "d_head -> head d_head", head=n)
+                    out[f"{ours}.attn.{site}_norm.{ours_param}"] = t
         out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc1", "fc2"))
     out["ln_final.w"] = src.pop("model.final_layernorm.weight", (m,))
     out["ln_final.b"] = src.pop("model.final_layernorm.bias", (m,))
@@ -96,6 +109,8 @@ def tiny_hf_configs() -> dict[str, PhiConfig]:
         "quarter_rotary_tied": PhiConfig(**base, partial_rotary_factor=0.25, tie_word_embeddings=True),
         "full_rotary_gelu": PhiConfig(**base, partial_rotary_factor=1.0, hidden_act="gelu",
                                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+        # A LayerNorm (weight and bias) on each head's q and k, before the partial rotary.
+        "qk_layernorm_gqa": PhiConfig(**base, num_key_value_heads=2, qk_layernorm=True),
     }
 
 

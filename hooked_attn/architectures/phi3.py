@@ -111,6 +111,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> di
         # down_proj(up * act(gate)).
         w_gate, w_up = src.pop(f"{hf_i}.mlp.gate_up_proj.weight", (2 * f, m)).chunk(2, dim=0)
         out[f"{ours}.mlp.W_gate"] = w_gate.T
+        out[f"{ours}.mlp.b_gate"] = zeros(w_e, f)
         out[f"{ours}.mlp.W_in"] = w_up.T
         out[f"{ours}.mlp.b_in"] = zeros(w_e, f)
         out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T

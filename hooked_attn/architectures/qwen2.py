@@ -15,6 +15,7 @@ from hooked_attn.architectures.common import (
     zeros,
 )
 from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.mistral import windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -27,7 +28,7 @@ HANDLED_HF_FIELDS = frozenset({
     # field, but a config that carries one gets it.
     "head_dim",
     # Sliding-window attention: HF decides per layer from layer_types (Qwen2Config.__post_init__ derives
-    # it from use_sliding_window, sliding_window and max_window_layers). We accept only all-full layers.
+    # it from use_sliding_window, sliding_window and max_window_layers; see config_from_hf).
     "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
 })
 IGNORED_HF_FIELDS = frozenset({
@@ -37,28 +38,15 @@ IGNORED_HF_FIELDS = frozenset({
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
 
 
-def _check_full_attention_only(hf: Qwen2Config) -> None:
-    # modeling_qwen2.py: Qwen2Attention sets `self.sliding_window = config.sliding_window if
-    # self.layer_type == "sliding_attention" else None`, and Qwen2Model builds a sliding mask only for
-    # those layers. A window binds as soon as a sequence is longer than it, and our attention has no
-    # sliding-window mask, so any sliding layer is refused. With use_sliding_window=False, HF sets
-    # sliding_window=None and every layer is full; with max_window_layers >= num_hidden_layers the
-    # window is configured but no layer uses it.
-    layer_types = list(hf.layer_types or ["full_attention"] * hf.num_hidden_layers)
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other:
-        raise UnsupportedConfigError(
-            f"{ARCH}: config field layer_types={layer_types!r} has {other} layers (use_sliding_window="
-            f"{hf.use_sliding_window}, sliding_window={hf.sliding_window}, max_window_layers={hf.max_window_layers}); "
-            "hooked_attn's attention has no sliding-window mask, so only full_attention layers are supported"
-        )
-
-
 def config_from_hf(hf: Qwen2Config) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    _check_full_attention_only(hf)
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    # Qwen2Config.__post_init__ sets sliding_window=None unless use_sliding_window, and (when layer_types
+    # is not given) marks layers i >= max_window_layers as "sliding_attention". Qwen2Model then gives
+    # those layers create_sliding_window_causal_mask with config.sliding_window (Qwen2Attention also
+    # passes it to the kernel): keys with q_pos - k_pos < sliding_window, our attn_windows rule.
+    windows = windows_from_layer_types(hf.layer_types, hf.sliding_window, hf.num_hidden_layers, ARCH)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
@@ -66,6 +54,7 @@ def config_from_hf(hf: Qwen2Config) -> ModelConfig:
         act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
         positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen2Attention: self.scaling = self.head_dim**-0.5
+        attn_windows=windows,
     )
 
 
@@ -103,6 +92,14 @@ def tiny_hf_configs() -> dict[str, Qwen2Config]:
         # (max_window_layers >= num_hidden_layers): every layer_types entry is full_attention.
         "sliding_window_unused": Qwen2Config(**base, num_key_value_heads=2, use_sliding_window=True,
                                              sliding_window=4, max_window_layers=2),
+        # Layer 0 full, layer 1 sliding with a window of 4 (layers >= max_window_layers slide); the
+        # 9- and 16-token test sequences are longer than the window, so it binds.
+        "sliding_window_layer_1": Qwen2Config(**base, num_key_value_heads=2, use_sliding_window=True,
+                                              sliding_window=4, max_window_layers=1),
+        # Explicit layer_types: sliding first, then full, window of 1 (each query sees itself only).
+        "sliding_layer_types_window_1": Qwen2Config(**base, num_key_value_heads=2, use_sliding_window=True,
+                                                    sliding_window=1,
+                                                    layer_types=["sliding_attention", "full_attention"]),
     }
 
 

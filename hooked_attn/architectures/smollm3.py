@@ -24,7 +24,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters", "attention_bias",
-    "mlp_bias",        # read only to refuse True
+    "mlp_bias",
     "no_rope_layers",  # per layer: 1 = rotary, 0 = NoPE
     # Sliding windows: the mask of layer i is chosen by layer_types[i], with config.sliding_window.
     "layer_types", "sliding_window", "use_sliding_window",
@@ -49,9 +49,6 @@ IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary
 def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    if hf.mlp_bias:
-        # SmolLM3MLP gives gate_proj a bias too; our gated MLP has no gate bias. Refuse rather than drop it.
-        raise UnsupportedConfigError(f"{ARCH}: config field mlp_bias=True is not supported")
     n = hf.num_hidden_layers
     no_rope = list(hf.no_rope_layers)
     if len(no_rope) != n or any(flag not in (0, 1) for flag in no_rope):
@@ -96,8 +93,8 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: SmolLM3Config) ->
         # the config has none, a stray bias key is left over and finish() refuses it. NoPE layers have
         # the same keys.
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
-        # SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)); mlp_bias=True is refused in config_from_hf.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
+        # SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with bias=config.mlp_bias.
+        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
     out["ln_final.w"] = src.pop("model.norm.weight", (m,))
     # SmolLM3ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
     # lm_head.weight (bias=False).
@@ -123,6 +120,7 @@ def tiny_hf_configs() -> dict[str, SmolLM3Config]:
                                            no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4),
         "attention_bias": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=2, attention_bias=True,
                                         no_rope_layers=[1, 0]),
+        "mlp_bias": SmolLM3Config(**base, num_hidden_layers=2, num_key_value_heads=2, mlp_bias=True),
     }
 
 

@@ -6,6 +6,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_attn.config import Alibi
+
 
 def alibi_slopes(n_heads: int) -> Float[Tensor, " head"]:
     """The geometric slopes of the ALiBi paper; head counts that are not powers of two interleave
@@ -21,9 +23,17 @@ def alibi_slopes(n_heads: int) -> Float[Tensor, " head"]:
 
 
 def alibi_bias(
-    n_heads: int, key_positions: Int[Tensor, "batch k_pos"], dtype: torch.dtype
+    n_heads: int, key_positions: Int[Tensor, "batch k_pos"], dtype: torch.dtype, alibi: Alibi
 ) -> Float[Tensor, "batch head 1 k_pos"]:
     """``slope[head] * k_pos``, added to the scores; equal to ``-slope * (q_pos - k_pos)`` up to a
-    per-row constant, which softmax ignores."""
+    per-row constant, which softmax ignores.
+
+    With ``alibi.bias_dtype="bfloat16"`` the slopes are rounded to bfloat16 and so is each product
+    (as the bfloat16 variant of HF ``build_alibi_tensor`` does); the result is then cast to ``dtype``.
+    """
     slopes = alibi_slopes(n_heads).to(key_positions.device)
-    return (slopes[None, :, None, None] * key_positions[:, None, None, :].float()).to(dtype)
+    if alibi.bias_dtype == "bfloat16":
+        bias = slopes.bfloat16()[None, :, None, None] * key_positions[:, None, None, :]
+    else:
+        bias = slopes[None, :, None, None] * key_positions[:, None, None, :].float()
+    return bias.to(dtype)

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.empty(m))
         self.rotary = cfg.rotary_at(layer)
         self.window = cfg.window_at(layer)
-        self.alibi = isinstance(cfg.positions, Alibi)
+        self.alibi = cfg.positions if isinstance(cfg.positions, Alibi) else None
+        self.clip_qkv = cfg.clip_qkv
         self.soft_cap = cfg.attn_scores_soft_cap
         self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_inverse_layer else 1)
         self.use_attn_result = False
@@ -85,9 +86,15 @@ class Attention(nn.Module):
         return F.linear(x, weight, b.flatten()).unflatten(-1, (W.shape[0], W.shape[2]))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(x, self.W_K, self.b_K))
-        v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        q = self._project(x, self.W_Q, self.b_Q)
+        k = self._project(x, self.W_K, self.b_K)
+        v = self._project(x, self.W_V, self.b_V)
+        if self.clip_qkv is not None:
+            # Clamped before the hooks, so hook_q/k/v hold exactly what attention uses (what HF's
+            # query/key/value states hold); an edit made in a hook is not clamped again.
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.cfg.qk_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
@@ -100,8 +107,10 @@ class Attention(nn.Module):
         if attend is None and self.cfg.causal and 1 < q.shape[1] < k.shape[1]:
             attend = causal_mask(q.shape[1], k.shape[1], q.device)  # SDPA's is_causal aligns top-left
         if self.window is not None:
-            attend = sliding_window(attend, q.shape[1], k.shape[1], self.window, q.device)
-        bias = alibi_bias(self.cfg.n_heads, ctx.key_positions, torch.float32) if self.alibi else None
+            attend = sliding_window(attend, q.shape[1], k.shape[1], self.window, q.device, self.cfg.causal)
+        bias = None
+        if self.alibi is not None:
+            bias = alibi_bias(self.cfg.n_heads, ctx.key_positions, torch.float32, self.alibi)
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks or self.soft_cap is not None:
             z = self._explicit_attention(q, k, v, attend, bias)
         else:
@@ -125,9 +134,13 @@ class Attention(nn.Module):
         if self.cfg.group_size > 1:
             k = k.repeat_interleave(self.cfg.group_size, dim=1)
             v = v.repeat_interleave(self.cfg.group_size, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
+        scores = torch.matmul(q, k.transpose(2, 3))
+        if bias is None:
+            scores = scores * self.scale
+        elif self.alibi is not None and self.alibi.scaled_with_scores:
+            scores = (scores + bias.to(scores.dtype)) * self.scale
+        else:
+            scores = scores * self.scale + bias.to(scores.dtype)
         if self.soft_cap is not None:
             scores = torch.tanh(scores / self.soft_cap) * self.soft_cap
         if attend is None and self.cfg.causal:
@@ -145,6 +158,8 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch q_pos head d_head"]:
         mask: Tensor | None = attend
         if bias is not None:
+            if self.alibi is not None and self.alibi.scaled_with_scores:  # (q.k + bias) * scale
+                bias = bias * self.scale
             if attend is None and self.cfg.causal:
                 attend = causal_mask(q.shape[1], k.shape[1], q.device)
             mask = bias.to(q.dtype) if attend is None else bias.to(q.dtype).masked_fill(~attend, float("-inf"))
@@ -156,12 +171,13 @@ class Attention(nn.Module):
 
 
 def sliding_window(
-    attend: AttendMask | None, q_len: int, k_len: int, window: int, device: torch.device
+    attend: AttendMask | None, q_len: int, k_len: int, window: int, device: torch.device, causal: bool = True
 ) -> Bool[Tensor, "#batch 1 q_pos k_pos"]:
-    """Restrict a causal mask to keys less than ``window`` positions back (HF ``sliding_window_overlay``)."""
+    """Restrict a causal mask to keys less than ``window`` positions back (HF ``sliding_window_overlay``);
+    without ``causal``, to keys less than ``window`` positions away on either side."""
     q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     k_idx = torch.arange(k_len, device=device)[None, :]
-    near = (q_idx - k_idx < window) & (k_idx <= q_idx)
+    near = (q_idx - k_idx < window) & (k_idx <= q_idx) if causal else (q_idx - k_idx).abs() < window
     return near[None, None] if attend is None else attend & near
 
 

@@ -14,8 +14,10 @@ class TransformerBlock(nn.Module):
     """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``.
 
     ``cfg.block_norms`` moves the norms: "sandwich" adds ``ln1_post``/``ln2_post`` on the sublayer
-    outputs; "output" has only those; "post_residual" normalises after each residual sum. With
-    ``parallel_attn_mlp`` both sublayers read ``resid_pre`` and ``hook_resid_mid`` does not exist.
+    outputs; "output" has only those; "post_residual" normalises after each residual sum;
+    "normed_residual" adds each sublayer to its normed input (``resid_mid = ln1(resid_pre) +
+    attn_out``). With ``parallel_attn_mlp`` both sublayers read ``resid_pre`` and ``hook_resid_mid``
+    does not exist.
     ``hook_attn_out``/``hook_mlp_out`` always hold exactly what is added to the residual stream.
     """
 
@@ -55,6 +57,8 @@ class TransformerBlock(nn.Module):
         self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
+        if self.placement == "normed_residual":
+            return self._normed_residual_forward(resid_pre, ctx)
         attn_out = self.hook_attn_out(self._sublayer(resid_pre, 1, ctx))
         if self.parallel:
             mlp_out = self.hook_mlp_out(self._sublayer(resid_pre, 2))
@@ -68,3 +72,12 @@ class TransformerBlock(nn.Module):
         if self.placement == "post_residual":
             resid_post = self.ln2(resid_post)
         return self.hook_resid_post(resid_post)
+
+    def _normed_residual_forward(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Each sublayer reads ``ln(x)`` and is added to ``ln(x)``, not to ``x``."""
+        normed = self.ln1(resid_pre)
+        resid_mid = self.hook_resid_mid(normed + self.hook_attn_out(self.attn(normed, ctx)))
+        normed = self.ln2(resid_mid)
+        return self.hook_resid_post(normed + self.hook_mlp_out(self.mlp(normed)))
