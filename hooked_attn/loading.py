@@ -62,6 +62,7 @@ def from_pretrained(
     sd, cfg = process_weights(
         sd, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
         fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        inplace=True,  # sd is ours: each old tensor is freed as its processed replacement is made
     )
     target = torch.device(device) if device is not None else torch.device("cpu")
     model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)

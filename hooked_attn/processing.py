@@ -1,7 +1,9 @@
 """Weight processing: pure ``StateDict -> StateDict`` transforms that leave the model's output unchanged.
 
 Each function takes our per-head state dict (``blocks.{i}.attn.W_Q`` ...) and returns a new dict;
-the input is never modified. Each docstring states the invariant its test checks. Arithmetic runs
+the input is never modified. With ``inplace=True`` the results go into the given dict instead, so that
+each old tensor can be freed as its replacement is made (the loader does this with the dict it owns);
+tensors themselves are never written to in either mode. Each docstring states the invariant its test checks. Arithmetic runs
 in at least float32 and results are cast back to each tensor's dtype.
 """
 
@@ -25,6 +27,32 @@ class ProcessingError(ValueError):
 
 def _f(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+_SLICE_ELEMENTS = 1 << 21  # float32 temporaries stay under ~8 MB per slice, whatever the tensor's size
+
+
+def _map_slices(t: Tensor, fn: Callable[[Tensor], Tensor], axis: int) -> Tensor:
+    """``fn`` (in at least float32) over slices of ``t`` along ``axis``, into a fresh tensor of ``t``'s
+    dtype and layout. ``fn`` must treat each slice on its own (reduce over other axes only), so the
+    result equals ``fn(t)``; the float32 temporaries are bounded by the slice, not by ``t``.
+    """
+    out = torch.empty_like(t)
+    n = t.shape[axis]
+    step = max(1, _SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
+    for start in range(0, n, step):
+        size = min(step, n - start)
+        out.narrow(axis, start, size).copy_(fn(_f(t.narrow(axis, start, size))))
+    return out
+
+
+def _contract(b: Tensor, W: Tensor, axis: int) -> Tensor:
+    """``sum over axis of W * b`` (b along ``axis``), in float32 slices over W's last axis."""
+    last = W.ndim - 1
+    step = max(1, _SLICE_ELEMENTS // max(1, W.numel() // max(1, W.shape[last])))
+    parts = [torch.tensordot(_f(b), _f(W.narrow(last, start, min(step, W.shape[last] - start))), dims=([0], [axis]))
+             for start in range(0, W.shape[last], step)]
+    return torch.cat(parts, dim=-1)
 
 
 def _norm_readers(cfg: ModelConfig, sd: StateDict) -> list[tuple[str, list[str]]]:
@@ -92,7 +120,7 @@ def _refuse(step: str, cfg: ModelConfig) -> None:
         raise ProcessingError(f"{step} cannot preserve this {cfg.hf_architecture} model: {reason}")
 
 
-def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
+def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
     """Fold each norm's gain (and bias) into the weights that read its output; for LayerNorm,
     then centre those reading weights over ``d_model``.
 
@@ -103,13 +131,13 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
     centring removes it. Each reader's output ``x W + b`` is unchanged.
     """
     _refuse("fold_ln", cfg)
-    out = dict(sd)
+    out = sd if inplace else dict(sd)
     center = cfg.norm.kind == "layernorm"
     for norm, readers in _norm_readers(cfg, sd):
         w, b = out.pop(f"{norm}.w", None), out.pop(f"{norm}.b", None)
         gain = None if w is None else _f(w) + cfg.norm.weight_offset
         for key in readers:
-            W = _f(out[key])
+            W = out[key]
             d_axis = W.ndim - 2  # d_model is the second-to-last axis of every reading weight
             shape = [1] * W.ndim
             shape[d_axis] = -1
@@ -117,53 +145,61 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
             if b is not None:
                 if bias_key is None:
                     raise ProcessingError(f"cannot fold {norm}.b into {key}: it has no bias to take it")
-                out[bias_key] = (_f(out[bias_key]) + (W * _f(b).view(shape)).sum(d_axis)).to(out[bias_key].dtype)
-            if gain is not None:
-                W = W * gain.view(shape)
-            if center:
-                W = W - W.mean(d_axis, keepdim=True)
-            out[key] = W.to(sd[key].dtype)
+                out[bias_key] = (_f(out[bias_key]) + _contract(b, W, d_axis)).to(out[bias_key].dtype)
+
+            def scale_and_center(w: Tensor, gain: Tensor | None = gain, shape: list[int] = shape,
+                                 d_axis: int = d_axis) -> Tensor:
+                if gain is not None:
+                    w = w * gain.view(shape)
+                return w - w.mean(d_axis, keepdim=True) if center else w
+
+            # Slices run along the last axis, never along d_model, over which the centring reduces.
+            out[key] = _map_slices(W, scale_and_center, W.ndim - 1)
     return out
 
 
-def center_writing_weights(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
+def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
     """Subtract from every weight and bias that writes to the residual stream its mean over ``d_model``.
 
     Invariant: logits unchanged, for LayerNorm models only: every reader of the residual stream is a
     LayerNorm, which removes the mean first.
     """
     _refuse("center_writing_weights", cfg)
-    out = dict(sd)
+    out = sd if inplace else dict(sd)
     keys = ["embed.W_E"] + (["pos_embed.W_pos"] if isinstance(cfg.positions, LearnedPositions) else [])
     for i in range(cfg.n_layers):
         keys += [f"blocks.{i}.attn.W_O", f"blocks.{i}.attn.b_O", f"blocks.{i}.mlp.W_out", f"blocks.{i}.mlp.b_out"]
     for key in keys:
-        t = _f(out[key])
-        out[key] = (t - t.mean(-1, keepdim=True)).to(sd[key].dtype)
+        t = out[key]
+        if t.ndim == 1:
+            out[key] = (_f(t) - _f(t).mean()).to(t.dtype)
+        else:  # the mean is over d_model, the last axis: slice along the first
+            out[key] = _map_slices(t, lambda x: x - x.mean(-1, keepdim=True), 0)
     return out
 
 
-def center_unembed(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
+def center_unembed(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
     """Subtract from ``W_U`` and ``b_U`` their mean over ``d_vocab``.
 
     Invariant: log-probs unchanged; logits shift by a per-position constant.
     """
     _refuse("center_unembed", cfg)
-    out = dict(sd)
-    W_U, b_U = _f(sd["unembed.W_U"]), _f(sd["unembed.b_U"])
-    out["unembed.W_U"] = (W_U - W_U.mean(-1, keepdim=True)).to(sd["unembed.W_U"].dtype)
+    out = sd if inplace else dict(sd)
+    b_U = _f(sd["unembed.b_U"])
+    # The mean is over d_vocab, the last axis: slice along d_model.
+    out["unembed.W_U"] = _map_slices(sd["unembed.W_U"], lambda w: w - w.mean(-1, keepdim=True), 0)
     out["unembed.b_U"] = (b_U - b_U.mean()).to(sd["unembed.b_U"].dtype)
     return out
 
 
-def fold_value_biases(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
+def fold_value_biases(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
     """Move each value bias into the output bias: ``b_O += sum_head b_V[head] @ W_O[head]``; ``b_V = 0``.
 
     Invariant: logits unchanged, because every pattern row sums to 1, so the value bias reaches
     ``z`` unchanged whatever the pattern. Refused when v is clamped (``clip_qkv``).
     """
     _refuse("fold_value_biases", cfg)
-    out = dict(sd)
+    out = sd if inplace else dict(sd)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
         b_V = _f(sd[f"{a}.b_V"]).repeat_interleave(cfg.group_size, dim=0)
@@ -182,7 +218,7 @@ def _balanced(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return (Qa @ U) * root[..., None, :], root[..., :, None] * (Vh @ Qb.mT)
 
 
-def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig) -> dict[str, Tensor]:
+def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
     """Rewrite each head's ``W_Q``/``W_K`` (with biases) and ``W_V``/``W_O`` as balanced SVD factors
     of ``W_Q W_K^T`` and ``W_V W_O``; value biases are folded into ``b_O`` first.
 
@@ -191,7 +227,7 @@ def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig) -> dict[str
     clamped q, k, v.
     """
     _refuse("refactor_factored_attn_matrices", cfg)
-    out = fold_value_biases(sd, cfg)
+    out = fold_value_biases(sd, cfg, inplace=inplace)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
         dt = sd[f"{a}.W_Q"].dtype
@@ -206,7 +242,7 @@ def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig) -> dict[str
     return out
 
 
-STEPS: dict[str, Callable[[StateDict, ModelConfig], dict[str, Tensor]]] = {
+STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "fold_ln": fold_layer_norm,
     "center_writing_weights": center_writing_weights,
     "center_unembed": center_unembed,
@@ -218,6 +254,7 @@ STEPS: dict[str, Callable[[StateDict, ModelConfig], dict[str, Tensor]]] = {
 def process_weights(
     sd: StateDict, cfg: ModelConfig, *, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+    inplace: bool = False,
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """Apply the chosen steps in order and return the new weights with the config that describes them.
 
@@ -230,7 +267,7 @@ def process_weights(
               "center_unembed": center_unembed, "fold_value_biases": fold_value_biases,
               "refactor_factored_attn_matrices": refactor_factored_attn_matrices}
     done = cfg.processing
-    out: dict[str, Tensor] = dict(sd)
+    out: dict[str, Tensor] = sd if inplace else dict(sd)  # type: ignore[assignment]
     for step, on in wanted.items():
         if not on or getattr(done, step):
             continue
@@ -238,7 +275,7 @@ def process_weights(
         if reason is not None and step != "refactor_factored_attn_matrices":
             logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
             continue
-        out = STEPS[step](out, cfg)
+        out = STEPS[step](out, cfg, inplace=True)  # out is this call's own dict (or the caller's, inplace)
         if step == "refactor_factored_attn_matrices":
             done = Processing(**{**vars(done), "fold_value_biases": True})
         done = Processing(**{**vars(done), step: True})
