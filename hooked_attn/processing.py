@@ -37,9 +37,11 @@ def _map_slices(t: Tensor, fn: Callable[[Tensor], Tensor], axis: int) -> Tensor:
     dtype and layout. ``fn`` must treat each slice on its own (reduce over other axes only), so the
     result equals ``fn(t)``; the float32 temporaries are bounded by the slice, not by ``t``.
     """
-    out = torch.empty_like(t)
     n = t.shape[axis]
     step = max(1, _SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
+    if step >= n and t.dtype == torch.float32:  # one slice, no upcast: the result keeps t's layout as it is
+        return fn(t)
+    out = torch.empty_like(t)
     for start in range(0, n, step):
         size = min(step, n - start)
         out.narrow(axis, start, size).copy_(fn(_f(t.narrow(axis, start, size))))
@@ -153,8 +155,9 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> d
                     w = w * gain.view(shape)
                 return w - w.mean(d_axis, keepdim=True) if center else w
 
-            # Slices run along the last axis, never along d_model, over which the centring reduces.
-            out[key] = _map_slices(W, scale_and_center, W.ndim - 1)
+            # Slices never run along d_model, over which the centring reduces: along head (or expert) for
+            # per-head weights, else along the last axis; both are outermost in the nn.Linear storage.
+            out[key] = _map_slices(W, scale_and_center, 0 if W.ndim == 3 else W.ndim - 1)
     return out
 
 

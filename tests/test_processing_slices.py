@@ -1,0 +1,34 @@
+"""Processing in bounded slices (to keep load memory flat) gives the same weights as processing whole
+tensors, in place or not, for fp32 and bf16, on LayerNorm and RMSNorm families."""
+
+import pytest
+import torch
+import transformers
+
+from hooked_attn import HookedTransformer, processing
+from tests.conftest import tiny_hf_model
+
+CONFIGS = {
+    "gpt2": transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=101),
+    "llama": transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_sliced_and_in_place_processing_equal_whole_tensor_processing(family, dtype, monkeypatch):
+    raw = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(CONFIGS[family]), dtype=dtype)
+    sd = dict(raw.state_dict())
+    whole, cfg_whole = processing.process_weights(sd, raw.cfg)
+    monkeypatch.setattr(processing, "_SLICE_ELEMENTS", 7)  # forces many slices on every tensor
+    own = dict(sd)
+    sliced, cfg_sliced = processing.process_weights(own, raw.cfg, inplace=True)
+    assert sliced is own and cfg_sliced == cfg_whole
+    assert set(sliced) == set(whole)
+    for key in whole:
+        torch.testing.assert_close(sliced[key], whole[key], rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-2,
+                                   msg=key)
+        assert sliced[key].dtype == whole[key].dtype == dtype
+    for key, tensor in raw.state_dict().items():  # the input tensors were never written to
+        torch.testing.assert_close(sd[key], tensor, rtol=0, atol=0)
