@@ -7,7 +7,7 @@ from hooked_attn.components.masked_softmax import masked_softmax
 from hooked_attn.components.scoring import AdditiveAttention, DotProductAttention
 from hooked_attn.config import ModelConfig
 from hooked_attn.encoder import HookedEncoder
-from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.hook_points import HookedRootModule, HookPoint, NonFiniteActivationError
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import ProcessingError
 from hooked_attn.wrap import unwrap, wrap
@@ -15,6 +15,6 @@ from hooked_attn.wrap import unwrap, wrap
 __all__ = [
     "ActivationCache", "HookPoint", "HookedEncoder", "HookedRootModule", "HookedTransformer", "ModelConfig", "ProcessingError",
     "StateDictError", "UnknownArchitectureError", "UnsupportedConfigError", "analysis", "utils",
-    "AdditiveAttention", "DotProductAttention", "masked_softmax", "unwrap", "wrap",
+    "AdditiveAttention", "DotProductAttention", "masked_softmax", "unwrap", "wrap", "NonFiniteActivationError",
 ]
 __version__ = "0.1.0"

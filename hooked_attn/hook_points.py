@@ -7,6 +7,7 @@ A HookPoint costs one attribute check per call when nothing is attached. Hook fu
 import contextlib
 import difflib
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +58,31 @@ def _check_replacement(point_name: str, fn: HookFn, kind: str, old: Tensor, new:
     return new
 
 
+class NonFiniteActivationError(FloatingPointError):
+    """An activation holds NaN or inf; raised by the opt-in ``check_finite`` at the first such hook point.
+
+    Attributes: ``hook_name``, ``n_nan``, ``n_inf``, ``first_index`` (of the first bad value) and ``shape``.
+    """
+
+    def __init__(self, hook_name: str, n_nan: int, n_inf: int, first_index: tuple[int, ...],
+                 shape: tuple[int, ...]) -> None:
+        self.hook_name, self.n_nan, self.n_inf = hook_name, n_nan, n_inf
+        self.first_index, self.shape = first_index, shape
+        super().__init__(
+            f"{hook_name}: {n_nan} NaN and {n_inf} inf values (of {math.prod(shape)}) in an activation of "
+            f"shape {shape}, the first at index {first_index}; every hook point checked before it was finite"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, for multiprocessing
+        return type(self), (self.hook_name, self.n_nan, self.n_inf, self.first_index, self.shape)
+
+    @classmethod
+    def of(cls, hook_name: str, x: Tensor) -> "NonFiniteActivationError":
+        first = (~torch.isfinite(x)).nonzero()[0]
+        return cls(hook_name, int(torch.isnan(x).sum()), int(torch.isinf(x).sum()),
+                   tuple(int(i) for i in first), tuple(x.shape))
+
+
 class HookPoint(nn.Module):
     """An identity module that names an activation and runs the hooks attached to it.
 
@@ -72,6 +98,9 @@ class HookPoint(nn.Module):
         self.ctx: dict[Any, Any] = {}
         self.fwd_hooks: list[_Hook] = []
         self.bwd_hooks: list[_Hook] = []
+        # Set by HookedRootModule.check_finite: raise if the activation (after any hooks) is not finite.
+        self.checks_finite = False
+        # Whether a call does anything but return its input: hooks attached, or the finite check on.
         self.has_hooks = False
 
     def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -88,6 +117,8 @@ class HookPoint(nn.Module):
             out = hook.fn(x, hook=self)
             if out is not None:
                 x = _check_replacement(str(self.name), hook.fn, "forward", x, out)
+        if self.checks_finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise NonFiniteActivationError.of(str(self.name), x)
         if self.bwd_hooks and x.requires_grad:
             # Attached to this forward's activation: fires on its backward even after removal.
             x.register_hook(functools.partial(self._run_bwd, tuple(self.bwd_hooks)))
@@ -114,14 +145,14 @@ class HookPoint(nn.Module):
         hook = _Hook(fn, dir, is_permanent, level)
         hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
         hooks.insert(0, hook) if prepend else hooks.append(hook)
-        self.has_hooks = True
+        self._update_has_hooks()
         return hook
 
     def remove(self, hook: _Hook) -> None:
         hooks = self.fwd_hooks if hook.direction == "fwd" else self.bwd_hooks
         if hook in hooks:
             hooks.remove(hook)
-        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks)
+        self._update_has_hooks()
 
     def remove_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
@@ -134,7 +165,14 @@ class HookPoint(nn.Module):
             self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
         if dir in ("bwd", "both"):
             self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
-        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks)
+        self._update_has_hooks()
+
+    def set_checks_finite(self, on: bool) -> None:
+        self.checks_finite = on
+        self._update_has_hooks()
+
+    def _update_has_hooks(self) -> None:
+        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks or self.checks_finite)
 
     def clear_context(self) -> None:
         self.ctx.clear()
@@ -201,6 +239,13 @@ class HookedRootModule(nn.Module):
                 self._raise_unknown_hook(name)
         return list(dict.fromkeys(names))
 
+    def _selected_points(self, names: NamesFilter) -> list[str]:
+        """``resolve_hook_names``, less the opt-in points (``hook_result``) that are off, unless named."""
+        selected = self.resolve_hook_names(names)
+        if names is None or callable(names):
+            selected = [n for n in selected if not self.hook_dict[n].opt_in or self._opt_in_enabled(n)]
+        return selected
+
     def _raise_unknown_hook(self, name: str) -> None:
         close = difflib.get_close_matches(name, self.hook_dict, n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -262,14 +307,38 @@ class HookedRootModule(nn.Module):
             if clear_contexts:
                 self.clear_contexts()
 
+    @contextlib.contextmanager
+    def check_finite(self, names_filter: NamesFilter = None) -> Iterator["HookedRootModule"]:
+        """Within the block, raise NonFiniteActivationError at the first hook point whose activation
+        holds a NaN or an inf, naming it. Opt-in: off, it costs nothing.
+
+        The check at a point runs after the hooks attached there, so it also catches a hook that
+        writes NaN. Integer activations (expert indices) are skipped. Checking every point takes the
+        explicit attention and norm paths, which materialise what they check.
+
+        Args:
+            names_filter: the points to check (as in ``run_with_cache``); None checks all.
+        """
+        points = [self.hook_dict[n] for n in self._selected_points(names_filter)]
+        before = [(point, point.checks_finite) for point in points]
+        try:
+            for point in points:
+                point.set_checks_finite(True)
+            yield self
+        finally:
+            for point, was_on in before:
+                point.set_checks_finite(was_on)
+
     def run_with_hooks(
         self, *model_args: Any, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
         bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (), reset_hooks_end: bool = True,
-        clear_contexts: bool = False, **model_kwargs: Any,
+        clear_contexts: bool = False, check_finite: bool = False, **model_kwargs: Any,
     ) -> Any:
         """Run the model with temporary hooks. Backward hooks attach to this forward's activations,
-        so they fire on a later ``.backward()`` of the output even though they are removed on return."""
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+        so they fire on a later ``.backward()`` of the output even though they are removed on return.
+        ``check_finite=True`` runs under ``self.check_finite()``."""
+        checking = self.check_finite() if check_finite else contextlib.nullcontext()
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts), checking:
             return self(*model_args, **model_kwargs)
 
     def get_caching_hooks(
@@ -278,9 +347,7 @@ class HookedRootModule(nn.Module):
     ) -> tuple[dict[str, Tensor], list[tuple[str, HookFn]], list[tuple[str, HookFn]]]:
         """Hooks that store activations (and, with ``incl_bwd``, gradients under ``name + "_grad"``)."""
         cache = {} if cache is None else cache
-        names = self.resolve_hook_names(names_filter)
-        if names_filter is None or callable(names_filter):
-            names = [n for n in names if not self.hook_dict[n].opt_in or self._opt_in_enabled(n)]
+        names = self._selected_points(names_filter)
 
         def save(tensor: Tensor, hook: HookPoint, suffix: str = "") -> None:
             stored = tensor.detach()
@@ -297,7 +364,7 @@ class HookedRootModule(nn.Module):
     def run_with_cache(
         self, *model_args: Any, names_filter: NamesFilter = None, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool = False,
-        reset_hooks_end: bool = True, clear_contexts: bool = False, **model_kwargs: Any,
+        reset_hooks_end: bool = True, clear_contexts: bool = False, check_finite: bool = False, **model_kwargs: Any,
     ) -> tuple[Any, "ActivationCache"]:
         """Run the model and return its output with an ActivationCache of the activations.
 
@@ -308,13 +375,15 @@ class HookedRootModule(nn.Module):
             remove_batch_dim: store ``tensor[0]`` (for a batch of one).
             incl_bwd: also cache gradients as ``name + "_grad"``; call ``.backward()`` on the output
                 yourself (the gradients land in the returned cache).
+            check_finite: raise NonFiniteActivationError at the first hook point holding NaN or inf.
         """
         from hooked_attn.cache import ActivationCache
 
         cache, fwd, bwd = self.get_caching_hooks(
             names_filter, incl_bwd=incl_bwd, device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
         )
-        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+        checking = self.check_finite() if check_finite else contextlib.nullcontext()
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts), checking:
             out = self(*model_args, **model_kwargs)
         return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 

@@ -1,5 +1,6 @@
 """HookedTransformer: embed -> blocks -> final norm -> unembed, with a HookPoint at every activation."""
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -8,6 +9,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from hooked_attn.cache import ActivationCache, CacheMemory, estimate_cache_memory
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
@@ -18,18 +20,29 @@ if TYPE_CHECKING:
     from hooked_attn.factored_matrix import FactoredMatrix
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
-from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
 _ABSENT_WEIGHTS = {
     "W_pos": "this model has rotary positions, not a learned position embedding",
     "W_gate": "this model's MLP is not gated, so it has no W_gate",
+    "b_gate": "this model's MLP is not gated, so it has no b_gate",
 }
 ReturnType = Literal["logits", "loss", "both"] | None
 # Token ids [batch pos], text, or (with start_at_layer) a residual [batch pos d_model]. Left as a
 # plain Tensor in the signature: forward validates shapes itself, with messages that name them.
 ModelInput = str | list[str] | Tensor
+
+
+def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
+    """Refuse new positions whose batch differs from the sequences already in the KV cache."""
+    if cache is None or cache.n_cached == 0:
+        return
+    cached = cache.attention_mask if cache.attention_mask is not None else cache.layers[0].k
+    if cached is not None and cached.shape[0] != input_shape[0]:
+        raise ValueError(f"past_kv_cache holds a batch of {cached.shape[0]} sequences "
+                         f"({cache.n_cached} positions each), but the input is {tuple(input_shape)} [batch pos]")
 
 
 class HookedTransformer(TokenizerMixin, HookedRootModule):
@@ -94,7 +107,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             loss_per_token: return the loss at each position ``[batch pos-1]`` instead of the mean.
             attention_mask: 1 for real tokens, 0 for padding. Padding is never attended to, and
                 positions count real tokens only, so a left-padded sequence sees the positions it
-                would alone.
+                would alone. Given with text, it must match the tokenized shape and can only hide
+                more tokens. Shapes that disagree with the input (or with a ``past_kv_cache``'s
+                batch, or ``tokens``') raise a ValueError before anything runs.
             start_at_layer: run from this block on; ``input`` is then its ``resid_pre``.
             stop_at_layer: stop before this block and return the residual stream entering it.
             tokens: the token ids, needed for the loss when starting mid-model.
@@ -103,13 +118,14 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
                 then covers the new positions only (the cache remembers the earlier ones).
         """
         if isinstance(input, (str, list)):
-            input, attention_mask = self._tokenize(input, prepend_bos, padding_side)
-            input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+            input, attention_mask = self._text_to_tokens(input, attention_mask, prepend_bos, padding_side)
         if start_at_layer is None:
             if input.dtype.is_floating_point:
                 raise ValueError(f"expected token ids, got a {input.dtype} tensor (residuals need start_at_layer)")
             if input.ndim != 2:
                 raise ValueError(f"expected token ids of shape [batch pos], got shape {tuple(input.shape)}")
+            if tokens is not None and tokens.shape != input.shape:
+                raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape)}")
             tokens = input
         elif input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
             raise ValueError(
@@ -122,6 +138,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {tuple(input.shape[:2])}"
             )
+        if tokens is not None and tokens.shape != input.shape[:2]:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape[:2])}")
+        _check_cache_batch(past_kv_cache, input.shape[:2])
         ctx = self._attention_context(input.shape[0], input.shape[1], input.device, attention_mask, past_kv_cache)
         if start_at_layer is None:
             embed = self.embed(input)
@@ -155,6 +174,44 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return logits, loss
         raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
 
+    def cache_memory(
+        self, input: ModelInput, names_filter: NamesFilter = None, *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, **forward_kwargs: Any,
+    ) -> CacheMemory:
+        """What ``run_with_cache(input, names_filter, ...)`` would store, without running it in full:
+        each entry's shape and dtype and the bytes in all, from runs on the first 2 and 3 positions.
+
+        Forward activations only (not the ``incl_bwd`` gradients). A ``past_kv_cache`` is copied,
+        never extended.
+        """
+        if isinstance(input, (str, list)):
+            input, forward_kwargs["attention_mask"] = self._text_to_tokens(
+                input, forward_kwargs.get("attention_mask"), forward_kwargs.pop("prepend_bos", None),
+                forward_kwargs.pop("padding_side", None))
+
+        def run(n_pos: int) -> ActivationCache:
+            prefix = {k: v[:, :n_pos] if k in ("attention_mask", "tokens") and v is not None else copy.deepcopy(v)
+                      for k, v in forward_kwargs.items()}
+            with torch.no_grad():
+                _, cache = self.run_with_cache(input[:, :n_pos], names_filter=names_filter, device=device,
+                                               dtype=dtype, remove_batch_dim=remove_batch_dim, **prefix)
+            return cache
+
+        return estimate_cache_memory(run, input.shape[1])
+
+    def _text_to_tokens(
+        self, text: str | list[str], attention_mask: Tensor | None, prepend_bos: bool | None,
+        padding_side: PaddingSide | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids and mask for text; a mask given with the text can only hide more tokens."""
+        tokens, text_mask = self.tokenize(text, prepend_bos, padding_side)
+        if attention_mask is None:
+            return tokens, text_mask
+        if attention_mask.shape != text_mask.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the text tokenizes to "
+                             f"{tuple(text_mask.shape)} [batch pos]")
+        return tokens, text_mask * attention_mask.to(text_mask)
+
     def generate(self, input: Any, max_new_tokens: int = 10, **kwargs: Any) -> Any:
         """Continue ``input``; see ``hooked_attn.generation.generate`` for the options (greedy by default)."""
         from hooked_attn.generation import generate
@@ -180,8 +237,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return AttentionContext(attend=None, positions=keys[:, n_cached:], key_positions=keys, kv_cache=cache)
         valid = full.to(device).bool()
         keys = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_cached)
-        attend = causal[None] & valid[:, None, :]
+        attend = valid[:, None, :].expand(-1, n_new, -1)  # bidirectional models: every real key
+        if self.cfg.causal:
+            attend = attend & torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_cached)[None]
         rows = torch.arange(n_new, device=device)
         own = torch.zeros(n_new, n_keys, dtype=torch.bool, device=device)
         own[rows, n_cached + rows] = True  # each query's own position
@@ -231,6 +289,12 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         if not self.cfg.gated_mlp:
             raise AttributeError("W_gate")  # reported by __getattr__ below
         return self._stack(lambda b: b.mlp.W_gate)
+
+    @property
+    def b_gate(self) -> Tensor:
+        if not self.cfg.gated_mlp:
+            raise AttributeError("b_gate")  # reported by __getattr__ below
+        return self._stack(lambda b: b.mlp.b_gate)
 
     @property
     def W_pos(self) -> Tensor:
