@@ -142,7 +142,12 @@ def peer_notes(results: dict) -> list[str]:
 
 def write_page(results: dict, path: Path) -> None:
     env = results["env"]
-    head = HEADER.format(command=results["command"], date=results["date"], minutes=results["minutes"], **env)
+    head = HEADER.format(command=results["command"].split(" --only")[0], date=results["date"],
+                         minutes=results["minutes"], **env)
+    if results.get("rerun"):
+        head += (f"\nSections {', '.join(results['rerun'])} were re-run afterwards, on the same machine, with "
+                 f"`python -m benchmarks.run_all --only {','.join(results['rerun'])}` "
+                 f"({results['rerun_minutes']:.0f} minutes).\n")
     body = [*forward_table(results), *cache_table(results), *load_table(results), *generate_table(results),
             *patching_table(results), *peer_notes(results)]
     path.write_text(head + "\n" + "\n".join(body) + "\n")
