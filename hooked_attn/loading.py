@@ -2,7 +2,7 @@
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def _resolve(
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not an HF model folder")
     hf_config = AutoConfig.from_pretrained(path)
     arch_name = (hf_config.architectures or [None])[0]
-    return hf_config, arch_name, _read_weights(path, dtype), path
+    return hf_config, arch_name, _with_base_prefix(_read_weights(path, dtype), arch_name), path
 
 
 def _resolve_gguf(
@@ -166,6 +166,39 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
             f"{repo_id!r} is not a local folder or file, and fetching it from the HuggingFace hub failed "
             f"({type(err).__name__}: {err})"
         ) from err
+
+
+class _Prefixed(Mapping[str, torch.Tensor]):
+    """A checkpoint saved from the base model (``BloomModel``: ``h.0...``) seen with the keys the task
+    model has (``BloomForCausalLM``: ``transformer.h.0...``), as HF's own loader sees it."""
+
+    def __init__(self, inner: Mapping[str, torch.Tensor], prefix: str) -> None:
+        self._inner, self._prefix = inner, prefix
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if not key.startswith(self._prefix):
+            raise KeyError(key)
+        return self._inner[key[len(self._prefix):]]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.startswith(self._prefix) and key[len(self._prefix):] in self._inner
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._prefix + key for key in self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+def _with_base_prefix(sd: Mapping[str, torch.Tensor], arch_name: str | None) -> Mapping[str, torch.Tensor]:
+    """Add the task model's base-model prefix when no key has it (a checkpoint saved from the base model)."""
+    import transformers
+
+    prefix = getattr(getattr(transformers, arch_name or "", None), "base_model_prefix", "")
+    if not prefix or any(key.startswith(prefix + ".") for key in sd):
+        return sd
+    logger.info("the checkpoint's keys lack the %r prefix (saved from the base model); reading them under it", prefix)
+    return _Prefixed(sd, prefix + ".")
 
 
 def _read_weights(folder: Path, dtype: torch.dtype | None) -> Mapping[str, torch.Tensor]:

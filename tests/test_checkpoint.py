@@ -99,3 +99,23 @@ def test_parameters_keep_the_layout_the_forward_pass_expects(saved):
         fresh = HookedTransformer(loaded.cfg)
     for (name, p), (_, q) in zip(loaded.named_parameters(), fresh.named_parameters()):
         assert p.stride() == q.stride(), name  # W_Q is a view of [head d_head d_model] storage, etc.
+
+
+def test_a_checkpoint_saved_from_the_base_model_loads_under_the_task_prefix(tmp_path):
+    """bloom-560m on the hub stores ``word_embeddings.weight``, ``h.0...`` (a BloomModel) under
+    architectures=["BloomForCausalLM"]; HF adds the ``transformer.`` prefix, and so do we."""
+    bloom = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=101)
+    hf = tiny_hf_model(bloom)
+    hf.save_pretrained(tmp_path)
+    keys = {k.removeprefix("transformer."): v.contiguous() for k, v in load_file(tmp_path / "model.safetensors").items()
+            if k != "lm_head.weight"}
+    assert not any(k.startswith("transformer.") for k in keys)
+    save_file(keys, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = HookedTransformer.from_pretrained_no_processing(tmp_path)
+    tokens = random_tokens(bloom)
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL["tiny_fp32"])
+    # And a base checkpoint that leaves out a key the task model needs is still refused by name.
+    del keys["ln_f.bias"]
+    save_file(keys, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="ln_f.bias"):
+        HookedTransformer.from_pretrained_no_processing(tmp_path)
