@@ -194,7 +194,9 @@ def _with_base_prefix(sd: Mapping[str, torch.Tensor], arch_name: str | None) -> 
     """Add the task model's base-model prefix when no key has it (a checkpoint saved from the base model)."""
     import transformers
 
-    prefix = getattr(getattr(transformers, arch_name or "", None), "base_model_prefix", "")
+    # Only task models (a head around the base model) carry the prefix; a base model's own keys never do.
+    is_task_model = "For" in (arch_name or "") or (arch_name or "").endswith("LMHeadModel")
+    prefix = getattr(getattr(transformers, arch_name or "", None), "base_model_prefix", "") if is_task_model else ""
     if not prefix or any(key.startswith(prefix + ".") for key in sd):
         return sd
     logger.info("the checkpoint's keys lack the %r prefix (saved from the base model); reading them under it", prefix)
