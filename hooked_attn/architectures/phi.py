@@ -40,11 +40,13 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
     # Partial rotary: only the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
     # paired by rotate_half (PhiAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    if n_rot <= 0 or n_rot % 2:
+    if n_rot < 0 or n_rot % 2:
         raise UnsupportedConfigError(
             f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+            f"{n_rot} rotary dimensions of d_head={d_head}; zero or a positive even number is needed"
         )
+    # rotary_ndims == 0: apply_rotary_pos_emb rotates the empty slice and passes the rest through, so q
+    # and k carry no position (attention sees order only through the causal mask): no rotary at all.
     qk_norm = None
     if hf.qk_layernorm:
         # PhiAttention.forward: q_layernorm/k_layernorm, nn.LayerNorm(d_head) with weight and bias, on
@@ -57,7 +59,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
         act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
+        positions=rotary_from_hf(rope, d_head, ARCH) if n_rot else None, attn_scale=d_head**-0.5,
         # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
         parallel_attn_mlp=True,
         qk_norm=qk_norm,
@@ -111,6 +113,7 @@ def tiny_hf_configs() -> dict[str, PhiConfig]:
                                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
         # A LayerNorm (weight and bias) on each head's q and k, before the partial rotary.
         "qk_layernorm_gqa": PhiConfig(**base, num_key_value_heads=2, qk_layernorm=True),
+        "no_rotary": PhiConfig(**base, partial_rotary_factor=0.0),      # no positional information at all
     }
 
 

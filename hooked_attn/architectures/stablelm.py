@@ -44,7 +44,8 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
     if n_rot <= 0 or n_rot % 2:
         raise UnsupportedConfigError(
             f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed"
+            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed (HF's own "
+            "StableLmAttention fails with no rotary dimensions, so there is no model to match)"
         )
     qk_norm = None
     if hf.qk_layernorm:
