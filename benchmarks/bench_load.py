@@ -3,7 +3,8 @@
     python benchmarks/bench_load.py [--models gpt2-small-shape,smollm2-135m] [--dtypes float32,bfloat16]
 
 Every measurement runs in a fresh process (``--child``), which imports everything first, resets the
-kernel's peak-RSS mark, loads, and reports the wall time, the peak RSS growth over the RSS before the
+kernel's peak-RSS mark, loads (the tokenizer is loaded beforehand and passed in, since HF's
+``from_pretrained`` loads none), and reports the wall time, the peak RSS growth over the RSS before the
 load, and the loaded model's parameter bytes. HF's ``from_pretrained`` memory-maps safetensors, so its
 pages become resident only as they are read: its growth is low until the first forward. Measures,
 never asserts.
@@ -29,15 +30,18 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
     from hooked_attn import HookedTransformer
 
     dtype = getattr(torch, dtype_name)
+    # HF's from_pretrained loads no tokenizer; ours would load the folder's, so it is loaded first and
+    # passed in, and both sides measure the weights alone.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
     if loader == "hf":
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     elif loader == "hooked_processed":
-        model = HookedTransformer.from_pretrained(folder, dtype=dtype)
+        model = HookedTransformer.from_pretrained(folder, dtype=dtype, tokenizer=tokenizer)
     else:
-        model = HookedTransformer.from_pretrained_no_processing(folder, dtype=dtype)
+        model = HookedTransformer.from_pretrained_no_processing(folder, dtype=dtype, tokenizer=tokenizer)
     seconds = time.perf_counter() - start
     growth = peak_rss_bytes() - before
     return {"loader": loader, "seconds": seconds, "peak_rss_growth_bytes": growth, "param_bytes": param_bytes(model),

@@ -21,6 +21,7 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100_000_000  # the format's own bound on the JSON header
+_CHUNK_ELEMENTS = 1 << 21  # a dtype conversion reads through a buffer of this many elements
 
 
 class CheckpointError(ValueError):
@@ -46,16 +47,27 @@ class LazySafetensors(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         path, dtype, shape, start, end = self._where[key]
-        tensor = torch.empty(shape, dtype=dtype)
+        target = self.dtype if self.dtype is not None and dtype.is_floating_point and dtype != self.dtype else dtype
+        tensor = torch.empty(shape, dtype=target)
+        got = 0
         with path.open("rb") as f:
             f.seek(start)
-            if tensor.numel():
+            if not tensor.numel():
+                pass
+            elif target == dtype:  # straight into the tensor
                 got = f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-                if got != end - start:
-                    raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} needs {end - start} bytes, "
-                                          f"{got} are there")
-        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
+            else:  # through a bounded buffer, converting as it goes: never a full-size copy in the file's dtype
+                flat = tensor.view(-1)
+                buffer = torch.empty(min(flat.numel(), _CHUNK_ELEMENTS), dtype=dtype)
+                for at in range(0, flat.numel(), buffer.numel()):
+                    part = buffer[:min(buffer.numel(), flat.numel() - at)]
+                    n = f.readinto(memoryview(part.view(torch.uint8).numpy()))
+                    got += n
+                    if n != part.numel() * part.element_size():
+                        break
+                    flat[at:at + part.numel()].copy_(part)
+        if got != end - start:
+            raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} needs {end - start} bytes, {got} are there")
         return tensor
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor

@@ -15,6 +15,7 @@ from hooked_attn.architectures import get_architecture
 from hooked_attn.architectures.base import StateDictError, check_hf_config
 from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
 from hooked_attn.config import ModelConfig
+from hooked_attn.memory import release_free_memory
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import process_weights
 from hooked_attn.shapes import StateDict
@@ -57,6 +58,7 @@ def from_pretrained(
     foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if isinstance(model_name_or_path, PreTrainedModel) else set()
     sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
     del hf_sd
+    release_free_memory()
     for key in sd:  # one tensor at a time, so the old one is freed as the new one is made
         sd[key] = sd[key].to(dtype)
     sd, cfg = process_weights(

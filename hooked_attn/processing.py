@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hooked_attn.config import LearnedPositions, ModelConfig, Processing
+from hooked_attn.memory import release_free_memory
 from hooked_attn.shapes import StateDict
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> d
             # Slices never run along d_model, over which the centring reduces: along head (or expert) for
             # per-head weights, else along the last axis; both are outermost in the nn.Linear storage.
             out[key] = _map_slices(W, scale_and_center, 0 if W.ndim == 3 else W.ndim - 1)
+            if inplace:  # the replaced tensor is gone: hand its pages back before the next one is made
+                release_free_memory()
     return out
 
 
@@ -279,6 +282,8 @@ def process_weights(
             logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
             continue
         out = STEPS[step](out, cfg, inplace=True)  # out is this call's own dict (or the caller's, inplace)
+        if inplace:
+            release_free_memory()
         if step == "refactor_factored_attn_matrices":
             done = Processing(**{**vars(done), "fold_value_biases": True})
         done = Processing(**{**vars(done), step: True})

@@ -119,3 +119,14 @@ def test_a_checkpoint_saved_from_the_base_model_loads_under_the_task_prefix(tmp_
     save_file(keys, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(Exception, match="ln_f.bias"):
         HookedTransformer.from_pretrained_no_processing(tmp_path)
+
+
+def test_converting_reads_go_through_a_bounded_buffer_and_equal_a_plain_cast(tmp_path, monkeypatch):
+    import hooked_attn.checkpoint as checkpoint
+
+    tensors = {"big": torch.randn(37, 29), "ids": torch.arange(11)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    monkeypatch.setattr(checkpoint, "_CHUNK_ELEMENTS", 10)  # many partial reads, the last one short
+    lazy = LazySafetensors([tmp_path / "x.safetensors"], dtype=torch.bfloat16)
+    torch.testing.assert_close(lazy["big"], tensors["big"].to(torch.bfloat16), rtol=0, atol=0)
+    assert lazy["ids"].dtype == torch.int64
