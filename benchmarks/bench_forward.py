@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import transformers
 
-from benchmarks.common import RESULTS, machine, median_seconds, shapes, smollm2_folder
+from benchmarks.common import median_seconds, shapes, smollm2_folder, write_results
 from hooked_attn import HookedTransformer
 
 CACHE_SIZE = (4, 128)
@@ -86,8 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     records = run(args.models.split(","), parse_sizes(args.sizes), [getattr(torch, d) for d in args.dtypes.split(",")],
                   args.min_run_time)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "forward.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
+    write_results("forward", records)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,14 @@ few runs each. Measures, never asserts.
 
 import argparse
 import json
-import time
 
 import torch
 import transformers
 
-from benchmarks.common import RESULTS, machine, shapes, smollm2_folder
+from benchmarks.common import median_of_runs, shapes, smollm2_folder, write_results
 from hooked_attn import HookedTransformer
 
 NEW_TOKENS, PROMPT = 64, 32
-
-
-def median_run(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def run(names: list[str], repeats: int = 3) -> list[dict]:
@@ -44,9 +33,9 @@ def run(names: list[str], repeats: int = 3) -> list[dict]:
         hf_out = hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=0)
         our_out = ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-        hf_s = median_run(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        hf_s = median_of_runs(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                               do_sample=False, pad_token_id=0), repeats)
-        our_s = median_run(lambda: ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False), repeats)
+        our_s = median_of_runs(lambda: ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False), repeats)
         rec = {"op": "generate", "model": name, "dtype": "float32", "prompt": PROMPT, "new_tokens": NEW_TOKENS,
                "hf_tok_s": NEW_TOKENS / hf_s, "hooked_tok_s": NEW_TOKENS / our_s, "hooked_over_hf_tok_s": hf_s / our_s,
                "same_tokens_as_hf": bool(torch.equal(hf_out, our_out))}
@@ -63,8 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = run(args.models.split(","), args.repeats)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generate.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
+    write_results("generate", records)
 
 
 if __name__ == "__main__":

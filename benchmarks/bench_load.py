@@ -13,12 +13,11 @@ never asserts.
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
-    RESULTS, machine, param_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, run_child, save_shape, smollm2_folder,
+    RESULTS, param_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, run_child, save_shape, smollm2_folder, write_results,
 )
 
 LOADERS = ("hf", "hooked_processed", "hooked_unprocessed")
@@ -76,8 +75,7 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
     records = run(args.models.split(","), args.dtypes.split(","), args.repeats)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
+    write_results("load", records)
 
 
 if __name__ == "__main__":

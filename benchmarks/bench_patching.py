@@ -9,12 +9,11 @@ comes from benchmarks/peers/tl_bench.py. Measures, never asserts.
 
 import argparse
 import json
-import time
 
 import torch
 import transformers
 
-from benchmarks.common import RESULTS, machine, shapes
+from benchmarks.common import median_of_runs, shapes, write_results
 from hooked_attn import HookedTransformer
 from hooked_attn.patching import get_act_patch_resid_pre
 
@@ -35,14 +34,9 @@ def run(names: list[str], n_pos: int, repeats: int = 3) -> list[dict]:
         def metric(logits: torch.Tensor) -> torch.Tensor:
             return logits[0, -1, 0] - logits[0, -1, 1]
 
-        get_act_patch_resid_pre(model, corrupted, clean_cache, metric)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
-            times.append(time.perf_counter() - start)
+        seconds = median_of_runs(lambda: get_act_patch_resid_pre(model, corrupted, clean_cache, metric), repeats)
         rec = {"op": "patch_resid_pre", "model": name, "n_layers": model.cfg.n_layers, "pos": n_pos,
-               "patches": model.cfg.n_layers * n_pos, "seconds": sorted(times)[len(times) // 2]}
+               "patches": model.cfg.n_layers * n_pos, "seconds": seconds}
         records.append(rec)
         print(json.dumps(rec), flush=True)
     return records
@@ -56,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = run(args.models.split(","), args.pos)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "patching.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
+    write_results("patching", records)
 
 
 if __name__ == "__main__":

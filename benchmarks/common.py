@@ -10,6 +10,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
     """Median wall time of ``fn()`` over as many blocks as fit in ``min_run_time`` (at least a few)."""
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def median_of_runs(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (for runs too long to block)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def write_results(name: str, records: list[dict]) -> None:
+    """benchmarks/results/NAME.json: the machine and the records."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"env": machine(), "records": records}, indent=1))
 
 
 def machine() -> dict:

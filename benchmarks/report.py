@@ -30,6 +30,15 @@ def _peer(results: dict, venv: str, op: str, **match: object) -> dict | None:
     return None
 
 
+def _peer_cells(results: dict, rec: dict, op: str, key: str, **match: object) -> str:
+    """The TL 3.9 and 4.3 columns for a GPT-2-shape row (the peers run that shape only)."""
+    cells = []
+    for venv in ("tl39", "tl43"):
+        p = _peer(results, venv, op, **match) if rec["model"] == "gpt2-small-shape" else None
+        cells.append(_f(p and p.get(key)))
+    return " | ".join(cells)
+
+
 def forward_table(results: dict) -> list[str]:
     lines = ["## 1. Forward pass, no hooks", "",
              "Time of `model(tokens)` over HF's own forward on the same weights (`attn_implementation=\"sdpa\"` and "
@@ -40,14 +49,10 @@ def forward_table(results: dict) -> list[str]:
     for rec in results["forward"]:
         if rec["op"] != "forward":
             continue
-        peers = []
-        for venv in ("tl39", "tl43"):
-            p = None
-            if rec["model"] == "gpt2-small-shape":
-                p = _peer(results, venv, "forward", batch=rec["batch"], pos=rec["pos"], dtype=rec["dtype"])
-            peers.append(_f(p and p.get("peer_over_hf")))
+        peers = _peer_cells(results, rec, "forward", "peer_over_hf", batch=rec["batch"], pos=rec["pos"],
+                            dtype=rec["dtype"])
         lines.append(f"| {rec['model']} | {rec['dtype']} | {rec['batch']}x{rec['pos']} | "
-                     f"{_f(rec['hooked_over_hf_sdpa'])} | {_f(rec['hooked_over_hf_eager'])} | {' | '.join(peers)} |")
+                     f"{_f(rec['hooked_over_hf_sdpa'])} | {_f(rec['hooked_over_hf_eager'])} | {peers} |")
     return lines
 
 
@@ -60,16 +65,11 @@ def cache_table(results: dict) -> list[str]:
     for rec in results["forward"]:
         if rec["op"] != "run_with_cache":
             continue
-        peers = []
-        for venv in ("tl39", "tl43"):
-            p = None
-            if rec["model"] == "gpt2-small-shape":
-                p = _peer(results, venv, "cache_all", batch=rec["batch"], pos=rec["pos"])
-            peers.append(_f(p and p.get("over_hf")))
+        peers = _peer_cells(results, rec, "cache_all", "over_hf", batch=rec["batch"], pos=rec["pos"])
         lines.append(f"| {rec['model']} | {rec['batch']}x{rec['pos']} | {rec['hooks_cached']} | "
                      f"{rec['cache_bytes'] / 2**20:.0f} MiB | {_f(rec['cache_all_over_hf_sdpa'])} | "
                      f"{_f(rec['cache_all_over_hooked'])} | {_f(rec['cache_resid_pre_over_hf_sdpa'])} | "
-                     f"{' | '.join(peers)} |")
+                     f"{peers} |")
     return lines
 
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import torch
 
