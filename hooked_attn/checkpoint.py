@@ -38,6 +38,7 @@ class LazySafetensors(Mapping[str, Tensor]):
 
     def __init__(self, files: list[Path], dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
+        self._chunk: Tensor | None = None
         self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         for path in files:
             for name, entry in _read_header(path).items():
@@ -58,7 +59,7 @@ class LazySafetensors(Mapping[str, Tensor]):
                 got = f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
             else:  # through a bounded buffer, converting as it goes: never a full-size copy in the file's dtype
                 flat = tensor.view(-1)
-                buffer = torch.empty(min(flat.numel(), _CHUNK_ELEMENTS), dtype=dtype)
+                buffer = self._buffer(dtype)[:min(flat.numel(), _CHUNK_ELEMENTS)]
                 for at in range(0, flat.numel(), buffer.numel()):
                     part = buffer[:min(buffer.numel(), flat.numel() - at)]
                     n = f.readinto(memoryview(part.view(torch.uint8).numpy()))
@@ -69,6 +70,13 @@ class LazySafetensors(Mapping[str, Tensor]):
         if got != end - start:
             raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} needs {end - start} bytes, {got} are there")
         return tensor
+
+    def _buffer(self, dtype: torch.dtype) -> Tensor:
+        """The conversion buffer for the file's ``dtype``, made once and reused for every tensor: a fresh
+        one per tensor fragments glibc's heap, and the load's RSS grows by a buffer per weight."""
+        if self._chunk is None or self._chunk.dtype != dtype:
+            self._chunk = torch.empty(_CHUNK_ELEMENTS, dtype=dtype)
+        return self._chunk
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
         return key in self._where

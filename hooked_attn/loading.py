@@ -2,14 +2,14 @@
 
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
 from hooked_attn.architectures.base import StateDictError, check_hf_config
@@ -22,7 +22,9 @@ from hooked_attn.shapes import StateDict
 
 logger = logging.getLogger(__name__)
 
-Source = str | os.PathLike | PreTrainedModel
+# An in-memory model is an HF PreTrainedModel (checked by _is_hf_model). It is typed as nn.Module so that
+# loading from a folder never imports transformers' modeling code (and the scipy it pulls in: ~1 s).
+Source = str | os.PathLike | nn.Module
 TokenizerArg = PreTrainedTokenizerBase | str | os.PathLike | None
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
@@ -55,7 +57,8 @@ def from_pretrained(
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
     # Tensors that belong to a caller's in-memory model: they are copied, never adopted.
-    foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if isinstance(model_name_or_path, PreTrainedModel) else set()
+    in_memory = _is_hf_model(model_name_or_path)
+    foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if in_memory else set()
     sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
     del hf_sd
     release_free_memory()
@@ -64,11 +67,13 @@ def from_pretrained(
     sd, cfg = process_weights(
         sd, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
         fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        inplace=True,  # sd is ours: each old tensor is freed as its processed replacement is made
+        # sd is ours, and so is every tensor not in a caller's model: those are overwritten as they are
+        # processed, the others replaced (and freed) one at a time.
+        inplace=True, owned=lambda t: t.untyped_storage().data_ptr() not in foreign,
     )
     target = torch.device(device) if device is not None else torch.device("cpu")
     model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)
-    where = type(model_name_or_path).__name__ if isinstance(model_name_or_path, PreTrainedModel) else model_name_or_path
+    where = type(model_name_or_path).__name__ if in_memory else model_name_or_path
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
     return model
 
@@ -94,7 +99,7 @@ def _materialise(
         if tensor.shape != meta.shape:
             raise StateDictError(f"converted weight {name!r} has shape {tuple(tensor.shape)}, the model needs "
                                  f"{tuple(meta.shape)}")
-        adopt = (tensor.dtype == dtype and tensor.device == device and tensor.stride() == meta.stride()
+        adopt = (tensor.dtype == dtype and tensor.device == device and _layout_fits(tensor, meta)
                  and tensor.untyped_storage().data_ptr() not in foreign)
         if not adopt:
             fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=dtype, device=device)
@@ -102,6 +107,17 @@ def _materialise(
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner).register_parameter(leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
     return model
+
+
+def _layout_fits(tensor: torch.Tensor, meta: torch.Tensor) -> bool:
+    """Whether ``tensor`` can be the parameter ``meta`` as it is laid out: the same strides, or, for a
+    matrix, either dense layout (GPT-2's Conv1D ``[in, out]`` or nn.Linear's ``[out, in]``), which the
+    forward's ``F.linear`` reads equally well."""
+    if tensor.stride() == meta.stride():
+        return True
+    if tensor.ndim != 2 or tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        return False
+    return tensor.is_contiguous() or tensor.T.is_contiguous()
 
 
 def from_pretrained_no_processing(model_name_or_path: Source, **kwargs: Any) -> HookedTransformer:
@@ -119,7 +135,7 @@ def _resolve(
 
     A folder's state dict is lazy: each tensor is read from disk (in ``dtype``) when a converter asks.
     """
-    if isinstance(source, PreTrainedModel):
+    if _is_hf_model(source):
         name = getattr(source, "name_or_path", "")
         folder = name if name and Path(name).is_dir() else None  # Path("") is the current directory
         return source.config, type(source).__name__, source.state_dict(), folder
@@ -147,10 +163,19 @@ def _resolve_gguf(
     where: str, gguf_file: str, revision: str | None, cache_dir: str | os.PathLike | None,
 ) -> tuple[PretrainedConfig, str | None, StateDict, Any]:
     # transformers dequantises GGUF tensors to ordinary float tensors while building its model.
+    from transformers import AutoModelForCausalLM
+
     hf_model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch.float32,
                                                     revision=revision, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
     return hf_model.config, type(hf_model).__name__, hf_model.state_dict(), tokenizer
+
+
+def _is_hf_model(source: object) -> bool:
+    """Whether ``source`` is an HF ``PreTrainedModel``, without importing transformers' modeling code: no
+    such model can exist before that code is imported."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(source, modeling.PreTrainedModel)
 
 
 def _looks_local(name: str) -> bool:
@@ -198,7 +223,12 @@ def _with_base_prefix(sd: Mapping[str, torch.Tensor], arch_name: str | None) -> 
 
     # Only task models (a head around the base model) carry the prefix; a base model's own keys never do.
     is_task_model = "For" in (arch_name or "") or (arch_name or "").endswith("LMHeadModel")
-    prefix = getattr(getattr(transformers, arch_name or "", None), "base_model_prefix", "") if is_task_model else ""
+    # A base model's layers sit at the top (``h.0.``, ``layers.0.``), a task model's one level down
+    # (``model.layers.0.``). Only the former needs HF's prefix, whose lookup imports HF's modeling code.
+    top_level_layers = any(key.split(".")[1:2] and key.split(".")[1].isdigit() for key in sd)
+    if not (is_task_model and top_level_layers):
+        return sd
+    prefix = getattr(getattr(transformers, arch_name or "", None), "base_model_prefix", "")
     if not prefix or any(key.startswith(prefix + ".") for key in sd):
         return sd
     logger.info("the checkpoint's keys lack the %r prefix (saved from the base model); reading them under it", prefix)

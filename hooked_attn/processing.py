@@ -2,14 +2,18 @@
 
 Each function takes our per-head state dict (``blocks.{i}.attn.W_Q`` ...) and returns a new dict;
 the input is never modified. With ``inplace=True`` the results go into the given dict instead, so that
-each old tensor can be freed as its replacement is made (the loader does this with the dict it owns);
-tensors themselves are never written to in either mode. Each docstring states the invariant its test checks. Arithmetic runs
-in at least float32 and results are cast back to each tensor's dtype.
+each old tensor can be freed as its replacement is made. Tensors themselves are never written to, unless
+the caller also passes ``owned``: then a tensor that ``owned`` accepts and whose storage no other entry
+of the dict shares is overwritten slice by slice instead of replaced, so processing needs no second copy
+of it (the loader does this with the tensors it has just read). Each docstring states the invariant its
+test checks. Arithmetic runs in at least float32 and results are cast back to each tensor's dtype.
 """
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import einops
 import torch
@@ -33,29 +37,117 @@ def _f(t: Tensor) -> Tensor:
 _SLICE_ELEMENTS = 1 << 21  # float32 temporaries stay under ~8 MB per slice, whatever the tensor's size
 
 
-def _map_slices(t: Tensor, fn: Callable[[Tensor], Tensor], axis: int) -> Tensor:
-    """``fn`` (in at least float32) over slices of ``t`` along ``axis``, into a fresh tensor of ``t``'s
-    dtype and layout. ``fn`` must treat each slice on its own (reduce over other axes only), so the
-    result equals ``fn(t)``; the float32 temporaries are bounded by the slice, not by ``t``.
-    """
+Owned = Callable[[Tensor], bool] | None
+
+
+def _overwritable(out: dict[str, Tensor], key: str, owned: Owned) -> bool:
+    """Whether ``out[key]`` may be written to: ``owned`` accepts it and no other entry shares its storage
+    (GPT-2's W_Q, W_K and W_V are views of one c_attn weight; a tied W_U is a view of W_E)."""
+    if owned is None or not owned(out[key]):
+        return False
+    ptr = out[key].untyped_storage().data_ptr()
+    return not any(k != key and t.untyped_storage().data_ptr() == ptr for k, t in out.items())
+
+
+def _slices(t: Tensor) -> Iterator[tuple[int, int, int]]:
+    """(axis, start, size) of bounded slices of ``t`` along its outermost storage axis, so that each slice
+    is one run of memory (a tied ``W_U`` stored as ``W_E`` is sliced along d_vocab, not d_model)."""
+    axis = max(range(t.ndim), key=lambda a: t.stride(a) if t.shape[a] > 1 else -1)
     n = t.shape[axis]
     step = max(1, _SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
-    if step >= n and t.dtype == torch.float32:  # one slice, no upcast: the result keeps t's layout as it is
-        return fn(t)
-    out = torch.empty_like(t)
     for start in range(0, n, step):
-        size = min(step, n - start)
-        out.narrow(axis, start, size).copy_(fn(_f(t.narrow(axis, start, size))))
+        yield axis, start, min(step, n - start)
+
+
+def _part(b: Tensor, axis: int, start: int, size: int) -> Tensor:
+    """The piece of ``b`` (broadcast against a tensor) that meets that tensor's slice."""
+    return b.narrow(axis, start, size) if b.shape[axis] > 1 else b
+
+
+_lent = threading.local()  # the float32 buffer process_weights lends its steps for slice temporaries
+
+
+@contextlib.contextmanager
+def _lend_work_buffer() -> Iterator[None]:
+    """Give the steps run inside one float32 buffer of ``_SLICE_ELEMENTS`` to reuse for every slice. A
+    fresh temporary per slice fragments glibc's heap (small results land in the freed holes, so the next
+    temporary no longer fits): load RSS then grows by a slice per weight."""
+    previous = getattr(_lent, "buffer", None)
+    _lent.buffer = torch.empty(_SLICE_ELEMENTS)
+    try:
+        yield
+    finally:
+        _lent.buffer = previous
+
+
+def _work(t: Tensor, slices: list[tuple[int, int, int]]) -> Tensor:
+    """A float32 (float64 for ``t`` in float64) tensor shaped and ordered in memory like ``t``'s first slice: in the lent buffer when
+    there is one (and it fits), else fresh. Every later slice uses a narrowed view of it."""
+    like = t.narrow(*slices[0])
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    flat = getattr(_lent, "buffer", None)
+    if flat is None or flat.numel() < like.numel() or flat.device != t.device or flat.dtype != dtype:
+        flat = torch.empty(like.numel(), dtype=dtype, device=t.device)
+    strides, step = [0] * like.ndim, 1
+    for d in sorted(range(like.ndim), key=lambda d: (like.stride(d), -d)):  # innermost axis first
+        strides[d], step = step, step * like.shape[d]
+    return flat[:like.numel()].as_strided(like.shape, strides)
+
+
+def _sum(t: Tensor, axis: int, scale: Tensor | None = None) -> Tensor:
+    """float32 sum over ``axis`` (kept, size 1) of ``t``, times ``scale`` (broadcast against ``t``) when
+    given, computed slice by slice: no float32 copy of ``t`` is ever whole."""
+    axis, total, parts, along = axis % t.ndim, None, [], 0
+    slices = list(_slices(t))
+    work = _work(t, slices) if scale is not None or t.dtype not in (torch.float32, torch.float64) else None
+    for along, start, size in slices:
+        x = t.narrow(along, start, size)
+        if work is not None:
+            buf = work.narrow(along, 0, size)
+            x = buf.copy_(x)  # (a mixed-dtype torch.mul(out=) may make a temporary of its own)
+            if scale is not None:
+                x.mul_(_part(scale, along, start, size))
+        s = x.sum(axis, keepdim=True)  # x is float32 (or 64) here; sum(dtype=) would copy it first
+        if along == axis:
+            total = s if total is None else total + s
+        else:
+            parts.append(s)
+    return total if total is not None else torch.cat(parts, dim=along)
+
+
+def _affine(t: Tensor, scale: Tensor | None, shift: Tensor | None, overwrite: bool) -> Tensor:
+    """``t * scale - shift`` (each broadcast against ``t``, in at least float32), into a fresh tensor of
+    ``t``'s dtype and layout or, with ``overwrite``, back into ``t``; by slices, so the float32
+    temporaries are bounded by a slice (a float32 ``t`` needs none)."""
+    out = t if overwrite else torch.empty_like(t)
+    slices = list(_slices(t))
+    same = t.dtype in (torch.float32, torch.float64)  # then the arithmetic runs in the destination
+    work = None if same else _work(t, slices)
+    for axis, start, size in slices:
+        src, dst = t.narrow(axis, start, size), out.narrow(axis, start, size)
+        if same and not overwrite:
+            dst.copy_(src)
+        x = dst if same else work.narrow(axis, 0, size).copy_(src)
+        if scale is not None:
+            x.mul_(_part(scale, axis, start, size))
+        if shift is not None:
+            x.sub_(_part(shift, axis, start, size))
+        if x is not dst:
+            dst.copy_(x)
     return out
 
 
-def _contract(b: Tensor, W: Tensor, axis: int) -> Tensor:
-    """``sum over axis of W * b`` (b along ``axis``), in float32 slices over W's last axis."""
-    last = W.ndim - 1
-    step = max(1, _SLICE_ELEMENTS // max(1, W.numel() // max(1, W.shape[last])))
-    parts = [torch.tensordot(_f(b), _f(W.narrow(last, start, min(step, W.shape[last] - start))), dims=([0], [axis]))
-             for start in range(0, W.shape[last], step)]
-    return torch.cat(parts, dim=-1)
+def _scale_and_center(out: dict[str, Tensor], key: str, scale: Tensor | None, center_axis: int | None,
+                      inplace: bool, owned: Owned) -> None:
+    """``out[key] = W * scale``, then less its mean over ``center_axis`` (when given). ``W`` is overwritten
+    when it may be, else replaced by a fresh tensor (and in place mode hands the old one's pages back
+    before the next is made)."""
+    old = out[key]
+    mean = None if center_axis is None else _sum(old, center_axis, scale) / old.shape[center_axis]
+    out[key] = _affine(old, scale, mean, overwrite=inplace and _overwritable(out, key, owned))
+    if inplace and out[key] is not old:
+        del old
+        release_free_memory()
 
 
 def _norm_readers(cfg: ModelConfig, sd: StateDict) -> list[tuple[str, list[str]]]:
@@ -123,7 +215,7 @@ def _refuse(step: str, cfg: ModelConfig) -> None:
         raise ProcessingError(f"{step} cannot preserve this {cfg.hf_architecture} model: {reason}")
 
 
-def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
+def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
     """Fold each norm's gain (and bias) into the weights that read its output; for LayerNorm,
     then centre those reading weights over ``d_model``.
 
@@ -148,23 +240,16 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> d
             if b is not None:
                 if bias_key is None:
                     raise ProcessingError(f"cannot fold {norm}.b into {key}: it has no bias to take it")
-                out[bias_key] = (_f(out[bias_key]) + _contract(b, W, d_axis)).to(out[bias_key].dtype)
-
-            def scale_and_center(w: Tensor, gain: Tensor | None = gain, shape: list[int] = shape,
-                                 d_axis: int = d_axis) -> Tensor:
-                if gain is not None:
-                    w = w * gain.view(shape)
-                return w - w.mean(d_axis, keepdim=True) if center else w
-
-            # Slices never run along d_model, over which the centring reduces: along head (or expert) for
-            # per-head weights, else along the last axis; both are outermost in the nn.Linear storage.
-            out[key] = _map_slices(W, scale_and_center, 0 if W.ndim == 3 else W.ndim - 1)
-            if inplace:  # the replaced tensor is gone: hand its pages back before the next one is made
-                release_free_memory()
+                folded = _sum(W, d_axis, _f(b).view(shape)).squeeze(d_axis)
+                out[bias_key] = (_f(out[bias_key]) + folded).to(out[bias_key].dtype)
+            del W
+            scale = None if gain is None else gain.view(shape)
+            _scale_and_center(out, key, scale, d_axis if center else None, inplace, owned)
     return out
 
 
-def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
+def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = False,
+                           owned: Owned = None) -> dict[str, Tensor]:
     """Subtract from every weight and bias that writes to the residual stream its mean over ``d_model``.
 
     Invariant: logits unchanged, for LayerNorm models only: every reader of the residual stream is a
@@ -179,26 +264,26 @@ def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = Fals
         t = out[key]
         if t.ndim == 1:
             out[key] = (_f(t) - _f(t).mean()).to(t.dtype)
-        else:  # the mean is over d_model, the last axis: slice along the first
-            out[key] = _map_slices(t, lambda x: x - x.mean(-1, keepdim=True), 0)
+        else:  # the mean is over d_model, the last axis
+            del t
+            _scale_and_center(out, key, None, -1, inplace, owned)
     return out
 
 
-def center_unembed(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
+def center_unembed(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
     """Subtract from ``W_U`` and ``b_U`` their mean over ``d_vocab``.
 
     Invariant: log-probs unchanged; logits shift by a per-position constant.
     """
     _refuse("center_unembed", cfg)
     out = sd if inplace else dict(sd)
-    b_U = _f(sd["unembed.b_U"])
-    # The mean is over d_vocab, the last axis: slice along d_model.
-    out["unembed.W_U"] = _map_slices(sd["unembed.W_U"], lambda w: w - w.mean(-1, keepdim=True), 0)
-    out["unembed.b_U"] = (b_U - b_U.mean()).to(sd["unembed.b_U"].dtype)
+    b_U = _f(out["unembed.b_U"])
+    _scale_and_center(out, "unembed.W_U", None, -1, inplace, owned)  # the mean over d_vocab, the last axis
+    out["unembed.b_U"] = (b_U - b_U.mean()).to(out["unembed.b_U"].dtype)
     return out
 
 
-def fold_value_biases(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
+def fold_value_biases(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
     """Move each value bias into the output bias: ``b_O += sum_head b_V[head] @ W_O[head]``; ``b_V = 0``.
 
     Invariant: logits unchanged, because every pattern row sums to 1, so the value bias reaches
@@ -224,7 +309,8 @@ def _balanced(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return (Qa @ U) * root[..., None, :], root[..., :, None] * (Vh @ Qb.mT)
 
 
-def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, inplace: bool = False) -> dict[str, Tensor]:
+def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, inplace: bool = False,
+                                    owned: Owned = None) -> dict[str, Tensor]:
     """Rewrite each head's ``W_Q``/``W_K`` (with biases) and ``W_V``/``W_O`` as balanced SVD factors
     of ``W_Q W_K^T`` and ``W_V W_O``; value biases are folded into ``b_O`` first.
 
@@ -260,9 +346,12 @@ STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
 def process_weights(
     sd: StateDict, cfg: ModelConfig, *, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-    inplace: bool = False,
+    inplace: bool = False, owned: Owned = None,
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """Apply the chosen steps in order and return the new weights with the config that describes them.
+
+    ``inplace`` puts the results into ``sd`` itself; ``owned`` (with ``inplace``) also lets a step
+    overwrite the tensors it accepts that share storage with no other entry (see the module docstring).
 
     A default-on step that cannot preserve this model (``why_not``) is skipped with a logged reason:
     ``center_writing_weights`` on RMSNorm models, ``center_unembed`` with soft-capped logits, ...
@@ -272,8 +361,14 @@ def process_weights(
     wanted = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
               "center_unembed": center_unembed, "fold_value_biases": fold_value_biases,
               "refactor_factored_attn_matrices": refactor_factored_attn_matrices}
-    done = cfg.processing
     out: dict[str, Tensor] = sd if inplace else dict(sd)  # type: ignore[assignment]
+    with _lend_work_buffer():
+        return _run_steps(out, cfg, wanted, inplace, owned)
+
+
+def _run_steps(out: dict[str, Tensor], cfg: ModelConfig, wanted: dict[str, bool], inplace: bool,
+               owned: Owned) -> tuple[dict[str, Tensor], ModelConfig]:
+    done = cfg.processing
     for step, on in wanted.items():
         if not on or getattr(done, step):
             continue
@@ -281,9 +376,7 @@ def process_weights(
         if reason is not None and step != "refactor_factored_attn_matrices":
             logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
             continue
-        out = STEPS[step](out, cfg, inplace=True)  # out is this call's own dict (or the caller's, inplace)
-        if inplace:
-            release_free_memory()
+        out = STEPS[step](out, cfg, inplace=True, owned=owned if inplace else None)  # out is this call's own dict
         if step == "refactor_factored_attn_matrices":
             done = Processing(**{**vars(done), "fold_value_biases": True})
         done = Processing(**{**vars(done), step: True})

@@ -58,7 +58,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPT2Config) -> di
         b_qkv = einops.rearrange(src.pop(f"{hf_i}.attn.c_attn.bias", (3 * m,)),
                                  "(qkv head d_head) -> qkv head d_head", qkv=3, d_head=d)
         for j, site in enumerate("QKV"):
-            out[f"{ours}.attn.W_{site}"] = w_qkv[j]
+            # Each copied into our parameters' own storage ([head d_head d_model], an nn.Linear weight's):
+            # on its own, processing may overwrite it and the model adopts it, with no further copy.
+            out[f"{ours}.attn.W_{site}"] = w_qkv[j].transpose(1, 2).contiguous().transpose(1, 2)
             out[f"{ours}.attn.b_{site}"] = b_qkv[j]
         out[f"{ours}.attn.W_O"] = einops.rearrange(src.pop(f"{hf_i}.attn.c_proj.weight", (m, m)),
                                                    "(head d_head) d_model -> head d_head d_model", d_head=d)
