@@ -8,6 +8,7 @@ from hooked_attn.components.scoring import AdditiveAttention, DotProductAttentio
 from hooked_attn.config import ModelConfig
 from hooked_attn.encoder import HookedEncoder
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NonFiniteActivationError
+from hooked_attn.memory import keep_freed_memory
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import ProcessingError
 from hooked_attn.wrap import unwrap, wrap
@@ -16,5 +17,6 @@ __all__ = [
     "ActivationCache", "HookPoint", "HookedEncoder", "HookedRootModule", "HookedTransformer", "ModelConfig", "ProcessingError",
     "StateDictError", "UnknownArchitectureError", "UnsupportedConfigError", "analysis", "utils",
     "AdditiveAttention", "DotProductAttention", "masked_softmax", "unwrap", "wrap", "NonFiniteActivationError",
+    "keep_freed_memory",
 ]
 __version__ = "0.1.0"

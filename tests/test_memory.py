@@ -1,7 +1,10 @@
 """Memory of run_with_cache: the estimate equals what the cache holds, a filter keeps it flat as the
-model deepens, and a dropped cache is freed at once (no reference cycles, no reference from the model)."""
+model deepens, a dropped cache is freed at once (no reference cycles, no reference from the model), and
+keep_freed_memory lets repeated caches reuse freed pages."""
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -145,3 +148,39 @@ def test_a_cache_with_gradients_is_freed_once_the_output_is_dropped():
     finally:
         gc.enable()
     model.zero_grad(set_to_none=True)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch, transformers
+from hooked_attn import HookedTransformer, keep_freed_memory
+torch.manual_seed(0)
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+cfg = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=512)
+model = HookedTransformer.from_pretrained_no_processing(transformers.GPT2LMHeadModel(cfg))
+tokens = torch.randint(0, 512, (4, 128))
+with torch.no_grad():
+    model.run_with_cache(tokens)  # the first call faults its pages in either way
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        _, cache = model.run_with_cache(tokens)
+        del cache
+    print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_freed_memory sets glibc's thresholds")
+def test_keep_freed_memory_lets_repeated_caches_reuse_pages(tmp_path):
+    # Each run is a fresh process: the setting lasts for the process. A 4x128 cache of this model holds
+    # about 60 MiB, so every call faults in ~15k fresh pages unless freed ones are kept.
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_SCRIPT)
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        kept, n = out.stdout.split()
+        return kept, int(n)
+
+    (_, default), (kept, keeping) = faults("default"), faults("keep")
+    assert kept == "True"
+    assert default > 10_000, default
+    assert keeping < default / 5, (keeping, default)
