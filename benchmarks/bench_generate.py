@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py [--models gpt2-small-shape,smollm2-135m] [--threads 1]
 
 Same prompt (1 x 32 random ids), same model weights, fp32, no sampling, no early stop; the median of a
-few runs each. Measures, never asserts.
+few runs each, the two sides taken in turn. Measures, never asserts.
 """
 
 import argparse
@@ -12,13 +12,13 @@ import json
 import torch
 import transformers
 
-from benchmarks.common import median_of_runs, shapes, smollm2_folder, write_results
+from benchmarks.common import interleaved, shapes, smollm2_folder, write_results
 from hooked_attn import HookedTransformer
 
 NEW_TOKENS, PROMPT = 64, 32
 
 
-def run(names: list[str], repeats: int = 3) -> list[dict]:
+def run(names: list[str], repeats: int = 5) -> list[dict]:
     records = []
     torch.set_grad_enabled(False)
     for name in names:
@@ -33,9 +33,12 @@ def run(names: list[str], repeats: int = 3) -> list[dict]:
         hf_out = hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=0)
         our_out = ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-        hf_s = median_of_runs(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                              do_sample=False, pad_token_id=0), repeats)
-        our_s = median_of_runs(lambda: ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False), repeats)
+        t = interleaved({
+            "hf": lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                      pad_token_id=0),
+            "ours": lambda: ours.generate(prompt, max_new_tokens=NEW_TOKENS, stop_at_eos=False),
+        }, repeats)
+        hf_s, our_s = t["hf"], t["ours"]
         rec = {"op": "generate", "model": name, "dtype": "float32", "prompt": PROMPT, "new_tokens": NEW_TOKENS,
                "hf_tok_s": NEW_TOKENS / hf_s, "hooked_tok_s": NEW_TOKENS / our_s, "hooked_over_hf_tok_s": hf_s / our_s,
                "same_tokens_as_hf": bool(torch.equal(hf_out, our_out))}
@@ -48,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2-small-shape,smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = run(args.models.split(","), args.repeats)

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_load.py [--models gpt2-small-shape,smollm2-135m] [--dtypes float32,bfloat16]
 
-Every measurement runs in a fresh process (``--child``), which imports everything first, resets the
+Every measurement runs in a fresh process (``--child``), which imports everything first (both sides' lazily
+imported modeling code included), resets the
 kernel's peak-RSS mark, loads (the tokenizer is loaded beforehand and passed in, since HF's
 ``from_pretrained`` loads none), and reports the wall time, the peak RSS growth over the RSS before the
 load, and the loaded model's parameter bytes. HF's ``from_pretrained`` memory-maps safetensors, so its
@@ -28,10 +29,15 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
 
     from hooked_attn import HookedTransformer
 
+    import hooked_attn.loading  # noqa: F401  (imported lazily by from_pretrained)
+
     dtype = getattr(torch, dtype_name)
     # HF's from_pretrained loads no tokenizer; ours would load the folder's, so it is loaded first and
-    # passed in, and both sides measure the weights alone.
+    # passed in, and both sides measure the weights alone. Likewise the code each side imports lazily
+    # (HF's modeling modules take about a second) is imported first, by both.
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    architecture = transformers.AutoConfig.from_pretrained(folder).architectures[0]
+    getattr(transformers, architecture), transformers.AutoModelForCausalLM.from_config  # noqa: B018
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
@@ -43,8 +49,13 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
         model = HookedTransformer.from_pretrained_no_processing(folder, dtype=dtype, tokenizer=tokenizer)
     seconds = time.perf_counter() - start
     growth = peak_rss_bytes() - before
+    # HF's load reads no weight until the first forward; this is the time to the first logits.
+    tokens = torch.arange(32)[None] % 1000
+    with torch.no_grad():
+        model(tokens)
+    first_logits = time.perf_counter() - start
     return {"loader": loader, "seconds": seconds, "peak_rss_growth_bytes": growth, "param_bytes": param_bytes(model),
-            "growth_over_param_bytes": growth / param_bytes(model)}
+            "growth_over_param_bytes": growth / param_bytes(model), "first_logits_seconds": first_logits}
 
 
 def run(names: list[str], dtypes: list[str], repeats: int = 3) -> list[dict]:
@@ -59,6 +70,9 @@ def run(names: list[str], dtypes: list[str], repeats: int = 3) -> list[dict]:
                    **{f"{loader}_{k}": v for loader, r in med.items() for k, v in r.items() if k != "loader"}}
             for loader in LOADERS[1:]:
                 rec[f"{loader}_over_hf_seconds"] = med[loader]["seconds"] / med["hf"]["seconds"]
+                first = {name: sorted(r["first_logits_seconds"] for r in runs[name])[len(runs[name]) // 2]
+                         for name in ("hf", loader)}
+                rec[f"{loader}_over_hf_first_logits_seconds"] = first[loader] / first["hf"]
             records.append(rec)
             print(json.dumps(rec), flush=True)
     return records

@@ -22,9 +22,30 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
-    """Median wall time of ``fn()`` over as many blocks as fit in ``min_run_time`` (at least a few)."""
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5,
+                min_run_time: float | None = None) -> dict[str, float]:
+    """Median wall time of each of ``fns``, taken over ``rounds`` rounds that time every one in turn (the
+    order rotating each round), so that a slow spell of the machine falls on every side alike.
+
+    With ``min_run_time``, a round times each function over blocks filling that long and keeps their
+    median (for calls well under a second); without, a round makes one call of each, after one
+    warm-up call each (for long calls).
+    """
+    names = list(fns)
+    if min_run_time is None:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if min_run_time is not None:
+                timer = benchmark.Timer(stmt="fn()", globals={"fn": fns[name]})
+                times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+            else:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def median_of_runs(fn: Callable[[], object], repeats: int) -> float:
@@ -105,11 +126,16 @@ def peak_rss_bytes() -> int:
 
 def run_child(args: list[str], python: str = sys.executable, timeout: float = 1200) -> dict:
     """Run ``python args...`` in a fresh process and return the JSON object it prints last."""
+    return run_child_records(args, python, timeout)[-1]
+
+
+def run_child_records(args: list[str], python: str = sys.executable, timeout: float = 1200) -> list[dict]:
+    """Run ``python args...`` in a fresh process and return every JSON record it prints, one per line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([python, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def param_bytes(model: torch.nn.Module) -> int:

@@ -12,7 +12,8 @@ Every figure on this page comes from one run of
 
 on {cpu} ({cores} cores, {threads} thread(s) used), Python {python}, torch {torch}, transformers
 {transformers}, on {date}; the run took {minutes:.0f} minutes. Each figure is a median of several repeats, and
-each ratio is taken side by side in that run. The raw numbers are in `benchmarks/results/all.json`. The
+each ratio is taken side by side in that run (forward, cache and generation: the two sides timed in turn,
+round after round). The raw numbers are in `benchmarks/results/all.json`. The
 peers' columns need `bash scripts/setup_peers.sh` first (TransformerLens 3.9 and 4.3 in their own virtual
 environments). Re-run it to check any number here: the benchmarks measure, they never assert.
 """
@@ -59,17 +60,23 @@ def forward_table(results: dict) -> list[str]:
 def cache_table(results: dict) -> list[str]:
     lines = ["", "## 2. `run_with_cache`", "",
              "`run_with_cache` of every hook, and of the `hook_resid_pre` of each layer only, over HF's plain forward "
-             "(sdpa). Target: everything cached at most 1.10 x HF's forward.", "",
+             "(sdpa). Target: everything cached at most 1.10 x HF's forward. Each is measured twice: with glibc's "
+             "default settings, which hand a dropped cache's pages back to the OS so that every call faults its "
+             "cache in afresh, and in a separate process after `hooked_attn.keep_freed_memory()`, which keeps them "
+             "for reuse (see [performance](performance.md)).", "",
              "| model | batch x pos | hooks cached | cache size | all / HF sdpa | all / hooked forward | "
-             "resid_pre only / HF sdpa | TL 3.9 all / HF | TL 4.3 all / HF |", "|---|---|---|---|---|---|---|---|---|"]
-    for rec in results["forward"]:
-        if rec["op"] != "run_with_cache":
+             "resid_pre only / HF sdpa | with keep_freed_memory(): all / HF sdpa | all / hooked forward | "
+             "TL 3.9 all / HF | TL 4.3 all / HF |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    records = [rec for rec in results["forward"] if rec["op"] == "run_with_cache"]
+    for rec in records:
+        if rec.get("keep_freed_memory"):
             continue
+        kept = next((r for r in records if r.get("keep_freed_memory") and r["model"] == rec["model"]), {})
         peers = _peer_cells(results, rec, "cache_all", "over_hf", batch=rec["batch"], pos=rec["pos"])
         lines.append(f"| {rec['model']} | {rec['batch']}x{rec['pos']} | {rec['hooks_cached']} | "
                      f"{rec['cache_bytes'] / 2**20:.0f} MiB | {_f(rec['cache_all_over_hf_sdpa'])} | "
                      f"{_f(rec['cache_all_over_hooked'])} | {_f(rec['cache_resid_pre_over_hf_sdpa'])} | "
-                     f"{peers} |")
+                     f"{_f(kept.get('cache_all_over_hf_sdpa'))} | {_f(kept.get('cache_all_over_hooked'))} | {peers} |")
     return lines
 
 
@@ -77,21 +84,24 @@ def load_table(results: dict) -> list[str]:
     lines = ["", "## 3. Loading from a local safetensors folder", "",
              "Wall time over HF's `AutoModelForCausalLM.from_pretrained` of the same folder, and peak RSS growth during "
              "the load over the loaded model's parameter bytes, each in a fresh process. Targets: with processing at "
-             "most 1.5 x HF's time and at most 1.3 x the model's size. HF memory-maps the file, so its pages become "
-             "resident only when first read (its growth is low until the first forward).", "",
-             "| model | dtype | processed: time / HF | processed: RSS growth / size | unprocessed: time / HF | "
-             "unprocessed: RSS growth / size | HF: RSS growth / size | TL 3.9 processed: time / HF, growth / size |",
-             "|---|---|---|---|---|---|---|---|"]
+             "most 1.5 x HF's time and at most 1.3 x the model's size. HF memory-maps the file and, when the dtype "
+             "is the file's, reads nothing until the first forward (its growth is then near zero); hooked_attn reads "
+             "and processes every weight while loading. So each side's time to its first logits (load, then one "
+             "1 x 32 forward) is also given.", "",
+             "| model | dtype | processed: time / HF | processed: first logits / HF's | processed: RSS growth / size "
+             "| unprocessed: time / HF | unprocessed: first logits / HF's | unprocessed: RSS growth / size | "
+             "HF: seconds | HF: RSS growth / size | TL 3.9 processed: time / HF, growth / size |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in results["load"]:
         p = _peer(results, "tl39", "load", processing=True) if rec["model"] == "gpt2-small-shape" and \
             rec["dtype"] == "float32" else None
         peer = "-" if p is None else (f"{_f(p['peer_s'] / p['hf_s'])}, "
                                       f"{_f(p['peer_peak_rss_growth_bytes'] / p['param_bytes'])}")
-        lines.append(f"| {rec['model']} | {rec['dtype']} | {_f(rec['hooked_processed_over_hf_seconds'])} | "
-                     f"{_f(rec['hooked_processed_growth_over_param_bytes'])} | "
-                     f"{_f(rec['hooked_unprocessed_over_hf_seconds'])} | "
-                     f"{_f(rec['hooked_unprocessed_growth_over_param_bytes'])} | {_f(rec['hf_growth_over_param_bytes'])} "
-                     f"| {peer} |")
+        cells = [f"{_f(rec[f'hooked_{kind}_over_hf_seconds'])} | "
+                 f"{_f(rec.get(f'hooked_{kind}_over_hf_first_logits_seconds'))} | "
+                 f"{_f(rec[f'hooked_{kind}_growth_over_param_bytes'])}" for kind in ("processed", "unprocessed")]
+        lines.append(f"| {rec['model']} | {rec['dtype']} | {' | '.join(cells)} | {_f(rec['hf_seconds'])} | "
+                     f"{_f(rec['hf_growth_over_param_bytes'])} | {peer} |")
     return lines
 
 

@@ -62,12 +62,12 @@ def main() -> None:
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "")
     results.update({"env": machine(), "command": command, "date": time.strftime("%Y-%m-%d")})
     sections = {
-        "forward": lambda: bench_forward.run(["gpt2-small-shape", "llama-shape", "smollm2-135m"],
+        "forward": lambda: bench_forward.run_both(["gpt2-small-shape", "llama-shape", "smollm2-135m"],
                                              bench_forward.parse_sizes(sizes), [torch.float32, torch.bfloat16],
                                              min_run_time=0.5 if args.quick else 1.0),
         "load": lambda: bench_load.run(["gpt2-small-shape", "smollm2-135m"], ["float32", "bfloat16"],
                                        repeats=1 if args.quick else 3),
-        "generate": lambda: bench_generate.run(["gpt2-small-shape", "smollm2-135m"], repeats=1 if args.quick else 3),
+        "generate": lambda: bench_generate.run(["gpt2-small-shape", "smollm2-135m"], repeats=1 if args.quick else 5),
         "patching": lambda: bench_patching.run(["gpt2-small-shape"], n_pos=16, repeats=1 if args.quick else 3),
         "peers": lambda: {} if args.no_peers else peers("4x128", args.threads),
     }

@@ -42,7 +42,7 @@ def keep_freed_memory(keep: bool = True) -> bool:
 
     A ``run_with_cache`` of everything keeps every activation alive, so each call needs as much fresh
     memory as its cache, and by default glibc returns a dropped cache's pages to the OS: the next call
-    faults them in again, a page at a time (on the LLaMA-shaped benchmark that is about a fifth of the
+    faults them in again, a page at a time (on the LLaMA-shaped benchmark, a tenth to a fifth of the
     call). With ``keep_freed_memory()`` blocks under 32 MiB come from the heap and the heap is not
     trimmed, so a loop of ``run_with_cache`` calls reuses the same pages; the process's RSS then stays
     at its high-water mark. ``keep_freed_memory(False)`` sets glibc's initial thresholds back (128 KiB;
