@@ -2,9 +2,9 @@
 
     python benchmarks/bench_forward.py [--threads 1] [--sizes 1x32,4x128,8x512] [--dtypes float32,bfloat16]
 
-Measures, never asserts. The sides of each ratio are timed in turn, in five rounds whose order rotates
-(torch.utils.benchmark's blocked_autorange within a round), all in one process, and each figure is the
-median over the rounds: a slow spell of the machine falls on both sides alike. The run_with_cache
+Measures, never asserts. The sides of each ratio are timed in turn, in five rounds (three for 8x512) whose
+order rotates (torch.utils.benchmark's blocked_autorange within a round), all in one process, and each figure
+is the median over the rounds: a slow spell of the machine falls on both sides alike. The run_with_cache
 records are taken twice: with glibc's default allocator settings, and in a child process with
 ``hooked_attn.keep_freed_memory()`` on.
 """
@@ -22,6 +22,7 @@ from hooked_attn.cache import storage_nbytes
 
 CACHE_SIZE = (4, 128)
 ROUNDS = 5  # each ratio's two sides are timed in turn, five times over
+LONG_ROUNDS, LONG_TOKENS = 3, 4096  # three times for batches this big (8x512: 5-20 s a call)
 KEEP_FLAG = "--keep-freed-memory"
 
 
@@ -56,7 +57,8 @@ def run(names: list[str], sizes: list[tuple[int, int]], dtypes: list[torch.dtype
                 tokens = torch.randint(0, vocab, (batch, n_pos), generator=torch.Generator().manual_seed(0))
                 if not cache_only:
                     sides = {f"hf_{impl}_s": (lambda m=m: m(tokens)) for impl, m in hf.items()}
-                    t = interleaved({**sides, "hooked_s": lambda: ours(tokens)}, ROUNDS, min_run_time / ROUNDS)
+                    rounds = ROUNDS if batch * n_pos < LONG_TOKENS else LONG_ROUNDS
+                    t = interleaved({**sides, "hooked_s": lambda: ours(tokens)}, rounds, min_run_time / rounds)
                     records.append({
                         "op": "forward", "model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
                         "pos": n_pos, **t, "hooked_over_hf_sdpa": t["hooked_s"] / t["hf_sdpa_s"],

@@ -2,13 +2,14 @@
 
     python benchmarks/bench_load.py [--models gpt2-small-shape,smollm2-135m] [--dtypes float32,bfloat16]
 
-Every measurement runs in a fresh process (``--child``), which imports everything first (both sides' lazily
-imported modeling code included), resets the
-kernel's peak-RSS mark, loads (the tokenizer is loaded beforehand and passed in, since HF's
-``from_pretrained`` loads none), and reports the wall time, the peak RSS growth over the RSS before the
-load, and the loaded model's parameter bytes. HF's ``from_pretrained`` memory-maps safetensors, so its
-pages become resident only as they are read: its growth is low until the first forward. Measures,
-never asserts.
+Every measurement runs in a fresh process (``--child``), which imports everything first (both sides'
+lazily imported modeling code included), resets the kernel's peak-RSS mark, loads (the tokenizer is loaded
+beforehand and passed in, since HF's ``from_pretrained`` loads none), and reports the wall time, the peak
+RSS growth over the RSS before the load, the loaded model's parameter bytes, and the time to the first
+logits (the load and one 1 x 32 forward). HF's ``from_pretrained`` memory-maps safetensors, so its pages
+become resident only as they are read: its growth is low until the first forward. Loading from an HF model
+already in memory is measured too, with its weights copied (the default) and taken (``release_source``).
+Measures, never asserts.
 """
 
 import argparse
@@ -22,6 +23,9 @@ from benchmarks.common import (
 )
 
 LOADERS = ("hf", "hooked_processed", "hooked_unprocessed")
+# From an HF model already in memory (its weights private copies, as after from_config or training),
+# processed: weights copied (the default), or taken with release_source=True.
+IN_MEMORY = ("in_memory_copied", "in_memory_released")
 
 
 def child(loader: str, folder: str, dtype_name: str) -> dict:
@@ -30,6 +34,7 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
     from hooked_attn import HookedTransformer
 
     import hooked_attn.loading  # noqa: F401  (imported lazily by from_pretrained)
+    from hooked_attn.memory import release_free_memory
 
     dtype = getattr(torch, dtype_name)
     # HF's from_pretrained loads no tokenizer; ours would load the folder's, so it is loaded first and
@@ -38,10 +43,19 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     architecture = transformers.AutoConfig.from_pretrained(folder).architectures[0]
     getattr(transformers, architecture), transformers.AutoModelForCausalLM.from_config  # noqa: B018
+    source = None
+    if loader in IN_MEMORY:
+        source = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        for param in source.parameters():  # off the memory map: every page private and resident
+            param.data = param.data.clone()
+        release_free_memory()  # what the clones replaced goes back to the OS, not into our load
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    if loader == "hf":
+    if source is not None:
+        model = HookedTransformer.from_pretrained(source, dtype=dtype, tokenizer=tokenizer,
+                                                  release_source=loader == "in_memory_released")
+    elif loader == "hf":
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     elif loader == "hooked_processed":
         model = HookedTransformer.from_pretrained(folder, dtype=dtype, tokenizer=tokenizer)
@@ -73,6 +87,12 @@ def run(names: list[str], dtypes: list[str], repeats: int = 3) -> list[dict]:
                 first = {name: sorted(r["first_logits_seconds"] for r in runs[name])[len(runs[name]) // 2]
                          for name in ("hf", loader)}
                 rec[f"{loader}_over_hf_first_logits_seconds"] = first[loader] / first["hf"]
+            for loader in IN_MEMORY:
+                rs = [run_child(["-m", "benchmarks.bench_load", "--child", loader, str(folder), dtype])
+                      for _ in range(repeats)]
+                r = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
+                rec[f"{loader}_growth_over_param_bytes"] = r["growth_over_param_bytes"]
+                rec[f"{loader}_seconds"] = r["seconds"]
             records.append(rec)
             print(json.dumps(rec), flush=True)
     return records

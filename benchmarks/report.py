@@ -87,11 +87,15 @@ def load_table(results: dict) -> list[str]:
              "most 1.5 x HF's time and at most 1.3 x the model's size. HF memory-maps the file and, when the dtype "
              "is the file's, reads nothing until the first forward (its growth is then near zero); hooked_attn reads "
              "and processes every weight while loading. So each side's time to its first logits (load, then one "
-             "1 x 32 forward) is also given.", "",
+             "1 x 32 forward) is also given. The last two columns load from an HF model already in memory, "
+             "processed: with its weights copied (the default; the HF model stays usable, so the growth is one "
+             "more model) and taken (`release_source=True`; only the copies processing needs, such as an untied "
+             "`W_U`).", "",
              "| model | dtype | processed: time / HF | processed: first logits / HF's | processed: RSS growth / size "
              "| unprocessed: time / HF | unprocessed: first logits / HF's | unprocessed: RSS growth / size | "
-             "HF: seconds | HF: RSS growth / size | TL 3.9 processed: time / HF, growth / size |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "HF: seconds | HF: RSS growth / size | TL 3.9 processed: time / HF, growth / size | "
+             "in memory, copied: RSS growth / size | in memory, released: RSS growth / size |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in results["load"]:
         p = _peer(results, "tl39", "load", processing=True) if rec["model"] == "gpt2-small-shape" and \
             rec["dtype"] == "float32" else None
@@ -101,7 +105,9 @@ def load_table(results: dict) -> list[str]:
                  f"{_f(rec.get(f'hooked_{kind}_over_hf_first_logits_seconds'))} | "
                  f"{_f(rec[f'hooked_{kind}_growth_over_param_bytes'])}" for kind in ("processed", "unprocessed")]
         lines.append(f"| {rec['model']} | {rec['dtype']} | {' | '.join(cells)} | {_f(rec['hf_seconds'])} | "
-                     f"{_f(rec['hf_growth_over_param_bytes'])} | {peer} |")
+                     f"{_f(rec['hf_growth_over_param_bytes'])} | {peer} | "
+                     f"{_f(rec.get('in_memory_copied_growth_over_param_bytes'))} | "
+                     f"{_f(rec.get('in_memory_released_growth_over_param_bytes'))} |")
     return lines
 
 

@@ -35,6 +35,7 @@ def from_pretrained(
     device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    release_source: bool = False,
 ) -> HookedTransformer:
     """Build a HookedTransformer from an HF model and process its weights.
 
@@ -47,6 +48,10 @@ def from_pretrained(
             refactor_factored_attn_matrices: the weight-processing steps (see ``hooked_attn.processing``).
         gguf_file: the GGUF file inside the folder or hub repo ``model_name_or_path``.
         revision, cache_dir: passed to the hub download.
+        release_source: for an in-memory ``PreTrainedModel`` only: take its weights rather than copy
+            them, and leave it empty (every parameter and buffer on the ``meta`` device), so the load
+            needs no second copy of the model. By default its weights are copied and it stays usable.
+            It is emptied only once its weights are converted: an error before then leaves it whole.
 
     Raises:
         UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
@@ -56,11 +61,17 @@ def from_pretrained(
     arch = get_architecture(arch_name, hf_config)
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
-    # Tensors that belong to a caller's in-memory model: they are copied, never adopted.
     in_memory = _is_hf_model(model_name_or_path)
+    if release_source and not in_memory:
+        raise ValueError(f"release_source=True takes the weights of an in-memory PreTrainedModel; got "
+                         f"{type(model_name_or_path).__name__} {str(model_name_or_path)!r}")
+    # Tensors that belong to a caller's in-memory model: they are copied, never adopted or written to.
     foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if in_memory else set()
     sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
     del hf_sd
+    if release_source:  # converted without error: the weights are ours now, the caller's model lets go
+        model_name_or_path.to_empty(device="meta")  # type: ignore[union-attr]
+        foreign = set()
     release_free_memory()
     for key in sd:  # one tensor at a time, so the old one is freed as the new one is made
         sd[key] = sd[key].to(dtype)

@@ -81,8 +81,8 @@ def _lend_work_buffer() -> Iterator[None]:
 
 
 def _work(t: Tensor, slices: list[tuple[int, int, int]]) -> Tensor:
-    """A float32 (float64 for ``t`` in float64) tensor shaped and ordered in memory like ``t``'s first slice: in the lent buffer when
-    there is one (and it fits), else fresh. Every later slice uses a narrowed view of it."""
+    """A float32 tensor (float64 for a float64 ``t``) shaped and ordered in memory like ``t``'s first slice:
+    in the lent buffer when there is one and it fits, else fresh. Later slices use a narrowed view of it."""
     like = t.narrow(*slices[0])
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     flat = getattr(_lent, "buffer", None)
@@ -99,6 +99,8 @@ def _sum(t: Tensor, axis: int, scale: Tensor | None = None) -> Tensor:
     given, computed slice by slice: no float32 copy of ``t`` is ever whole."""
     axis, total, parts, along = axis % t.ndim, None, [], 0
     slices = list(_slices(t))
+    if not slices:  # an empty tensor
+        return torch.zeros([1 if a == axis else n for a, n in enumerate(t.shape)], dtype=_f(t).dtype, device=t.device)
     work = _work(t, slices) if scale is not None or t.dtype not in (torch.float32, torch.float64) else None
     for along, start, size in slices:
         x = t.narrow(along, start, size)
@@ -122,7 +124,7 @@ def _affine(t: Tensor, scale: Tensor | None, shift: Tensor | None, overwrite: bo
     out = t if overwrite else torch.empty_like(t)
     slices = list(_slices(t))
     same = t.dtype in (torch.float32, torch.float64)  # then the arithmetic runs in the destination
-    work = None if same else _work(t, slices)
+    work = None if same or not slices else _work(t, slices)
     for axis, start, size in slices:
         src, dst = t.narrow(axis, start, size), out.narrow(axis, start, size)
         if same and not overwrite:
