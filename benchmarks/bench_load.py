@@ -84,8 +84,8 @@ def run(names: list[str], dtypes: list[str], repeats: int = 3) -> list[dict]:
                    **{f"{loader}_{k}": v for loader, r in med.items() for k, v in r.items() if k != "loader"}}
             for loader in LOADERS[1:]:
                 rec[f"{loader}_over_hf_seconds"] = med[loader]["seconds"] / med["hf"]["seconds"]
-                first = {name: sorted(r["first_logits_seconds"] for r in runs[name])[len(runs[name]) // 2]
-                         for name in ("hf", loader)}
+                first = {side: sorted(r["first_logits_seconds"] for r in runs[side])[len(runs[side]) // 2]
+                         for side in ("hf", loader)}
                 rec[f"{loader}_over_hf_first_logits_seconds"] = first[loader] / first["hf"]
             for loader in IN_MEMORY:
                 rs = [run_child(["-m", "benchmarks.bench_load", "--child", loader, str(folder), dtype])

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import einops
@@ -40,13 +41,15 @@ _SLICE_ELEMENTS = 1 << 21  # float32 temporaries stay under ~8 MB per slice, wha
 Owned = Callable[[Tensor], bool] | None
 
 
-def _overwritable(out: dict[str, Tensor], key: str, owned: Owned) -> bool:
-    """Whether ``out[key]`` may be written to: ``owned`` accepts it and no other entry shares its storage
-    (GPT-2's W_Q, W_K and W_V are views of one c_attn weight; a tied W_U is a view of W_E)."""
-    if owned is None or not owned(out[key]):
-        return False
-    ptr = out[key].untyped_storage().data_ptr()
-    return not any(k != key and t.untyped_storage().data_ptr() == ptr for k, t in out.items())
+def _overwriter(out: dict[str, Tensor], inplace: bool, owned: Owned) -> Callable[[Tensor], bool]:
+    """For one step: whether a tensor of ``out`` may be written to. ``owned`` must accept it, and no other
+    entry may share its storage (GPT-2's W_Q, W_K and W_V are views of one c_attn weight; a tied W_U is a
+    view of W_E). Sharing is counted once, as the step starts: a step only ever adds fresh tensors, so
+    nothing it does can make a storage shared, and one pass over the dict serves every weight."""
+    if not inplace or owned is None:
+        return lambda t: False
+    counts = Counter(t.untyped_storage().data_ptr() for t in out.values())
+    return lambda t: counts[t.untyped_storage().data_ptr()] == 1 and owned(t)
 
 
 def _slices(t: Tensor) -> Iterator[tuple[int, int, int]]:
@@ -140,13 +143,13 @@ def _affine(t: Tensor, scale: Tensor | None, shift: Tensor | None, overwrite: bo
 
 
 def _scale_and_center(out: dict[str, Tensor], key: str, scale: Tensor | None, center_axis: int | None,
-                      inplace: bool, owned: Owned) -> None:
+                      inplace: bool, may_overwrite: Callable[[Tensor], bool]) -> None:
     """``out[key] = W * scale``, then less its mean over ``center_axis`` (when given). ``W`` is overwritten
     when it may be, else replaced by a fresh tensor (and in place mode hands the old one's pages back
     before the next is made)."""
     old = out[key]
     mean = None if center_axis is None else _sum(old, center_axis, scale) / old.shape[center_axis]
-    out[key] = _affine(old, scale, mean, overwrite=inplace and _overwritable(out, key, owned))
+    out[key] = _affine(old, scale, mean, overwrite=may_overwrite(old))
     if inplace and out[key] is not old:
         del old
         release_free_memory()
@@ -229,6 +232,7 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owne
     """
     _refuse("fold_ln", cfg)
     out = sd if inplace else dict(sd)
+    may_overwrite = _overwriter(out, inplace, owned)
     center = cfg.norm.kind == "layernorm"
     for norm, readers in _norm_readers(cfg, sd):
         w, b = out.pop(f"{norm}.w", None), out.pop(f"{norm}.b", None)
@@ -246,7 +250,7 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owne
                 out[bias_key] = (_f(out[bias_key]) + folded).to(out[bias_key].dtype)
             del W
             scale = None if gain is None else gain.view(shape)
-            _scale_and_center(out, key, scale, d_axis if center else None, inplace, owned)
+            _scale_and_center(out, key, scale, d_axis if center else None, inplace, may_overwrite)
     return out
 
 
@@ -259,6 +263,7 @@ def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = Fals
     """
     _refuse("center_writing_weights", cfg)
     out = sd if inplace else dict(sd)
+    may_overwrite = _overwriter(out, inplace, owned)
     keys = ["embed.W_E"] + (["pos_embed.W_pos"] if isinstance(cfg.positions, LearnedPositions) else [])
     for i in range(cfg.n_layers):
         keys += [f"blocks.{i}.attn.W_O", f"blocks.{i}.attn.b_O", f"blocks.{i}.mlp.W_out", f"blocks.{i}.mlp.b_out"]
@@ -268,7 +273,7 @@ def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = Fals
             out[key] = (_f(t) - _f(t).mean()).to(t.dtype)
         else:  # the mean is over d_model, the last axis
             del t
-            _scale_and_center(out, key, None, -1, inplace, owned)
+            _scale_and_center(out, key, None, -1, inplace, may_overwrite)
     return out
 
 
@@ -280,7 +285,7 @@ def center_unembed(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned
     _refuse("center_unembed", cfg)
     out = sd if inplace else dict(sd)
     b_U = _f(out["unembed.b_U"])
-    _scale_and_center(out, "unembed.W_U", None, -1, inplace, owned)  # the mean over d_vocab, the last axis
+    _scale_and_center(out, "unembed.W_U", None, -1, inplace, _overwriter(out, inplace, owned))  # the mean over d_vocab, the last axis
     out["unembed.b_U"] = (b_U - b_U.mean()).to(out["unembed.b_U"].dtype)
     return out
 

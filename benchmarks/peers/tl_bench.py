@@ -149,6 +149,13 @@ def load_call(api: str, processing: bool) -> str:
     return "TransformerBridge.boot_transformers" + (" + enable_compatibility_mode()" if processing else "")
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it, so results name no machine's folders."""
+    root = Path(__file__).resolve().parents[2]
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else resolved.name
+
+
 def load_hf(model_dir: Path):
     import transformers
 
@@ -371,7 +378,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
                 hf.to(torch.bfloat16)
                 records += bench_forward_and_cache(model, hf, args, "bfloat16", only)
     return {"peer": "transformer-lens", "version": importlib.metadata.version("transformer-lens"), "api": args.api,
-            "processing": not args.no_processing, "model_dir": str(args.model_dir), "hf_name": args.hf_name,
+            "processing": not args.no_processing, "model_dir": repo_relative(args.model_dir), "hf_name": args.hf_name,
             "env": env_info(args.threads), "records": records}
 
 
