@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -82,10 +81,10 @@ class ModuleTracker:
 class SdpaCapture(TorchFunctionMode):
     """Routes each ``scaled_dot_product_attention`` call to its ``AttentionSite`` for one forward.
 
-    ``site_for(path, call)`` returns (creating it if new) the site of a module's k-th call.
-    ``F.multi_head_attention_forward`` called directly runs with the mode still active, so its
-    internal SDPA call is caught too; calls inside a module the tracker marks (``HookedMultiheadAttention``,
-    which hooks itself) are left alone.
+    ``site_for(path, call)`` returns (creating it if new) the site of a module's k-th call. Calls
+    inside a module the tracker marks (``HookedMultiheadAttention``, which hooks itself) are left
+    alone. The mode is off while torch handles a call it sees, so the SDPA call inside a direct call
+    of ``F.multi_head_attention_forward`` (not through ``nn.MultiheadAttention``) is not caught.
     """
 
     def __init__(self, tracker: ModuleTracker, site_for: Callable[[str, int], AttentionSite]) -> None:
@@ -102,7 +101,4 @@ class SdpaCapture(TorchFunctionMode):
                 call = self.calls.get(path, 0)
                 self.calls[path] = call + 1
                 return hooked_sdpa(self.site_for(path, call), args, kwargs)
-        elif func is F.multi_head_attention_forward:
-            with self:
-                return func(*args, **kwargs)
         return func(*args, **kwargs)

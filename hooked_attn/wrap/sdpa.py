@@ -70,7 +70,7 @@ def bind_sdpa_args(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return bound
 
 
-def _to_glossary(t: Tensor, lead: torch.Size) -> Float[Tensor, "batch pos head d_head"]:
+def _to_glossary(t: Tensor, lead: torch.Size | None) -> Float[Tensor, "batch pos head d_head"]:
     """``[*lead head pos d]`` (or ``[n pos d]``, ``[pos d]``) as a ``[batch pos head d]`` view."""
     if t.ndim == 2:
         return t[None, :, None]
@@ -79,7 +79,7 @@ def _to_glossary(t: Tensor, lead: torch.Size) -> Float[Tensor, "batch pos head d
     return t.expand(*lead, *t.shape[-3:]).flatten(0, len(lead) - 1).transpose(1, 2)
 
 
-def _from_glossary(t: Float[Tensor, "batch pos head d_head"], ndim: int, lead: torch.Size) -> Tensor:
+def _from_glossary(t: Float[Tensor, "batch pos head d_head"], ndim: int, lead: torch.Size | None) -> Tensor:
     """The inverse of ``_to_glossary``: back to the caller's layout."""
     if ndim == 2:
         return t[0, :, 0]
@@ -89,12 +89,12 @@ def _from_glossary(t: Float[Tensor, "batch pos head d_head"], ndim: int, lead: t
 
 
 def _additive_mask(bound: dict[str, Any], q: Tensor, n_keys: int, dtype: torch.dtype,
-                   lead: torch.Size) -> Float[Tensor, "#batch #head q_pos k_pos"] | None:
+                   lead: torch.Size | None) -> Float[Tensor, "#batch #head q_pos k_pos"] | None:
     """attn_mask and is_causal as one additive mask in the scores' layout (bool True = may attend)."""
     mask, n_queries = bound["attn_mask"], q.shape[-2]
     if bound["is_causal"]:
         allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril()  # SDPA: top-left aligned
-        return torch.zeros(n_queries, n_keys, dtype=dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        return torch.zeros(n_queries, n_keys, dtype=dtype, device=q.device).masked_fill(~allowed, float("-inf"))[None, None]
     if mask is None:
         return None
     if mask.dtype == torch.bool:
