@@ -9,8 +9,9 @@ from accelerate.utils import compute_module_sizes
 
 from hooked_attn import HookedTransformer
 from hooked_attn.scale import load_offloaded, plan_device_map, save_offloaded
+from hooked_attn.scale.offload import FolderWeights
 from hooked_attn.scale.placement import placement_units
-from tests.conftest import TOL, random_tokens, tiny_hf_model
+from tests.conftest import random_tokens, tiny_hf_model
 
 LLAMA = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
@@ -122,10 +123,13 @@ def test_saved_folder_loads_without_processing_again(hf_model, tmp_path):
     model = load_offloaded(tmp_path)
     assert model.cfg == reference.cfg  # processing recorded, not redone
     tokens = random_tokens(LLAMA)
+    params = dict(reference.named_parameters())
     with torch.no_grad():
-        # The folder stores W_U densely in its [d_model d_vocab] shape, the model in the transposed
-        # layout: the unembedding matmul then sums in another order (differences ~1e-6).
-        torch.testing.assert_close(model(tokens), reference(tokens), **TOL["tiny_fp32"])
+        torch.testing.assert_close(model(tokens), reference(tokens), atol=0, rtol=0)
+        # Read back in the in-memory layout (W_Q a view of the fused [head d_head d_model] storage).
+        weights = FolderWeights(tmp_path, ["blocks.0", "unembed"])
+        for name in ("blocks.0.attn.W_Q", "blocks.0.attn.W_O", "unembed.W_U"):
+            assert weights[name].stride() == params[name].stride() and torch.equal(weights[name], params[name])
     with pytest.raises(ValueError, match="holds no offloaded model"):
         load_offloaded(tmp_path / "nothing")
 

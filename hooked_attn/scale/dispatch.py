@@ -6,7 +6,7 @@ it cannot move is the ``AttentionContext`` every block shares (masks, positions,
 small hook of ours gives each device its own copy, made once per forward.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,26 @@ def _release_hook(mover: _ContextMover) -> Any:
     return Release()
 
 
+class _Both(Mapping[str, torch.Tensor]):
+    """Two weight mappings seen as one (their keys never overlap)."""
+
+    def __init__(self, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> None:
+        self._first, self._second = first, second
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._first[name] if name in self._first else self._second[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._first or name in self._second
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._first
+        yield from self._second
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._second)
+
+
 def dispatch(
     model: nn.Module, device_map: Mapping[str, Device | torch.device], *,
     offload_folder: str | Path | None = None, execution_device: Device | torch.device | None = None,
@@ -100,8 +120,9 @@ def dispatch(
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
+    from accelerate.utils import extract_submodules_state_dict
 
-    from hooked_attn.scale.offload import offload_index
+    from hooked_attn.scale.offload import FolderWeights
 
     full: DeviceMap = {unit: normalize_device(d, f"device_map[{unit!r}]") for unit, d in device_map.items()}
     missing = [u for u in placement_units(model) if u not in full]
@@ -109,16 +130,22 @@ def dispatch(
         raise ValueError(f"the device map gives no device to {missing[:4]}: plan it with plan_device_map")
     check_devices_exist(full)
     disk = [unit for unit, d in full.items() if d == "disk"]
-    index = None
-    if disk:
-        if offload_folder is None:
-            raise ValueError(f"the device map sends {disk[:4]} to 'disk': pass offload_folder=")
-        index = offload_index(offload_folder, disk)
+    if disk and offload_folder is None:
+        raise ValueError(f"the device map sends {disk[:4]} to 'disk': pass offload_folder=")
     main = main_device(full) if execution_device is None else normalize_device(execution_device, "execution_device")
     if main == "disk":
         raise ValueError("execution_device='disk': weights can wait on disk, computation cannot")
     check_devices_exist({"execution_device": main})
-    dispatch_model(model, dict(full), main_device=main, offload_index=index, force_hooks=True)
+    weights: Mapping[str, torch.Tensor] | None = None
+    if disk:
+        # Offloaded weights come from a mapping accelerate reads for every forward: the folder's for
+        # "disk" units, the model's own for "cpu" units computing on an accelerator.
+        in_ram = [unit for unit, d in full.items() if d == "cpu"] if main != "cpu" else []
+        weights = _Both(FolderWeights(offload_folder, disk),  # type: ignore[arg-type]
+                        extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
+    # offload_index={} (not None) keeps accelerate from writing the disk units to its own .dat files.
+    dispatch_model(model, dict(full), main_device=main, state_dict=weights,
+                   offload_index={} if weights is not None else None, force_hooks=True)
     mover = _ContextMover()
     for unit, device in full.items():
         if unit.startswith("blocks."):

@@ -8,6 +8,7 @@ model had one. It is written once, after weight processing; loading it never pro
 
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,14 @@ def save_offloaded(model: nn.Module, folder: str | Path, units: list[str] | None
     weights = json.loads(manifest_path.read_text())["weights"] if manifest_path.is_file() else {}
     for unit in chosen:
         params = _unit_params(model, unit)
-        # safetensors stores dense tensors: per-head views (W_Q over a fused layout) are written in the
-        # order their shape reads; the forward's flatten of such a weight then copies instead of viewing.
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, folder / f"{unit}.safetensors")
+        # A per-head weight (W_Q [head d_model d_head]) is a view of a fused storage layout; the file
+        # holds that storage, and reading it back applies the same view, so the forward runs as in memory.
+        layouts = {name: _storage_order(p) for name, p in params.items()}
+        save_file({n: p.detach().permute(layouts[n]).to("cpu").contiguous() for n, p in params.items()},
+                  folder / f"{unit}.safetensors")
         for name, p in params.items():
             weights[name] = {"file": f"{unit}.safetensors", "dtype": str(p.dtype).removeprefix("torch."),
-                             "shape": list(p.shape)}
+                             "shape": list(p.shape), "view": _inverse(layouts[name])}
     manifest = {"config": _encode(cfg), "weights": weights}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     tokenizer = getattr(model, "tokenizer", None)
@@ -88,21 +91,48 @@ def save_offloaded(model: nn.Module, folder: str | Path, units: list[str] | None
     return folder
 
 
-def offload_index(folder: str | Path, units: list[str]) -> dict[str, dict[str, Any]]:
-    """accelerate's offload index for ``units``: each weight's safetensors file, dtype and shape."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(f"{str(folder)!r} holds no offloaded model ({MANIFEST} is missing): write it with "
-                         "save_offloaded or from_pretrained(..., offload_folder=)")
-    weights = json.loads(manifest_path.read_text())["weights"]
-    index = {name: {"safetensors_file": str((folder / info["file"]).resolve()), "weight_name": name,
-                    "dtype": info["dtype"], "shape": info["shape"]}
-             for name, info in weights.items() if any(name.startswith(unit + ".") for unit in units)}
-    absent = [u for u in units if not any(name.startswith(u + ".") for name in index)]
-    if absent:
-        raise ValueError(f"{str(folder)!r} does not hold the weights of {absent[:4]}")
-    return index
+def _storage_order(t: torch.Tensor) -> list[int]:
+    """The permutation of ``t``'s dims that is contiguous in memory (outermost stride first)."""
+    return sorted(range(t.ndim), key=lambda d: -t.stride(d))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=lambda d: order[d])
+
+
+class FolderWeights(Mapping[str, torch.Tensor]):
+    """The weights of some units of an offload folder, each read from its file when asked (what
+    accelerate's offload hooks call for every forward), in the layout the model's parameter has."""
+
+    def __init__(self, folder: str | Path, units: list[str]) -> None:
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise ValueError(f"{str(folder)!r} holds no offloaded model ({MANIFEST} is missing): write it with "
+                             "save_offloaded or from_pretrained(..., offload_folder=)")
+        weights = json.loads(manifest_path.read_text())["weights"]
+        self._folder = folder
+        self._info = {name: info for name, info in weights.items()
+                      if any(name.startswith(unit + ".") for unit in units)}
+        absent = [u for u in units if not any(name.startswith(u + ".") for name in self._info)]
+        if absent:
+            raise ValueError(f"{str(folder)!r} does not hold the weights of {absent[:4]}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self._info[name]
+        with safe_open(self._folder / info["file"], framework="pt") as f:
+            return f.get_tensor(name).permute(info["view"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
 
 
 def load_offloaded(folder: str | Path, execution_device: Device | torch.device = "cpu") -> nn.Module:
