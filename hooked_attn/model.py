@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.saes.splice import SAESplicingMixin
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -45,7 +46,7 @@ def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
                          f"({cache.n_cached} positions each), but the input is {tuple(input_shape)} [batch pos]")
 
 
-class HookedTransformer(TokenizerMixin, HookedRootModule):
+class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
