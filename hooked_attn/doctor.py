@@ -6,6 +6,7 @@ renames or adds a config field shows up as a refusal (with the converter's reaso
 what a model computes as a difference.
 """
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ from typing import Literal
 
 import torch
 import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
 
 from hooked_attn.architectures import REGISTRY
@@ -24,8 +26,27 @@ from hooked_attn.architectures.base import (
 # ulps of logits ~8; tests/test_processing.py measures it against fp64), and a conversion mistake moves
 # logits by 1e-2 or more.
 AGREEMENT = 1e-4
+# FalconAttention's eager branch adds the ALiBi bias twice before transformers 5.25 (see below).
+FALCON_EAGER_ADDS_ALIBI_TWICE = Version(transformers.__version__) < Version("5.25")
 Status = Literal["ok", "differs", "refused", "error"]
 REFUSALS = (UnsupportedConfigError, StateDictError, UnknownArchitectureError)
+
+
+def reference_attn_implementation(hf_cfg: PretrainedConfig) -> str:
+    """The HF attention implementation the tests treat as ground truth: eager, except where
+    transformers' eager path computes something its other paths and the original model do not.
+
+    Falcon with alibi=True: FalconModel.forward folds ``alibi / sqrt(d_head)`` into the causal mask
+    it hands every layer, and FalconAttention's eager branch then also adds ``alibi`` to q.k itself,
+    so eager scores are ``(q.k + alibi) / sqrt(d_head) + alibi / sqrt(d_head)``: the bias twice.
+    The sdpa branch (Falcon's default implementation) and the original Falcon-RW code add it once.
+    ``tests/test_equivalence.py::test_falcon_alibi_hf_eager_adds_the_bias_twice`` checks this is still so.
+    transformers 5.25 rewrote FalconAttention onto the shared attention interface, which adds the bias
+    once (through the mask) in every implementation: from then on eager is the reference here too.
+    """
+    if hf_cfg.model_type == "falcon" and getattr(hf_cfg, "alibi", False) and FALCON_EAGER_ADDS_ALIBI_TWICE:
+        return "sdpa"
+    return "eager"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +83,9 @@ def check_variant(arch: Architecture, variant: str, hf_cfg: PretrainedConfig, se
         torch.manual_seed(seed)
         if arch.kind == "encoder":
             hf = _randomized(getattr(transformers, arch.hf_architecture)(hf_cfg).eval(), seed)
-        else:  # HF's default attention implementation: what a user's model runs
-            hf = _randomized(transformers.AutoModelForCausalLM.from_config(hf_cfg).eval(), seed)
+        else:
+            hf = _randomized(transformers.AutoModelForCausalLM.from_config(
+                copy.deepcopy(hf_cfg), attn_implementation=reference_attn_implementation(hf_cfg)).eval(), seed)
         tokens = torch.randint(0, hf_cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed + 1))
         out = hf(tokens)
         ref = out.logits if hasattr(out, "logits") else out.last_hidden_state
