@@ -86,7 +86,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        # Spread over devices (hooked_attn.scale.dispatch), the input goes where the first unit runs.
+        return getattr(self, "_dispatched_device", None) or self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,7 +169,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             return None
         if tokens is None:
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if attention_mask is not None:  # the logits may be on another device than the input (a device map)
+            attention_mask = attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token=loss_per_token)
         if return_type == "loss":
             return loss
         if return_type == "both":
