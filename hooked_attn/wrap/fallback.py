@@ -22,6 +22,9 @@ from hooked_attn.wrap.root import WrappedModule, _attention_slots, _check_wrappa
 logger = logging.getLogger(__name__)
 
 OUT = "hook_out"
+FALLBACK_HINT = ("For any HF model, HookedTransformer.from_pretrained(..., fallback='wrap') (or "
+                 "hooked_attn.wrap.wrap_hf(source)) returns the HF model itself, wrapped: a hook at every module "
+                 "output ({module path}.hook_out) and at every attention call (docs/wrapping.md)")
 
 
 class WrappedHFModel(WrappedModule):
