@@ -35,7 +35,8 @@ def from_pretrained(
     device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    release_source: bool = False,
+    release_source: bool = False, device_map: Any = None, max_memory: Mapping[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> HookedTransformer:
     """Build a HookedTransformer from an HF model and process its weights.
 
@@ -52,6 +53,9 @@ def from_pretrained(
             them, and leave it empty (every parameter and buffer on the ``meta`` device), so the load
             needs no second copy of the model. By default its weights are copied and it stays usable.
             It is emptied only once its weights are converted: an error before then leaves it whole.
+        device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
+            "sequential" or a {module: device} dict; units sent to "disk" are written to
+            ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
 
     Raises:
         UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
@@ -61,6 +65,15 @@ def from_pretrained(
     arch = get_architecture(arch_name, hf_config)
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
+    plan = None
+    if device_map is not None:  # planned (and refused) before any weight is read
+        from hooked_attn.scale.dispatch import plan_for_config
+
+        if device is not None:
+            raise ValueError("pass device= or device_map=, not both")
+        plan = plan_for_config(cfg, device_map, max_memory, dtype, offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
     in_memory = _is_hf_model(model_name_or_path)
     if release_source and not in_memory:
         raise ValueError(f"release_source=True takes the weights of an in-memory PreTrainedModel; got "
@@ -84,6 +97,10 @@ def from_pretrained(
     )
     target = torch.device(device) if device is not None else torch.device("cpu")
     model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)
+    if plan is not None:
+        from hooked_attn.scale.dispatch import place
+
+        model = place(model, plan, offload_folder)
     where = type(model_name_or_path).__name__ if in_memory else model_name_or_path
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
     return model

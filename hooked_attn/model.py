@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.saes.splice import SAESplicingMixin
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -45,7 +46,7 @@ def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
                          f"({cache.n_cached} positions each), but the input is {tuple(input_shape)} [batch pos]")
 
 
-class HookedTransformer(TokenizerMixin, HookedRootModule):
+class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -85,7 +86,8 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        # Spread over devices (hooked_attn.scale.dispatch), the input goes where the first unit runs.
+        return getattr(self, "_dispatched_device", None) or self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,7 +169,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return None
         if tokens is None:
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if attention_mask is not None:  # the logits may be on another device than the input (a device map)
+            attention_mask = attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token=loss_per_token)
         if return_type == "loss":
             return loss
         if return_type == "both":
