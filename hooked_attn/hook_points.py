@@ -49,13 +49,14 @@ class _HookState:
     attached, or the finite check on); called, it answers TransformerLens' ``has_hooks(dir=,
     including_permanent=, level=)`` about the attached hooks."""
 
-    __slots__ = ("_point",)
+    __slots__ = ("_point", "_active")
 
     def __init__(self, point: "HookPoint") -> None:
         self._point = point
+        self._active = point._active  # a snapshot, so a saved value restores what it was
 
     def __bool__(self) -> bool:
-        return self._point._active
+        return self._active
 
     def __eq__(self, other: object) -> bool:
         return bool(self) == other
@@ -150,6 +151,11 @@ class HookPoint(nn.Module):
         """Truthy when hooks are attached (or the finite check is on); ``has_hooks(dir="fwd",
         including_permanent=False, level=None)`` asks about particular hooks, as in TransformerLens."""
         return _HookState(self)
+
+    @has_hooks.setter
+    def has_hooks(self, active: object) -> None:
+        """Force the point on (run ``_run`` on every call) or off (return the input untouched)."""
+        self._active = bool(active)
 
     def list_hooks(self, dir: Literal["fwd", "bwd", "both"] = "both") -> list[_Hook]:
         """The attached hooks, forward ones first."""

@@ -16,6 +16,10 @@ from hooked_attn.config import ModelConfig
 from hooked_attn.model import HookedTransformer as _Base
 
 
+class CompatError(ValueError, AssertionError):
+    """A TransformerLens call hooked_attn refuses; an AssertionError too, which is what TransformerLens raises."""
+
+
 class _CompatConfig(HookedTransformerConfig):
     """A TransformerLens config that also answers ModelConfig's fields (for hooked_attn's own code)."""
 
@@ -116,3 +120,26 @@ class HookedTransformer(_Base):
             tokens = input
         resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, None, attention_mask
+
+    def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 return_type: str = "input", verbose: bool = True, **kwargs: Any) -> Any:
+        """TransformerLens' ``generate``: sampling by default (``do_sample=True``), ``verbose`` accepted
+        (hooked_attn shows no progress bar). Without a tokenizer, ``stop_at_eos`` needs ``eos_token_id``
+        (or one on the config)."""
+        if freq_penalty:
+            raise CompatError("freq_penalty is not supported by hooked_attn's generate; use "
+                              "transformer_lens.utilities.logits_utils.sample_logits in a loop of your own")
+        if padding_side not in (None, "left"):
+            raise CompatError(f"generate pads prompts on the left; padding_side={padding_side!r} is not supported")
+        if stop_at_eos and eos_token_id is None:
+            eos_token_id = getattr(self.cfg, "eos_token_id", None)
+            if eos_token_id is None and self.tokenizer is None:
+                raise CompatError("stop_at_eos=True needs an eos_token_id: the model has no tokenizer and its config "
+                                  "none; pass eos_token_id= or stop_at_eos=False")
+        return super().generate(input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                                use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
+                                return_type=return_type, **kwargs)

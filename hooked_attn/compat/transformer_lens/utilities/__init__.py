@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attn.utils import get_act_name, get_device, lm_cross_entropy_loss as _lm_loss
+from hooked_attn.compat.transformer_lens.utilities.logits_utils import sample_logits
+from hooked_attn.compat.transformer_lens.utilities.tensors import filter_dict_by_prefix, to_numpy
+from hooked_attn.compat.transformer_lens.utilities.lm_utils import lm_accuracy, lm_cross_entropy_loss
+from hooked_attn.utils import get_act_name, get_device
 
 SliceInput = int | tuple | list | Tensor | np.ndarray | slice | None
 
@@ -57,30 +60,6 @@ class Slice:
     @classmethod
     def unwrap(cls, slice_input: "SliceInput | Slice") -> "Slice":
         return slice_input if isinstance(slice_input, Slice) else cls(slice_input)
-
-
-def lm_cross_entropy_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
-                          attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
-    return _lm_loss(logits, tokens, attention_mask, per_token=per_token)
-
-
-def lm_accuracy(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
-                per_token: bool = False) -> Tensor:
-    """The fraction of positions whose argmax is the next token."""
-    correct = logits[:, :-1].argmax(-1) == tokens[:, 1:]
-    return correct if per_token else correct.float().mean()
-
-
-def to_numpy(tensor: Any) -> np.ndarray:
-    if isinstance(tensor, np.ndarray):
-        return tensor
-    if isinstance(tensor, (list, tuple)):
-        return np.array(tensor)
-    if isinstance(tensor, (Tensor, torch.nn.Parameter)):
-        return tensor.detach().cpu().numpy()
-    if isinstance(tensor, (int, float, bool, str)):
-        return np.array(tensor)
-    raise ValueError(f"cannot convert {type(tensor).__name__} to numpy")
 
 
 def remove_batch_dim(tensor: Tensor) -> Tensor:
@@ -203,18 +182,8 @@ def get_offset_position_ids(past_kv_pos_offset: int, attention_mask: Tensor) -> 
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_kv_pos_offset:]
 
 
-def sample_logits(final_logits: Float[Tensor, "batch d_vocab"], top_k: int | None = None,
-                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
-                  tokens: Tensor | None = None) -> Tensor:
-    from hooked_attn.generation import sample_next
-
-    if freq_penalty:
-        raise ValueError("freq_penalty is not supported by hooked_attn's sampler; apply it to the logits first")
-    return sample_next(final_logits, do_sample=temperature != 0, temperature=temperature, top_k=top_k, top_p=top_p)
-
-
 __all__ = [
-    "Slice", "calc_fan_in_and_fan_out", "gelu_fast", "gelu_new", "get_act_name", "get_attention_mask", "get_corner",
+    "Slice", "calc_fan_in_and_fan_out", "filter_dict_by_prefix", "gelu_fast", "gelu_new", "get_act_name", "get_attention_mask", "get_corner",
     "get_device", "get_offset_position_ids", "init_kaiming_normal_", "init_kaiming_uniform_",
     "init_xavier_normal_", "init_xavier_uniform_", "is_library_available", "is_lower_triangular", "is_square",
     "lm_accuracy", "lm_cross_entropy_loss", "override_or_use_default_value", "remove_batch_dim", "sample_logits",
