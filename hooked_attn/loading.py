@@ -12,13 +12,14 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
-from hooked_attn.architectures.base import StateDictError, check_hf_config
+from hooked_attn.architectures.base import StateDictError, UnknownArchitectureError, check_hf_config
 from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
 from hooked_attn.config import ModelConfig
 from hooked_attn.memory import release_free_memory
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import process_weights
 from hooked_attn.shapes import StateDict
+from hooked_attn.wrap.fallback import FALLBACK_HINT, WrappedHFModel, wrap_hf
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def from_pretrained(
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
     release_source: bool = False, device_map: Any = None, max_memory: Mapping[Any, int | str] | None = None,
-    offload_folder: str | os.PathLike | None = None,
-) -> HookedTransformer:
+    offload_folder: str | os.PathLike | None = None, fallback: str | None = None,
+) -> HookedTransformer | WrappedHFModel:
     """Build a HookedTransformer from an HF model and process its weights.
 
     Args:
@@ -56,13 +57,23 @@ def from_pretrained(
         device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
             "sequential" or a {module: device} dict; units sent to "disk" are written to
             ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
+        fallback: ``"wrap"``: for an architecture with no converter, return the HF model itself wrapped
+            (``hooked_attn.wrap.wrap_hf``: hooks at every module output and attention call) instead of
+            raising UnknownArchitectureError.
 
     Raises:
         UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
             name of what is wrong. No model is returned half-built.
     """
     hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir, dtype)
-    arch = get_architecture(arch_name, hf_config)
+    if fallback not in (None, "wrap"):
+        raise ValueError(f"fallback must be None or 'wrap', got {fallback!r}")
+    try:
+        arch = get_architecture(arch_name, hf_config)
+    except UnknownArchitectureError as err:  # hooked_attn/wrap/fallback.py
+        if fallback == "wrap":
+            return wrap_hf(model_name_or_path, dtype=dtype, device=device)
+        raise UnknownArchitectureError(f"{err}. {FALLBACK_HINT}") from None
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
     plan = None

@@ -71,8 +71,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         self.setup()
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer | HookedRootModule":
+        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments
+        (``fallback="wrap"`` returns a wrapped HF model, a ``HookedRootModule``, for an unregistered family)."""
         from hooked_attn.loading import from_pretrained
 
         return from_pretrained(model_name_or_path, **kwargs)
