@@ -161,8 +161,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
-        if self.cfg.output_logits_soft_cap is not None:
-            cap = self.cfg.output_logits_soft_cap
+        cap = self.cfg.output_logits_soft_cap  # a TransformerLens config spells "none" as -1.0
+        if cap is not None and cap > 0:
             logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
@@ -271,6 +271,16 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     W_E = property(lambda self: self.embed.W_E)
     W_U = property(lambda self: self.unembed.W_U)
     b_U = property(lambda self: self.unembed.b_U)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one token (an id
+        or a single-token string), ``[... d_model]`` for a tensor of ids ``[...]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.dtype.is_floating_point or not ((0 <= ids) & (ids < self.cfg.d_vocab)).all():
+            raise ValueError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}, got {tokens!r}")
+        return self.W_U[:, ids].movedim(0, -1)
 
     @property
     def QK(self) -> "FactoredMatrix":
