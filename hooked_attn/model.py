@@ -71,8 +71,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         self.setup()
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer | HookedRootModule":
+        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments
+        (``fallback="wrap"`` returns a wrapped HF model, a ``HookedRootModule``, for an unregistered family)."""
         from hooked_attn.loading import from_pretrained
 
         return from_pretrained(model_name_or_path, **kwargs)
@@ -86,7 +87,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        # Spread over devices (hooked_attn.scale.dispatch), the input goes where the first unit runs.
+        return getattr(self, "_dispatched_device", None) or self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,8 +161,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
-        if self.cfg.output_logits_soft_cap is not None:
-            cap = self.cfg.output_logits_soft_cap
+        cap = self.cfg.output_logits_soft_cap  # a TransformerLens config spells "none" as -1.0
+        if cap is not None and cap > 0:
             logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
@@ -168,7 +170,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             return None
         if tokens is None:
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if attention_mask is not None:  # the logits may be on another device than the input (a device map)
+            attention_mask = attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token=loss_per_token)
         if return_type == "loss":
             return loss
         if return_type == "both":
@@ -267,6 +271,16 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     W_E = property(lambda self: self.embed.W_E)
     W_U = property(lambda self: self.unembed.W_U)
     b_U = property(lambda self: self.unembed.b_U)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one token (an id
+        or a single-token string), ``[... d_model]`` for a tensor of ids ``[...]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.dtype.is_floating_point or not ((0 <= ids) & (ids < self.cfg.d_vocab)).all():
+            raise ValueError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}, got {tokens!r}")
+        return self.W_U[:, ids].movedim(0, -1)
 
     @property
     def QK(self) -> "FactoredMatrix":

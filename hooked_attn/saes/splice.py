@@ -41,11 +41,13 @@ class _Splice:
         if in_head is not None:
             inp = inp[..., in_head, :]
         target = x[..., out_head, :] if out_head is not None else x
-        out = self.sae(inp, use_error_term=self.use_error_term, target=target)
+        # The SAE may live on another device than the model (docs/scale.md): it reads there, writes back here.
+        here = self.sae.device
+        out = self.sae(inp.to(here), use_error_term=self.use_error_term, target=target.to(here))
         if out.shape != target.shape:
             raise ValueError(f"SAE at {self.hook_out!r} returned shape {tuple(out.shape)}, but the activation it "
                              f"replaces has shape {tuple(target.shape)}")
-        out = out.to(x.dtype)
+        out = out.to(x.device, x.dtype)
         if out_head is None:
             return out
         x = x.clone()
