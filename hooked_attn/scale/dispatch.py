@@ -133,7 +133,7 @@ def dispatch(
 
     Raises:
         ValueError: the map misses a unit or names a GPU this machine lacks; "disk" units without an
-            ``offload_folder`` that holds them.
+            ``offload_folder`` that holds them; a model dispatched already.
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
@@ -141,6 +141,9 @@ def dispatch(
 
     from hooked_attn.scale.offload import FolderWeights
 
+    if hasattr(model, "_hf_hook"):
+        raise ValueError(f"the model is already dispatched (device map {device_map_of(model)}); load it again to "
+                         "place it differently")
     full: DeviceMap = {unit: normalize_device(d, f"device_map[{unit!r}]") for unit, d in device_map.items()}
     missing = [u for u in placement_units(model) if u not in full]
     if missing:
