@@ -1,6 +1,7 @@
 """HookedTransformer: embed -> blocks -> final norm -> unembed, with a HookPoint at every activation."""
 
 import copy
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,8 +20,11 @@ from hooked_attn.components.kv_cache import KVCache
 if TYPE_CHECKING:
     from hooked_attn.factored_matrix import FactoredMatrix
 from hooked_attn.components.unembed import Unembed
-from hooked_attn.config import LearnedPositions, ModelConfig
+from hooked_attn.config import LearnedPositions, ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise
+from hooked_attn.processing import DEFAULT_PROCESSING, NO_PROCESSING, processing_options
+from hooked_attn.sources import Source, TokenizerArg
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -70,18 +74,67 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         self.setup()
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
-        from hooked_attn.loading import from_pretrained
+    def from_pretrained(
+        cls, model_name_or_path: Source, *, tokenizer: TokenizerArg = None, dtype: DtypeArg = None,
+        device: DeviceArg = None, processing: Processing = DEFAULT_PROCESSING, fold_ln: bool | None = None,
+        center_writing_weights: bool | None = None, center_unembed: bool | None = None,
+        fold_value_biases: bool | None = None, refactor_factored_attn_matrices: bool | None = None,
+        gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+        release_source: bool = False,
+    ) -> "HookedTransformer":
+        """Build a HookedTransformer from an HF model and process its weights.
 
-        return from_pretrained(model_name_or_path, **kwargs)
+        Args:
+            model_name_or_path: a local HF folder (config.json + safetensors), a ``.gguf`` file, a hub id,
+                or an in-memory ``PreTrainedModel``.
+            tokenizer: a tokenizer, or where to load one; by default the source's own, when it has one.
+            dtype: of the built model's parameters: a floating-point ``torch.dtype`` or its name
+                (``"bfloat16"``); float32 by default (an in-memory model in another dtype is then
+                upcast with a warning).
+            device: where the parameters live (CPU by default); checked before anything is loaded.
+            processing: the weight-processing steps (a ``Processing`` record; see
+                ``hooked_attn.processing``). By default TransformerLens' four.
+            fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                refactor_factored_attn_matrices: TransformerLens' flags; each one given overrides its
+                field of ``processing``.
+            gguf_file: the GGUF file inside the folder or hub repo ``model_name_or_path``.
+            revision, cache_dir: passed to the hub download.
+            release_source: for an in-memory ``PreTrainedModel`` only: take its weights rather than copy
+                them, and leave it empty (every parameter and buffer on the ``meta`` device), so the load
+                needs no second copy of the model. By default its weights are copied and it stays usable.
+                It is emptied only once every check has passed (the arguments, its config, the
+                conversion, the processing steps asked for, finite weights): an error before then leaves
+                it whole. A weight that something else also holds (another model, a view) is copied,
+                never rewritten.
+
+        Raises:
+            UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError,
+            NonFiniteWeightError, ValueError, TypeError: with the name of what is wrong. No model is
+                returned half-built.
+        """
+        steps = processing_options(processing, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                   center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                   refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        loaded = load_weights(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device, processing=steps,
+                              gguf_file=gguf_file, revision=revision, cache_dir=cache_dir,
+                              release_source=release_source)
+        return materialise(lambda w: cls(w.cfg, tokenizer=w.tokenizer), loaded)
 
     @classmethod
-    def from_pretrained_no_processing(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        """Load an HF model with every weight-processing step off."""
-        from hooked_attn.loading import from_pretrained_no_processing
-
-        return from_pretrained_no_processing(model_name_or_path, **kwargs)
+    def from_pretrained_no_processing(
+        cls, model_name_or_path: Source, *, tokenizer: TokenizerArg = None, dtype: DtypeArg = None,
+        device: DeviceArg = None, fold_ln: bool | None = None, center_writing_weights: bool | None = None,
+        center_unembed: bool | None = None, fold_value_biases: bool | None = None,
+        refactor_factored_attn_matrices: bool | None = None, gguf_file: str | None = None,
+        revision: str | None = None, cache_dir: str | os.PathLike | None = None, release_source: bool = False,
+    ) -> "HookedTransformer":
+        """``from_pretrained`` with every weight-processing step off unless a flag turns it on: the
+        weights exactly as HF has them."""
+        return cls.from_pretrained(
+            model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device, processing=NO_PROCESSING,
+            fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
 
     @property
     def device(self) -> torch.device:
