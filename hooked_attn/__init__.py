@@ -11,12 +11,13 @@ from hooked_attn.hook_points import HookedRootModule, HookPoint, NonFiniteActiva
 from hooked_attn.memory import keep_freed_memory
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import ProcessingError
+from hooked_attn.saes import SAE, SAEConfig
 from hooked_attn.wrap import unwrap, wrap
 
 __all__ = [
     "ActivationCache", "HookPoint", "HookedEncoder", "HookedRootModule", "HookedTransformer", "ModelConfig", "ProcessingError",
     "StateDictError", "UnknownArchitectureError", "UnsupportedConfigError", "analysis", "utils",
     "AdditiveAttention", "DotProductAttention", "masked_softmax", "unwrap", "wrap", "NonFiniteActivationError",
-    "keep_freed_memory",
+    "keep_freed_memory", "SAE", "SAEConfig",
 ]
 __version__ = "0.1.0"

@@ -127,7 +127,10 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple) -> str:
         if isinstance(key, tuple):
-            return get_act_name(*key)
+            # A wrapped model numbers its own attention layers (hooked_attn.wrap: attention_layers).
+            resolve = getattr(self.model, "resolve_act_name", None)
+            resolved = resolve(*key) if resolve is not None else None
+            return resolved if resolved is not None else get_act_name(*key)
         if key in self.cache_dict:
             return key
         return get_act_name(key)

@@ -22,7 +22,7 @@ from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint
-from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise
+from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
 from hooked_attn.sources import Source, TokenizerArg
 from hooked_attn.tokens import TokenizerMixin
 
@@ -104,9 +104,9 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
         weights cannot be centred; only the unembedding (with a head) and the value biases are processed.
         """
         steps = Processing(center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        loaded = load_weights(model_name_or_path, kind="encoder", tokenizer=tokenizer, dtype=dtype, device=device,
-                              processing=steps, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir,
-                              release_source=release_source)
+        opened = open_source(model_name_or_path, kind="encoder", tokenizer=tokenizer, dtype=dtype, device=device,
+                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
+        loaded = load_weights(opened, steps)
         return materialise(lambda w: cls(w.cfg, w.hf_config.type_vocab_size, mlm_head="unembed.W_U" in w.state_dict,
                                          tokenizer=w.tokenizer), loaded)
 

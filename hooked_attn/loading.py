@@ -1,8 +1,10 @@
 """The loading pipeline: source -> HF config -> check -> convert -> check -> process, ending in data.
 
-``load_weights`` returns a ``LoadedWeights`` (our config, our processed state dict, the tokenizer, where
-the weights are to live); ``materialise`` builds any model class from it without a second copy. Model
-classes call both from their ``from_pretrained``; this module knows no model class.
+``open_source`` checks the arguments and reads and converts the config (``OpenedSource``: nothing read
+yet, so a caller can plan with the config, a device map say); ``load_weights`` converts and processes the
+weights into a ``LoadedWeights`` (our config, our processed state dict, the tokenizer, where the weights
+are to live); ``materialise`` builds any model class from it without a second copy. Model classes call
+the three from their ``from_pretrained``; this module knows no model class.
 
 Every argument and every refusal (dtype, device, tokenizer, a processing step that cannot preserve the
 model, a non-finite weight that processing would spread) is checked before any weight is rewritten, so an
@@ -10,12 +12,13 @@ in-memory source is left as it was whenever the load fails on what it was given.
 """
 
 import logging
+import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +46,25 @@ class NonFiniteWeightError(ValueError):
 
 
 @dataclass
+class OpenedSource:
+    """A source whose config is read, checked and converted to ours, and whose weights are not read yet
+    (a folder's are read lazily; an in-memory model's are only referred to). Everything that can refuse
+    the arguments has been checked."""
+
+    cfg: ModelConfig
+    hf_config: PretrainedConfig
+    architecture: Architecture
+    hf_state_dict: Mapping[str, Tensor]
+    tokenizer: TokenizerArg
+    default_tokenizer: Any  # the source's own: a loaded tokenizer (GGUF), the folder it is in, or None
+    dtype: torch.dtype
+    device: torch.device
+    source: Source
+    release_source: bool
+    foreign: frozenset[int]  # storages that a caller's live object holds: copied, never adopted or written
+
+
+@dataclass
 class LoadedWeights:
     """What the pipeline ends in: everything a model class needs to be built, and nothing of one."""
 
@@ -53,16 +75,17 @@ class LoadedWeights:
     architecture: Architecture
     dtype: torch.dtype
     device: torch.device
-    foreign: frozenset[int]  # storages that a caller's live object holds: copied, never adopted or written
+    foreign: frozenset[int]
 
 
-def load_weights(
+def open_source(
     source: Source, *, kind: Kind = "decoder", tokenizer: TokenizerArg = None, dtype: DtypeArg = None,
-    device: DeviceArg = None, processing: Processing = DEFAULT_PROCESSING, gguf_file: str | None = None,
-    revision: str | None = None, cache_dir: str | None = None, release_source: bool = False,
-) -> LoadedWeights:
-    """Read, check, convert and process a model's weights (see ``HookedTransformer.from_pretrained`` for
-    the arguments). ``kind`` picks the registry: decoder-only families or encoders."""
+    device: DeviceArg = None, gguf_file: str | None = None, revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None, release_source: bool = False,
+) -> OpenedSource:
+    """Check the arguments, read the HF config, find the family and convert the config (see
+    ``HookedTransformer.from_pretrained`` for the arguments). ``kind`` picks the registry: decoder-only
+    families or encoders. No weight is read or touched."""
     target_dtype = resolve_dtype(dtype, source)
     target_device = resolve_device(device)
     check_tokenizer_arg(tokenizer)
@@ -81,23 +104,33 @@ def load_weights(
     # A caller's in-memory model is copied, never adopted or written to; with release_source, only what
     # something besides it holds is.
     foreign = frozenset(_ptr(t) for t in read.state_dict.values()) if in_memory and not release_source else held
-    sd = arch.convert_state_dict(read.state_dict, cfg, read.hf_config)
-    hf_config, default_tokenizer = read.hf_config, read.tokenizer
-    del read
+    return OpenedSource(cfg=cfg, hf_config=read.hf_config, architecture=arch, hf_state_dict=read.state_dict,
+                        tokenizer=tokenizer, default_tokenizer=read.tokenizer, dtype=target_dtype,
+                        device=target_device, source=source, release_source=release_source, foreign=foreign)
+
+
+def load_weights(opened: OpenedSource, processing: Processing = DEFAULT_PROCESSING) -> LoadedWeights:
+    """Convert, check and process the weights of an opened source. A processing step that cannot preserve
+    the model, a non-finite weight that processing would spread, and a tokenizer that will not load are
+    all refused before an in-memory source is released (``release_source``) or any weight rewritten."""
+    cfg, arch = opened.cfg, opened.architecture
+    sd = arch.convert_state_dict(opened.hf_state_dict, cfg, opened.hf_config)
+    opened.hf_state_dict = {}  # the HF state dict's own references go: only what ``sd`` holds stays
     run, _, _ = plan_processing(sd, cfg, processing)  # a refused step raises here
     check_finite(sd, spread_by=run)
-    loaded_tokenizer = load_tokenizer(tokenizer, default_tokenizer)
+    tokenizer = load_tokenizer(opened.tokenizer, opened.default_tokenizer)
     # Nothing below refuses what it was given: from here on, an in-memory source may be released.
-    if release_source:
-        source.to_empty(device="meta")  # type: ignore[union-attr]
+    if opened.release_source:
+        opened.source.to_empty(device="meta")  # type: ignore[union-attr]
     release_free_memory()
     for key in sd:  # one tensor at a time, so the old one is freed as the new one is made
-        sd[key] = sd[key].to(target_dtype)
+        sd[key] = sd[key].to(opened.dtype)
+    foreign = opened.foreign
     sd, cfg = process_weights(sd, cfg, processing, inplace=True, owned=lambda t: _ptr(t) not in foreign)
-    where = type(source).__name__ if in_memory else source
+    where = type(opened.source).__name__ if is_hf_model(opened.source) else opened.source
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
-    return LoadedWeights(cfg=cfg, state_dict=sd, tokenizer=loaded_tokenizer, hf_config=hf_config,
-                         architecture=arch, dtype=target_dtype, device=target_device, foreign=foreign)
+    return LoadedWeights(cfg=cfg, state_dict=sd, tokenizer=tokenizer, hf_config=opened.hf_config,
+                         architecture=arch, dtype=opened.dtype, device=opened.device, foreign=foreign)
 
 
 def materialise(build: Callable[[LoadedWeights], M], loaded: LoadedWeights) -> M:

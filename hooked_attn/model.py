@@ -2,7 +2,7 @@
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
-from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise
+from hooked_attn.saes.splice import SAESplicingMixin
+from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
 from hooked_attn.processing import DEFAULT_PROCESSING, NO_PROCESSING, processing_options
 from hooked_attn.sources import Source, TokenizerArg
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
@@ -37,6 +38,8 @@ ReturnType = Literal["logits", "loss", "both"] | None
 # Token ids [batch pos], text, or (with start_at_layer) a residual [batch pos d_model]. Left as a
 # plain Tensor in the signature: forward validates shapes itself, with messages that name them.
 ModelInput = str | list[str] | Tensor
+# "auto", "balanced", "sequential" or {module name: device} (see hooked_attn.scale).
+DeviceMapArg = str | Mapping[str, Any] | None
 
 
 def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
@@ -49,7 +52,7 @@ def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
                          f"({cache.n_cached} positions each), but the input is {tuple(input_shape)} [batch pos]")
 
 
-class HookedTransformer(TokenizerMixin, HookedRootModule):
+class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -80,7 +83,8 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         center_writing_weights: bool | None = None, center_unembed: bool | None = None,
         fold_value_biases: bool | None = None, refactor_factored_attn_matrices: bool | None = None,
         gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-        release_source: bool = False,
+        release_source: bool = False, device_map: DeviceMapArg = None, max_memory: Mapping[Any, int | str] | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ) -> "HookedTransformer":
         """Build a HookedTransformer from an HF model and process its weights.
 
@@ -106,6 +110,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
                 conversion, the processing steps asked for, finite weights): an error before then leaves
                 it whole. A weight that something else also holds (another model, a view) is copied,
                 never rewritten.
+            device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
+                "sequential" or a {module: device} dict; units sent to "disk" are written to
+                ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
 
         Raises:
             UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError,
@@ -115,10 +122,26 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         steps = processing_options(processing, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-        loaded = load_weights(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device, processing=steps,
-                              gguf_file=gguf_file, revision=revision, cache_dir=cache_dir,
-                              release_source=release_source)
-        return materialise(lambda w: cls(w.cfg, tokenizer=w.tokenizer), loaded)
+        if device_map is not None and device is not None:
+            raise ValueError("pass device= or device_map=, not both")
+        if device_map is None and (max_memory is not None or offload_folder is not None):
+            raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+        opened = open_source(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device,
+                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source,
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+        plan = None
+        if device_map is not None:  # planned (and refused) on a meta model before any weight is read
+            from hooked_attn.scale.dispatch import plan_for_model
+
+            with torch.device("meta"):
+                meta = cls(opened.cfg).to(opened.dtype)
+            plan = plan_for_model(meta, device_map, max_memory, opened.dtype, offload_folder)
+        model = materialise(lambda w: cls(w.cfg, tokenizer=w.tokenizer), load_weights(opened, steps))
+        if plan is not None:
+            from hooked_attn.scale.dispatch import place
+
+            model = place(model, plan, offload_folder)
+        return model
 
     @classmethod
     def from_pretrained_no_processing(
@@ -127,6 +150,8 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
         center_unembed: bool | None = None, fold_value_biases: bool | None = None,
         refactor_factored_attn_matrices: bool | None = None, gguf_file: str | None = None,
         revision: str | None = None, cache_dir: str | os.PathLike | None = None, release_source: bool = False,
+        device_map: DeviceMapArg = None, max_memory: Mapping[Any, int | str] | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ) -> "HookedTransformer":
         """``from_pretrained`` with every weight-processing step off unless a flag turns it on: the
         weights exactly as HF has them."""
@@ -134,11 +159,13 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device, processing=NO_PROCESSING,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-            gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
+            gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source,
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        # Spread over devices (hooked_attn.scale.dispatch), the input goes where the first unit runs.
+        return getattr(self, "_dispatched_device", None) or self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,7 +247,9 @@ class HookedTransformer(TokenizerMixin, HookedRootModule):
             return None
         if tokens is None:
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if attention_mask is not None:  # the logits may be on another device than the input (a device map)
+            attention_mask = attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token=loss_per_token)
         if return_type == "loss":
             return loss
         if return_type == "both":
