@@ -127,8 +127,7 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         if device_map is None and (max_memory is not None or offload_folder is not None):
             raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
         opened = open_source(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device,
-                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source,
-            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
         plan = None
         if device_map is not None:  # planned (and refused) on a meta model before any weight is read
             from hooked_attn.scale.dispatch import plan_for_model

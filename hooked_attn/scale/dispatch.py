@@ -187,6 +187,6 @@ def place(model: nn.Module, plan: Mapping[str, Device], offload_folder: str | Pa
     plan = {unit: d for unit, d in plan.items() if unit in units}
     disk = [unit for unit, d in plan.items() if d == "disk"]
     if disk:
-        assert offload_folder is not None  # plan_for_config checked it
+        assert offload_folder is not None  # plan_for_model checked it
         save_offloaded(model, offload_folder, units=disk)
     return dispatch(model, plan, offload_folder=offload_folder)
