@@ -19,14 +19,16 @@ from hooked_attn.components.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from hooked_attn.factored_matrix import FactoredMatrix
+from hooked_attn.architectures.base import UnknownArchitectureError
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.saes.splice import SAESplicingMixin
-from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
+from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source, resolve_dtype
 from hooked_attn.processing import DEFAULT_PROCESSING, NO_PROCESSING, processing_options
 from hooked_attn.sources import Source, TokenizerArg
 from hooked_attn.tokens import PaddingSide, TokenizerMixin
+from hooked_attn.wrap.fallback import FALLBACK_HINT, WrappedHFModel, wrap_hf
 from hooked_attn.utils import lm_cross_entropy_loss
 
 _ABSENT_WEIGHTS = {
@@ -84,8 +86,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         fold_value_biases: bool | None = None, refactor_factored_attn_matrices: bool | None = None,
         gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
         release_source: bool = False, device_map: DeviceMapArg = None, max_memory: Mapping[Any, int | str] | None = None,
-        offload_folder: str | os.PathLike | None = None,
-    ) -> "HookedTransformer":
+        offload_folder: str | os.PathLike | None = None, fallback: str | None = None,
+    ) -> "HookedTransformer | WrappedHFModel":
         """Build a HookedTransformer from an HF model and process its weights.
 
         Args:
@@ -113,6 +115,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
                 "sequential" or a {module: device} dict; units sent to "disk" are written to
                 ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
+            fallback: ``"wrap"``: for an architecture with no converter, return the HF model itself wrapped
+                (``hooked_attn.wrap.wrap_hf``: hooks at every module output and attention call) instead of
+                raising UnknownArchitectureError.
 
         Raises:
             UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError,
@@ -126,8 +131,15 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             raise ValueError("pass device= or device_map=, not both")
         if device_map is None and (max_memory is not None or offload_folder is not None):
             raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
-        opened = open_source(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device,
-                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
+        if fallback not in (None, "wrap"):
+            raise ValueError(f"fallback must be None or 'wrap', got {fallback!r}")
+        try:
+            opened = open_source(model_name_or_path, tokenizer=tokenizer, dtype=dtype, device=device, gguf_file=gguf_file,
+                                 revision=revision, cache_dir=cache_dir, release_source=release_source)
+        except UnknownArchitectureError as err:  # hooked_attn/wrap/fallback.py
+            if fallback == "wrap":
+                return wrap_hf(model_name_or_path, dtype=resolve_dtype(dtype), device=device)
+            raise UnknownArchitectureError(f"{err}. {FALLBACK_HINT}") from None
         plan = None
         if device_map is not None:  # planned (and refused) on a meta model before any weight is read
             from hooked_attn.scale.dispatch import plan_for_model
@@ -150,8 +162,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         refactor_factored_attn_matrices: bool | None = None, gguf_file: str | None = None,
         revision: str | None = None, cache_dir: str | os.PathLike | None = None, release_source: bool = False,
         device_map: DeviceMapArg = None, max_memory: Mapping[Any, int | str] | None = None,
-        offload_folder: str | os.PathLike | None = None,
-    ) -> "HookedTransformer":
+        offload_folder: str | os.PathLike | None = None, fallback: str | None = None,
+    ) -> "HookedTransformer | WrappedHFModel":
         """``from_pretrained`` with every weight-processing step off unless a flag turns it on: the
         weights exactly as HF has them."""
         return cls.from_pretrained(
@@ -159,7 +171,7 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source,
-            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, fallback=fallback)
 
     @property
     def device(self) -> torch.device:
@@ -237,8 +249,8 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
-        if self.cfg.output_logits_soft_cap is not None:
-            cap = self.cfg.output_logits_soft_cap
+        cap = self.cfg.output_logits_soft_cap  # a TransformerLens config spells "none" as -1.0
+        if cap is not None and cap > 0:
             logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
@@ -347,6 +359,16 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
     W_E = property(lambda self: self.embed.W_E)
     W_U = property(lambda self: self.unembed.W_U)
     b_U = property(lambda self: self.unembed.b_U)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one token (an id
+        or a single-token string), ``[... d_model]`` for a tensor of ids ``[...]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.dtype.is_floating_point or not ((0 <= ids) & (ids < self.cfg.d_vocab)).all():
+            raise ValueError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}, got {tokens!r}")
+        return self.W_U[:, ids].movedim(0, -1)
 
     @property
     def QK(self) -> "FactoredMatrix":
