@@ -183,6 +183,9 @@ def test_errors_leave_no_sae_or_hook_attached(model: HookedTransformer) -> None:
         model.run_with_saes(tokens, saes=[make_sae(d_in=16)])
     with pytest.raises(KeyError, match="blocks.0.hook_resid_psot"):
         model.run_with_saes(tokens, saes=[make_sae(), make_sae(hook="blocks.0.hook_resid_psot")])
+    with model.saes([make_sae()]):
+        with pytest.raises(ValueError, match="spliced SAE's own hook point"):
+            model.run_with_saes(tokens, saes=[make_sae(hook="blocks.0.hook_resid_post.hook_sae_output")])
     assert _hooks_state(model) == before and model.acts_to_saes == {}
 
 
@@ -251,7 +254,8 @@ def test_feature_attribution_tracks_real_ablation(model: HookedTransformer) -> N
     tokens = random_tokens(LLAMA)[:1]
     metric = lambda logits: logits[0, -1, 3] - logits[0, -1, 5]  # noqa: E731
     estimate = feature_attribution(model, sae, tokens, metric)[0]
-    base = float(metric(model(tokens)))
+    with torch.no_grad():
+        base = float(metric(model(tokens)))
     candidates = estimate.abs().flatten().topk(12).indices
     real, approx = [], []
     for flat in candidates.tolist():

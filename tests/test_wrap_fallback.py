@@ -73,3 +73,18 @@ def test_wrap_hf_switches_an_eager_model_to_sdpa_and_unwraps() -> None:
         _, cache = wrapped.run_with_cache(pixel_values=torch.randn(1, 3, 16, 16))
     assert cache["pattern", 0].shape == (1, 4, 17, 17) and "layers.0.hook_out" in cache
     assert unwrap(wrapped) is model
+
+
+def test_cli_attention_on_an_unregistered_family(helium_folder, tmp_path, capsys) -> None:
+    from test_cli_attention import TEXT, word_tokenizer
+
+    from hooked_attn.cli import main
+
+    folder, reference = helium_folder
+    word_tokenizer().save_pretrained(folder)
+    html = tmp_path / "view.html"
+    assert main(["attention", str(folder), TEXT, "--layer", "1", "--head", "2", "--html", str(html)]) == 0
+    shown = capsys.readouterr().out
+    assert "HeliumForCausalLM, not converted" in shown and "layer 1 head 2" in shown
+    assert "no attention patterns" not in html.read_text()
+    assert "layers" in html.read_text() and "sat" in shown  # the page holds the patterns; the tokens are shown

@@ -38,6 +38,17 @@ class ModuleTracker:
         self._handles: list[RemovableHandle] = []
         self.on_enter: Callable[[nn.Module, str], None] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: no lock, no live hooks
+        state = self.__dict__.copy()
+        for name in ("_lock", "_stack", "_handles"):
+            del state[name]
+        state["_users"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._stack, self._handles = threading.Lock(), _Stack(), []
+
     def current(self) -> tuple[str, bool]:
         """(innermost module path, whether that module is one whose own attention hooks are in charge)."""
         paths = self._stack.paths
