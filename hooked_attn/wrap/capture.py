@@ -20,6 +20,7 @@ from hooked_attn.wrap.sdpa import SDPA, AttentionSite, hooked_sdpa
 class _Stack(threading.local):
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.outer: list[list[str]] = []  # the stacks of forwards this one runs inside (a hook calling the model)
 
 
 class ModuleTracker:
@@ -76,11 +77,12 @@ class ModuleTracker:
                     self._handles.append(module.register_forward_pre_hook(self._pre))
                     self._handles.append(module.register_forward_hook(self._post, always_call=True))
             self._users += 1
+        self._stack.outer.append(self._stack.paths)
         self._stack.paths = []
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.paths = []
+        self._stack.paths = self._stack.outer.pop() if self._stack.outer else []
         with self._lock:
             self._users -= 1
             if self._users == 0:
