@@ -16,6 +16,10 @@ from hooked_attn.config import ModelConfig
 from hooked_attn.model import HookedTransformer as _Base
 
 
+DTYPE_FROM_STRING = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                     "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 class CompatError(ValueError, AssertionError):
     """A TransformerLens call hooked_attn refuses; an AssertionError too, which is what TransformerLens raises."""
 
