@@ -2,17 +2,33 @@
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, runtime_checkable
 
 import einops
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
+from hooked_attn.config import ModelConfig
 from hooked_attn.utils import get_act_name
 
-if TYPE_CHECKING:
-    from hooked_attn.hook_points import HookedRootModule
+
+@runtime_checkable
+class AnalysedModel(Protocol):
+    """What the residual-stream analyses read from the model that made a cache. ``HookedTransformer``
+    has all of it; a wrapped model (``wrap()``) has hooks but none of it, and its cache says so."""
+
+    cfg: ModelConfig
+    hook_dict: Mapping[str, nn.Module]
+    blocks: Sequence[nn.Module]  # blocks[i].attn.W_O, blocks[i].mlp.W_out
+    W_U: Tensor
+
+    def unembed(self, resid: Tensor) -> Tensor: ...
+
+    def to_single_token(self, text: str) -> int: ...
+
+
+_ANALYSED_MODEL_NEEDS = ("cfg", "hook_dict", "blocks", "W_U", "unembed", "to_single_token")
 
 
 PosSlice = int | slice | Sequence[int] | Tensor | None
@@ -102,7 +118,7 @@ class ActivationCache(Mapping[str, Tensor]):
     """
 
     def __init__(
-        self, cache_dict: dict[str, Tensor], model: "HookedRootModule | None" = None,
+        self, cache_dict: dict[str, Tensor], model: nn.Module | None = None,
         has_batch_dim: bool = True,
     ) -> None:
         self.cache_dict = cache_dict
@@ -111,6 +127,9 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple) -> str:
         if isinstance(key, tuple):
+            n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0 and n_layers is not None:
+                key = (key[0], key[1] + n_layers, *key[2:])  # TransformerLens: -1 is the last layer
             # A wrapped model numbers its own attention layers (hooked_attn.wrap: attention_layers).
             resolve = getattr(self.model, "resolve_act_name", None)
             resolved = resolve(*key) if resolve is not None else None
@@ -172,16 +191,21 @@ class ActivationCache(Mapping[str, Tensor]):
 
     # -- residual-stream analyses (need the model that produced the cache) --------------------
 
-    def _model(self) -> Any:
+    def _model(self) -> AnalysedModel:
         if self.model is None:
             raise ValueError("this analysis needs the model: build the cache with model.run_with_cache")
-        return self.model
+        missing = [name for name in _ANALYSED_MODEL_NEEDS if not hasattr(self.model, name)]
+        if missing:
+            raise TypeError(f"this analysis needs a transformer model like HookedTransformer (with "
+                            f"{', '.join(_ANALYSED_MODEL_NEEDS)}); this cache was made by a "
+                            f"{type(self.model).__name__}, which has no {', '.join(missing)}")
+        return self.model  # type: ignore[return-value]
 
     def _n_layers_upto(self, layer: int | None) -> int:
         n = self._model().cfg.n_layers
-        layer = n if layer is None else layer
+        layer = n if layer is None or layer == -1 else layer  # TransformerLens: None or -1 is the final stream
         if not 0 <= layer <= n:
-            raise ValueError(f"layer must be in 0..{n} (n_layers = the final residual stream), got {layer}")
+            raise ValueError(f"layer must be in 0..{n} (n_layers, -1 or None = the final residual stream), got {layer}")
         return layer
 
     def accumulated_resid(
@@ -198,7 +222,8 @@ class ActivationCache(Mapping[str, Tensor]):
         for i in range(min(upto + 1, n_layers)):
             parts.append(self[f"blocks.{i}.hook_resid_pre"])
             labels.append(f"{i}_pre")
-            if (incl_mid and i < upto) or (mlp_input and i == upto):
+            has_mid = f"blocks.{i}.hook_resid_mid" in self._model().hook_dict  # not in attention-only blocks
+            if has_mid and ((incl_mid and i < upto) or (mlp_input and i == upto)):
                 parts.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
         if upto == n_layers:
@@ -238,7 +263,7 @@ class ActivationCache(Mapping[str, Tensor]):
             if mode in ("all", "attn"):
                 parts.append(self[f"blocks.{i}.hook_attn_out"])
                 labels.append(f"{i}_attn_out")
-            if mode in ("all", "mlp") and i < upto:
+            if mode in ("all", "mlp") and i < upto and f"blocks.{i}.hook_mlp_out" in model.hook_dict:
                 parts.append(self[f"blocks.{i}.hook_mlp_out"])
                 labels.append(f"{i}_mlp_out")
         if not parts:

@@ -323,7 +323,7 @@ def attribution_patch(
     with torch.no_grad():
         _, clean = model.run_with_cache(clean_tokens, names_filter=names)
     with torch.enable_grad():
-        logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd=True)
+        logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd="deferred")
         value = patching_metric(logits)
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError("attribution patching needs a metric that returns a scalar tensor")

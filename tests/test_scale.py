@@ -7,8 +7,8 @@ import torch
 import transformers
 from accelerate.utils import compute_module_sizes
 
-from hooked_attn import HookedTransformer
-from hooked_attn.scale import load_offloaded, plan_device_map, save_offloaded
+from hooked_attn import SAE, HookedTransformer, SAEConfig
+from hooked_attn.scale import dispatch, load_offloaded, plan_device_map, save_offloaded
 from hooked_attn.scale.offload import FolderWeights
 from hooked_attn.scale.placement import placement_units
 from tests.conftest import random_tokens, tiny_hf_model
@@ -115,6 +115,8 @@ def test_cpu_and_disk_maps_give_the_unsharded_logits_hooks_cache_and_generation(
         assert torch.equal(model.generate(prompt, max_new_tokens=4, stop_at_eos=False),
                            reference.generate(prompt, max_new_tokens=4, stop_at_eos=False))
     assert {p.device.type for n, p in model.named_parameters() if n.startswith("blocks.1.")} == {"meta"}
+    with pytest.raises(ValueError, match="already dispatched"):
+        dispatch(model, {unit: "cpu" for unit in placement_units(model)})
 
 
 def test_saved_folder_loads_without_processing_again(hf_model, tmp_path):
@@ -176,3 +178,37 @@ def test_disk_offloaded_model_runs_on_gpu(hf_model, tmp_path):
     tokens = random_tokens(LLAMA)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).cpu(), reference(tokens), atol=1e-4, rtol=1e-4)
+
+
+def _sae(d_in: int, hook: str, device: str = "cpu") -> SAE:
+    sae = SAE(SAEConfig(architecture="standard", d_in=d_in, d_sae=4 * d_in, hook_name=hook))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return sae.to(device)
+
+
+def test_sae_spliced_into_a_dispatched_model(hf_model, tmp_path):
+    reference = HookedTransformer.from_pretrained(hf_model)
+    mapped = HookedTransformer.from_pretrained(hf_model, device_map={"": "cpu", "blocks.2": "disk"},
+                                               offload_folder=tmp_path)
+    sae = _sae(LLAMA.hidden_size, "blocks.2.hook_resid_post")
+    tokens = random_tokens(LLAMA)
+    with torch.no_grad():
+        want = reference.run_with_saes(tokens, saes=[sae])
+        torch.testing.assert_close(mapped.run_with_saes(tokens, saes=[sae]), want, atol=0, rtol=0)
+    assert not torch.equal(want, reference(tokens))  # the SAE changed the output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sae_on_gpu_reads_a_model_on_cpu(hf_model):
+    model = HookedTransformer.from_pretrained(hf_model)
+    hook = "blocks.1.hook_resid_post"
+    tokens = random_tokens(LLAMA)
+    with torch.no_grad():
+        want = model.run_with_saes(tokens, saes=[_sae(LLAMA.hidden_size, hook)])
+        got = model.run_with_saes(tokens, saes=[_sae(LLAMA.hidden_size, hook, "cuda")])
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

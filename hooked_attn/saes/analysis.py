@@ -69,7 +69,7 @@ def feature_attribution(
     name = f"{site}.hook_sae_acts_post"
     # Backward inside the splice: gradients are cached under the hook's name when they arrive.
     with torch.enable_grad(), model.saes([sae], use_error_term=True):  # type: ignore[attr-defined]
-        logits, cache = model.run_with_cache(tokens, names_filter=[name], incl_bwd=True)  # type: ignore[attr-defined]
+        logits, cache = model.run_with_cache(tokens, names_filter=[name], incl_bwd="deferred")  # type: ignore[attr-defined]
         value = metric(logits)
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError("feature attribution needs a metric that returns a scalar tensor")

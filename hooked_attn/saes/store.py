@@ -43,13 +43,15 @@ def stop_layer_for(hooks: Sequence[str], n_layers: int) -> int | None:
 def harvest_activations(
     model: Any, tokens: Tensor, hooks: Sequence[str], out_dir: str | Path, *, batch_size: int = 8,
     sequences_per_shard: int = 64, dtype: torch.dtype = torch.float32, progress: bool = True,
-    drop_first_position: bool = False,
+    drop_first_position: bool = False, shards: Sequence[int] | None = None,
 ) -> Path:
     """Write the activations of ``hooks`` over ``tokens [sequence pos]`` to ``out_dir``; resumes a
     partial run there (same tokens, hooks and shard size, else a ValueError says what differs).
 
     The model runs only up to the last block the hooks need (``stop_at_layer``).
     ``drop_first_position`` leaves out position 0 (the BOS token's outlier activations).
+    ``shards`` writes only those shard indices, leaving the rest to other processes
+    (``hooked_attn.scale.harvest_to_store`` deals them out to torchrun ranks).
     Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -69,9 +71,11 @@ def harvest_activations(
             raise ValueError(f"{out} holds a different harvest; differing (on disk, now): {diff}")
     else:
         _atomic_write_text(path, json.dumps(manifest, indent=2))
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
-    todo = [i for i in range(n_shards) if not (out / shard_name(i)).exists()]
+    todo = [i for i in (range(n_shards) if shards is None else shards) if not (out / shard_name(i)).exists()]
+    # Another process may be writing the shards not ours: remove only our own leftovers.
+    stale = out.glob("*.tmp") if shards is None else [out / (shard_name(i) + ".tmp") for i in todo]
+    for path in stale:
+        path.unlink(missing_ok=True)
     stop = stop_layer_for(hooks, model.cfg.n_layers)
     bar = tqdm(total=n_shards, initial=n_shards - len(todo), disable=not progress, desc="harvest", unit="shard")
     with torch.no_grad():

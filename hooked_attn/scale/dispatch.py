@@ -6,6 +6,8 @@ it cannot move is the ``AttentionContext`` every block shares (masks, positions,
 small hook of ours gives each device its own copy, made once per forward.
 """
 
+import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,21 @@ class _Both(Mapping[str, torch.Tensor]):
         return len(self._first) + len(self._second)
 
 
+@contextlib.contextmanager
+def _quiet_offload_warning(offloaded: bool) -> Iterator[None]:
+    """accelerate warns that CPU units are "offloaded to the cpu" even when everything computes on the
+    CPU; keep its warning only when some unit really is offloaded."""
+    def drop(record: logging.LogRecord) -> bool:
+        return offloaded or "offloaded to the" not in record.getMessage()
+
+    log = logging.getLogger("accelerate.big_modeling")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def dispatch(
     model: nn.Module, device_map: Mapping[str, Device | torch.device], *,
     offload_folder: str | Path | None = None, execution_device: Device | torch.device | None = None,
@@ -116,7 +133,7 @@ def dispatch(
 
     Raises:
         ValueError: the map misses a unit or names a GPU this machine lacks; "disk" units without an
-            ``offload_folder`` that holds them.
+            ``offload_folder`` that holds them; a model dispatched already.
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
@@ -124,6 +141,9 @@ def dispatch(
 
     from hooked_attn.scale.offload import FolderWeights
 
+    if hasattr(model, "_hf_hook"):
+        raise ValueError(f"the model is already dispatched (device map {device_map_of(model)}); load it again to "
+                         "place it differently")
     full: DeviceMap = {unit: normalize_device(d, f"device_map[{unit!r}]") for unit, d in device_map.items()}
     missing = [u for u in placement_units(model) if u not in full]
     if missing:
@@ -144,8 +164,9 @@ def dispatch(
         weights = _Both(FolderWeights(offload_folder, disk),  # type: ignore[arg-type]
                         extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
     # offload_index={} (not None) keeps accelerate from writing the disk units to its own .dat files.
-    dispatch_model(model, dict(full), main_device=main, state_dict=weights,
-                   offload_index={} if weights is not None else None, force_hooks=True)
+    with _quiet_offload_warning(offloaded=bool(disk) or (main != "cpu" and "cpu" in full.values())):
+        dispatch_model(model, dict(full), main_device=main, state_dict=weights,
+                       offload_index={} if weights is not None else None, force_hooks=True)
     mover = _ContextMover()
     for unit, device in full.items():
         if unit.startswith("blocks."):
@@ -161,17 +182,14 @@ def device_map_of(model: nn.Module) -> DeviceMap:
     return dict(getattr(model, "hf_device_map", {}))
 
 
-def plan_for_config(
-    cfg: Any, device_map: Any, max_memory: Mapping[Device, int | str] | None, dtype: torch.dtype,
+def plan_for_model(
+    meta: nn.Module, device_map: Any, max_memory: Mapping[Device, int | str] | None, dtype: torch.dtype,
     offload_folder: str | Path | None,
 ) -> DeviceMap:
-    """The device map ``from_pretrained`` will use, planned on a ``meta`` model of ``cfg`` before any
-    weight is read, so that a bad map fails before anything is loaded."""
-    from hooked_attn.model import HookedTransformer
+    """The device map ``from_pretrained`` will use, planned on a ``meta`` model (built from the config
+    before any weight is read), so that a bad map fails before anything is loaded."""
     from hooked_attn.scale.placement import plan_device_map
 
-    with torch.device("meta"):
-        meta = HookedTransformer(cfg).to(dtype)
     plan = plan_device_map(meta, device_map, max_memory=max_memory, dtype=dtype)
     check_devices_exist(plan)
     disk = [unit for unit, d in plan.items() if d == "disk"]
@@ -190,6 +208,6 @@ def place(model: nn.Module, plan: Mapping[str, Device], offload_folder: str | Pa
     plan = {unit: d for unit, d in plan.items() if unit in units}
     disk = [unit for unit, d in plan.items() if d == "disk"]
     if disk:
-        assert offload_folder is not None  # plan_for_config checked it
+        assert offload_folder is not None  # plan_for_model checked it
         save_offloaded(model, offload_folder, units=disk)
     return dispatch(model, plan, offload_folder=offload_folder)

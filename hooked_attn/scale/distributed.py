@@ -6,7 +6,9 @@ every function runs the whole job in one process. gloo on CPUs, NCCL on GPUs (``
 """
 
 import itertools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,3 +137,31 @@ def gather_harvest(mine: dict[str, Tensor], dst: int | None = None) -> dict[str,
         if rank != dst:
             return None
     return {name: torch.cat([share[name] for share in gathered]) for name in mine}  # type: ignore[index]
+
+
+def harvest_to_store(model: HookedTransformer, tokens: Tensor, hooks: Sequence[str], out_dir: str | Path,
+                     **kwargs: Any) -> Path:
+    """``hooked_attn.saes.store.harvest_activations`` with the shards dealt out to the ranks (shard i to
+    rank i mod N): the folder ends as one process would write it, and resumes the same way.
+
+    Rank 0 first writes the manifest (or checks the folder's) and clears stale partial files; the
+    others wait, then every rank writes its shards. Keyword arguments go to the store.
+    """
+    from hooked_attn.saes.store import MANIFEST
+    from hooked_attn.saes.store import harvest_activations as store_harvest
+
+    rank, world = rank_and_world()
+    kwargs = {"progress": False, **kwargs}
+    error = None
+    if rank == 0:
+        try:
+            store_harvest(model, tokens, hooks, out_dir, shards=[], **kwargs)
+        except Exception as err:  # every rank must learn of it, or the others would wait forever
+            error = f"{type(err).__name__}: {err}"
+    errors = [e for e in _all_gather(error) if e is not None]
+    if errors:
+        raise ValueError(f"rank 0 could not start the harvest in {str(out_dir)!r}: {errors[0]}")
+    n_shards = json.loads((Path(out_dir) / MANIFEST).read_text())["n_shards"]
+    store_harvest(model, tokens, hooks, out_dir, shards=range(rank, n_shards, world), **kwargs)
+    _all_gather(None)  # a barrier: the folder is complete on every rank's return
+    return Path(out_dir)
