@@ -203,3 +203,20 @@ def read_torch_bin(folder: Path, dtype: torch.dtype | None = None) -> dict[str, 
             floating = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
             sd[key] = tensor.to(dtype) if floating else tensor
     return sd
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is truncated or corrupt, naming it (the reader's own struct and reshape errors
+    do not say which file, or that it is cut short)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise CheckpointError(f"cannot read GGUF file {str(path)!r} ({path.stat().st_size} bytes): it is truncated "
+                              f"or corrupt ({type(err).__name__}: {err})") from err
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise CheckpointError(f"GGUF file {str(path)!r} is truncated: tensor {tensor.name!r} ends at byte "
+                                  f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")

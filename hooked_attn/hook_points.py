@@ -15,7 +15,7 @@ import difflib
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from hooked_attn.cache import ActivationCache
 
 HookFn = Callable[..., Tensor | None]
-NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+NamesFilter = str | Iterable[str] | Callable[[str], bool] | None  # an iterator is read once
+# (hook name or predicate, hook function) pairs. Typed loosely on purpose: a dict or one bare pair is
+# refused by _hook_pairs with a message saying what to pass, rather than by a type checker.
+HookPairs = Iterable[Any]
 Direction = Literal["fwd", "bwd"]
 
 
@@ -368,8 +371,8 @@ class HookedRootModule(nn.Module):
 
     @contextlib.contextmanager
     def hooks(
-        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
-        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        self, fwd_hooks: HookPairs = (),
+        bwd_hooks: HookPairs = (),
         reset_hooks_end: bool = True, clear_contexts: bool = False,
     ) -> Iterator["HookedRootModule"]:
         """Attach hooks for the body of a ``with`` block; they are removed on exit, also on exceptions.
@@ -419,8 +422,8 @@ class HookedRootModule(nn.Module):
                     point.remove_finite_check(scope)
 
     def run_with_hooks(
-        self, *model_args: Any, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
-        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (), reset_hooks_end: bool = True,
+        self, *model_args: Any, fwd_hooks: HookPairs = (),
+        bwd_hooks: HookPairs = (), reset_hooks_end: bool = True,
         clear_contexts: bool = False, check_finite: bool = False, **model_kwargs: Any,
     ) -> Any:
         """Run the model with temporary hooks. Backward hooks attach to this forward's activations,

@@ -176,6 +176,10 @@ def _resolve_gguf(
     # transformers dequantises GGUF tensors to ordinary float tensors while building its model.
     from transformers import AutoModelForCausalLM
 
+    from hooked_attn.checkpoint import check_gguf
+
+    if Path(where, gguf_file).is_file():
+        check_gguf(Path(where, gguf_file))
     hf_model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch.float32,
                                                     revision=revision, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
