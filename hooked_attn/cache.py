@@ -111,7 +111,10 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple) -> str:
         if isinstance(key, tuple):
-            return get_act_name(*key)
+            # A wrapped model numbers its own attention layers (hooked_attn.wrap: attention_layers).
+            resolve = getattr(self.model, "resolve_act_name", None)
+            resolved = resolve(*key) if resolve is not None else None
+            return resolved if resolved is not None else get_act_name(*key)
         if key in self.cache_dict:
             return key
         return get_act_name(key)
@@ -176,9 +179,9 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _n_layers_upto(self, layer: int | None) -> int:
         n = self._model().cfg.n_layers
-        layer = n if layer is None else layer
+        layer = n if layer is None or layer == -1 else layer  # TransformerLens: None or -1 is the final stream
         if not 0 <= layer <= n:
-            raise ValueError(f"layer must be in 0..{n} (n_layers = the final residual stream), got {layer}")
+            raise ValueError(f"layer must be in 0..{n} (n_layers, -1 or None = the final residual stream), got {layer}")
         return layer
 
     def accumulated_resid(
@@ -195,7 +198,8 @@ class ActivationCache(Mapping[str, Tensor]):
         for i in range(min(upto + 1, n_layers)):
             parts.append(self[f"blocks.{i}.hook_resid_pre"])
             labels.append(f"{i}_pre")
-            if (incl_mid and i < upto) or (mlp_input and i == upto):
+            has_mid = f"blocks.{i}.hook_resid_mid" in self._model().hook_dict  # not in attention-only blocks
+            if has_mid and ((incl_mid and i < upto) or (mlp_input and i == upto)):
                 parts.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
         if upto == n_layers:
@@ -235,7 +239,7 @@ class ActivationCache(Mapping[str, Tensor]):
             if mode in ("all", "attn"):
                 parts.append(self[f"blocks.{i}.hook_attn_out"])
                 labels.append(f"{i}_attn_out")
-            if mode in ("all", "mlp") and i < upto:
+            if mode in ("all", "mlp") and i < upto and f"blocks.{i}.hook_mlp_out" in model.hook_dict:
                 parts.append(self[f"blocks.{i}.hook_mlp_out"])
                 labels.append(f"{i}_mlp_out")
         if not parts:

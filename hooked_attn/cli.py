@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from hooked_attn.architectures.base import UnknownArchitectureError
 from hooked_attn.model import HookedTransformer
 from hooked_attn.verify import (
     DEFAULT_ATOL, DEFAULT_PROMPT, DTYPES, USER_ERRORS, HookTable, RunResult, VerifyError, VerifyReport,
@@ -201,19 +202,29 @@ def _attention(args: argparse.Namespace) -> int:
     if args.png and Path(args.png).suffix.lower() not in PICTURE_SUFFIXES:
         raise VerifyError(f"--png {args.png!r}: the file name must end in one of {', '.join(PICTURE_SUFFIXES)}")
     source = resolve_source(args.model)
-    model = HookedTransformer.from_pretrained_no_processing(source, tokenizer=args.tokenizer)
-    if model.tokenizer is None:
-        raise VerifyError(f"{source} has no tokenizer: pass --tokenizer PATH (a folder holding one)")
-    cfg = model.cfg
-    layer = _in_range(args.layer, cfg.n_layers, "--layer", "layers")
-    head = _in_range(args.head, cfg.n_heads, "--head", "heads per layer")
-    tokens = model.to_tokens(args.text, prepend_bos=True if args.prepend_bos else None)
-    str_tokens = model.to_str_tokens(tokens[0])
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(source, tokenizer=args.tokenizer)
+    except UnknownArchitectureError:  # a family with no converter: the HF model itself, wrapped
+        from hooked_attn.wrap.fallback import attention_cli_run
+
+        model, tokens, str_tokens, cache, description = attention_cli_run(source, args.text, args.tokenizer,
+                                                                          args.prepend_bos)
+        n_layers, n_heads = len(model.attention_layers), cache["pattern", 0].shape[1]
+    else:
+        if model.tokenizer is None:
+            raise VerifyError(f"{source} has no tokenizer: pass --tokenizer PATH (a folder holding one)")
+        cfg = model.cfg
+        n_layers, n_heads = cfg.n_layers, cfg.n_heads
+        description = f"{cfg.hf_architecture}, {cfg.n_layers} layers, {cfg.n_heads} heads"
+        tokens = model.to_tokens(args.text, prepend_bos=True if args.prepend_bos else None)
+        str_tokens = model.to_str_tokens(tokens[0])
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
+    layer = _in_range(args.layer, n_layers, "--layer", "layers")
+    head = _in_range(args.head, n_heads, "--head", "heads per layer")
     query = _in_range(args.query, tokens.shape[1], "--query", "tokens in TEXT")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
     pattern = cache["pattern", layer]  # [batch head q_pos k_pos]
-    print(f"model  {source} ({cfg.hf_architecture}, {cfg.n_layers} layers, {cfg.n_heads} heads)")
+    print(f"model  {source} ({description})")
     print(f"text   {args.text!r} ({tokens.shape[1]} tokens)")
     print()
     print(text_heatmap(pattern, str_tokens, head=head, max_tokens=args.max_tokens, color=args.color,

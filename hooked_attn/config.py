@@ -167,11 +167,12 @@ class ModelConfig:
     clip_qkv: float | None = None                  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection
     output_logits_soft_cap: float | None = None    # logits = cap * tanh(logits / cap)
     moe: MoE | None = None
+    attn_only: bool = False                        # blocks without an MLP (d_mlp is then unused)
     processing: Processing = Processing()
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) <= 0 and not (name == "d_mlp" and self.attn_only):
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
@@ -195,6 +196,8 @@ class ModelConfig:
             raise ValueError(f"block_norms={self.block_norms!r} {'needs' if needs_post else 'takes no'} post_norm")
         if self.parallel_attn_mlp and self.block_norms != "pre":
             raise ValueError("a parallel attention+MLP block supports block_norms='pre' only")
+        if self.attn_only and (self.moe is not None or self.parallel_attn_mlp or self.block_norms != "pre"):
+            raise ValueError("an attention-only model has pre-norm sequential blocks without MoE")
         if self.moe is not None and not self.gated_mlp:
             raise ValueError("mixture-of-experts MLPs are gated: set gated_mlp=True")
 

@@ -2,24 +2,39 @@
 
 ``A [... m r]`` and ``B [... r n]`` with ``r`` the inner (low) dimension. SVD, eigenvalues, norms and
 products work on the factors: the ``m x n`` matrix is built only by ``.AB`` (or ``.BA``, ``r x r``).
+Semantics follow TransformerLens: ``svd()`` returns ``V`` (``AB = U diag(S) V^T``), products keep the
+smaller inner dimension, and a vector multiplies every matrix of the batch.
 """
 
+import warnings
 from functools import cached_property
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 
+class FactoredShapeError(ValueError, AssertionError):
+    """Shapes that do not fit: a product whose inner sizes differ, ``BA`` of a non-square matrix, a
+    non-scalar factor. An AssertionError too, which is what TransformerLens raises."""
+
+
+def _keep_axis(i: Any) -> Any:
+    """An index that keeps its axis: an int ``i`` becomes the one-element slice at ``i``."""
+    if isinstance(i, int):
+        return slice(i, None) if i == -1 else slice(i, i + 1)
+    return i
+
+
 class FactoredMatrix:
     """The matrix ``A @ B``, batched over any leading axes (e.g. ``[layer head]``)."""
 
-    def __init__(self, A: Tensor, B: Tensor) -> None:
+    def __init__(self, A: Any, B: Any) -> None:
         if A.ndim < 2 or B.ndim < 2 or A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"cannot factor A {tuple(A.shape)} @ B {tuple(B.shape)}: inner dimensions differ")
+            raise FactoredShapeError(f"cannot factor A {tuple(A.shape)} @ B {tuple(B.shape)}: inner dimensions differ")
         batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-        self.A = A.expand(*batch, *A.shape[-2:])
-        self.B = B.expand(*batch, *B.shape[-2:])
+        self.A = A if tuple(A.shape[:-2]) == tuple(batch) else A.broadcast_to((*batch, *A.shape[-2:]))
+        self.B = B if tuple(B.shape[:-2]) == tuple(batch) else B.broadcast_to((*batch, *B.shape[-2:]))
 
     @property
     def ldim(self) -> int:
@@ -39,6 +54,14 @@ class FactoredMatrix:
         return torch.Size((*self.A.shape[:-2], self.ldim, self.rdim))
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def has_leading_dims(self) -> bool:
+        return self.A.ndim > 2
+
+    @property
     def AB(self) -> Tensor:
         """The full ``[... m n]`` matrix (materialised)."""
         return self.A @ self.B
@@ -47,7 +70,7 @@ class FactoredMatrix:
     def BA(self) -> Tensor:
         """The small ``[... r r]`` product, which shares the non-zero eigenvalues of ``AB``."""
         if self.ldim != self.rdim:
-            raise ValueError(f"BA needs a square matrix, this one is {self.ldim} x {self.rdim}")
+            raise FactoredShapeError(f"BA needs a square matrix, this one is {self.ldim} x {self.rdim}")
         return self.B @ self.A
 
     @property
@@ -56,14 +79,16 @@ class FactoredMatrix:
 
     @cached_property
     def _svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        # AB = Qa Ra Rb^T Qb^T with QR factors of A and B^T; only the r x r core is decomposed.
-        Qa, Ra = torch.linalg.qr(self.A)
-        Qb, Rb = torch.linalg.qr(self.B.mT)
+        # AB = Qa Ra Rb^T Qb^T with QR factors of A and B^T; only the small core is decomposed.
+        wide = torch.float32 if self.A.dtype in (torch.bfloat16, torch.float16) else self.A.dtype
+        Qa, Ra = torch.linalg.qr(self.A.to(wide))
+        Qb, Rb = torch.linalg.qr(self.B.mT.to(wide))
         U, S, Vh = torch.linalg.svd(Ra @ Rb.mT)
-        return Qa @ U, S, Vh @ Qb.mT
+        return Qa @ U, S, Qb @ Vh.mT
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``U [... m r]``, ``S [... r]``, ``Vh [... r n]`` with ``AB = U diag(S) Vh`` (thin SVD)."""
+        """``U [... m r]``, ``S [... r]``, ``V [... n r]`` with ``AB = U diag(S) V^T`` (thin SVD, as
+        TransformerLens returns it: ``V``, not ``Vh``). Computed once per matrix."""
         return self._svd
 
     @property
@@ -75,13 +100,23 @@ class FactoredMatrix:
         return self._svd[1]
 
     @property
-    def Vh(self) -> Tensor:
+    def V(self) -> Tensor:
         return self._svd[2]
 
     @property
+    def Vh(self) -> Tensor:
+        """Deprecated alias of ``V`` (TransformerLens' spelling); note it is ``V``, not ``V^T``."""
+        warnings.warn("FactoredMatrix.Vh is V (AB = U diag(S) V^T); write .V", DeprecationWarning, stacklevel=2)
+        return self.V
+
+    @property
     def eigenvalues(self) -> Tensor:
-        """The eigenvalues of ``AB`` that may be non-zero (those of ``BA``), complex in general."""
-        return torch.linalg.eigvals(self.BA)
+        """The eigenvalues of ``AB`` that may be non-zero (those of ``BA``), complex; computed in at
+        least float32, so bfloat16 and float16 matrices work."""
+        BA = self.BA
+        if BA.dtype in (torch.bfloat16, torch.float16):
+            BA = BA.float()
+        return torch.linalg.eigvals(BA)
 
     def norm(self) -> Tensor:
         """The Frobenius norm, from the singular values."""
@@ -96,45 +131,92 @@ class FactoredMatrix:
         return (S > tol).sum(-1)
 
     def make_even(self) -> "FactoredMatrix":
-        """The same matrix as ``(U sqrt S) @ (sqrt S Vh)``: both factors carry equal singular values."""
+        """The same matrix as ``(U sqrt S) @ (sqrt S V^T)``: both factors carry equal singular values."""
         root = self.S.sqrt()
-        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * self.Vh)
+        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * self.V.mT)
+
+    def collapse_l(self) -> Tensor:
+        """``diag(S) V^T [... r n]``: ``AB`` with its orthonormal left factor ``U`` dropped."""
+        return self.S[..., :, None] * self.V.mT
+
+    def collapse_r(self) -> Tensor:
+        """``U diag(S) [... m r]``: ``AB`` with its orthonormal right factor ``V^T`` dropped."""
+        return self.U * self.S[..., None, :]
 
     @property
     def pair(self) -> tuple[Tensor, Tensor]:
         return self.A, self.B
 
-    def __matmul__(self, other: Union[Tensor, "FactoredMatrix"]) -> "FactoredMatrix":
+    def __matmul__(self, other: Any) -> Any:
+        rows = other.ldim if isinstance(other, FactoredMatrix) else (
+            other.shape[-1] if getattr(other, "ndim", 2) == 1 else other.shape[-2] if hasattr(other, "shape") else None)
+        if rows is not None and rows != self.rdim:
+            raise FactoredShapeError(f"cannot multiply a {tuple(self.shape)} FactoredMatrix by {tuple(other.shape)}: "
+                                     f"{self.rdim} columns against {rows} rows")
         if isinstance(other, FactoredMatrix):
-            # (A B)(C D) = A (B C D): keep the smaller inner dimension.
-            middle = self.B @ other.A  # [... r1 r2]
-            if self.mdim <= other.mdim:
-                return FactoredMatrix(self.A, middle @ other.B)
-            return FactoredMatrix(self.A @ middle, other.B)
-        if other.ndim == 1:
-            return self.A @ (self.B @ other)  # type: ignore[return-value]
+            # (A B)(C D): the product's inner dimension is the smallest of r1, n (= rdim = other.ldim), r2.
+            r1, n, r2 = self.mdim, self.rdim, other.mdim
+            if r1 <= min(n, r2):
+                return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
+            if r2 <= min(n, r1):
+                return FactoredMatrix(self.A @ (self.B @ other.A), other.B)
+            return FactoredMatrix(self.AB, other.AB)
+        if not hasattr(other, "ndim"):
+            return NotImplemented
+        if other.ndim == 1:  # a vector: one per matrix of the batch
+            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
+        if other.shape[-2] < self.mdim:  # the matrix's rows are fewer: they become the inner dimension
+            return FactoredMatrix(self.AB, other)
         return FactoredMatrix(self.A, self.B @ other)
 
-    def __rmatmul__(self, other: Tensor) -> "FactoredMatrix":
-        if other.ndim == 1:
-            return (other @ self.A) @ self.B  # type: ignore[return-value]
+    def __rmatmul__(self, other: Any) -> Any:
+        if not hasattr(other, "ndim"):
+            return NotImplemented
+        if other.shape[-1] != self.ldim:
+            raise FactoredShapeError(f"cannot multiply {tuple(other.shape)} by a {tuple(self.shape)} FactoredMatrix: "
+                                     f"{other.shape[-1]} columns against {self.ldim} rows")
+        if other.ndim == 1:  # a row vector: one per matrix of the batch
+            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
+        if other.shape[-1] < self.mdim:
+            return FactoredMatrix(other, self.AB)
         return FactoredMatrix(other @ self.A, self.B)
 
-    def __mul__(self, scalar: float) -> "FactoredMatrix":
+    def __mul__(self, scalar: Any) -> "FactoredMatrix":
+        """Multiply by a number (or a one-element tensor); anything else raises, never broadcasts."""
+        if isinstance(scalar, Tensor):
+            if scalar.numel() != 1:
+                raise FactoredShapeError(f"a FactoredMatrix multiplies by a scalar only, got a tensor of shape "
+                                 f"{tuple(scalar.shape)} (for a matrix product use @)")
+            scalar = scalar.reshape(())
+        elif not isinstance(scalar, (int, float)):
+            return NotImplemented
         return FactoredMatrix(self.A * scalar, self.B)
 
     __rmul__ = __mul__
 
-    def __getitem__(self, index: int | slice | tuple) -> "FactoredMatrix":
-        """Index the leading (batch) axes: ``model.OV[3, 5]`` is layer 3, head 5."""
+    def __getitem__(self, index: Any) -> "FactoredMatrix":
+        """Index the leading (batch) axes: ``model.OV[3, 5]`` is layer 3, head 5. Past the batch axes,
+        the next index selects rows (of ``A``) and the one after columns (of ``B``)."""
         index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.A.ndim - 2:
-            raise IndexError(f"a FactoredMatrix of shape {tuple(self.shape)} has {self.A.ndim - 2} batch axes")
-        return FactoredMatrix(self.A[index], self.B[index])
+        n_batch = self.A.ndim - 2
+        if len(index) > n_batch + 2:
+            raise IndexError(f"a FactoredMatrix of shape {tuple(self.shape)} takes at most {n_batch + 2} indices")
+        batch = index[:n_batch]
+        A, B = self.A[batch], self.B[batch]
+        if len(index) > n_batch:  # rows: an int keeps the row axis (a one-row matrix)
+            A = A[(..., _keep_axis(index[n_batch]), slice(None))]
+        if len(index) > n_batch + 1:
+            B = B[(..., _keep_axis(index[n_batch + 1]))]
+        return FactoredMatrix(A, B)
 
     def get_corner(self, k: int = 3) -> Tensor:
-        """The top-left ``k x k`` block of ``AB``, computed from the factors."""
-        return self.A[..., :k, :] @ self.B[..., :, :k]
+        """The first ``k`` entries along every axis of ``AB`` (batch axes too), from the factors."""
+        n_batch = self.A.ndim - 2
+        lead = tuple(slice(k) for _ in range(n_batch))
+        return self.A[(*lead, slice(k), slice(None))] @ self.B[(*lead, slice(None), slice(k))]
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
     def __repr__(self) -> str:
         return f"FactoredMatrix(shape={tuple(self.shape)}, inner={self.mdim})"

@@ -49,7 +49,7 @@ _SCOPES = _ThreadScopes()
 _MUTATE = threading.RLock()  # attaching and removing hooks, from any thread
 
 
-def _active(scope: "_Scope | None") -> bool:
+def _in_scope(scope: "_Scope | None") -> bool:
     return scope is None or scope in _SCOPES.frames[-1]
 
 
@@ -83,6 +83,49 @@ class _Hook:
     permanent: bool
     level: int | None
     scope: _Scope | None = None
+
+    @property
+    def is_permanent(self) -> bool:  # TransformerLens' LensHandle name
+        return self.permanent
+
+    @property
+    def context_level(self) -> int | None:  # TransformerLens' LensHandle name
+        return self.level
+
+
+LensHandle = _Hook  # TransformerLens' name for the record of one attached hook
+
+
+class _HookState:
+    """``point.has_hooks``: truthy when the point does anything but return its input (hooks
+    attached, or the finite check on); called, it answers TransformerLens' ``has_hooks(dir=,
+    including_permanent=, level=)`` about the attached hooks."""
+
+    __slots__ = ("_point", "_active")
+
+    def __init__(self, point: "HookPoint") -> None:
+        self._point = point
+        self._active = point._active  # a snapshot, so a saved value restores what it was
+
+    def __bool__(self) -> bool:
+        return self._active
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self) == other
+
+    def __hash__(self) -> int:
+        return hash(bool(self))
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
+
+    def __call__(self, dir: str = "both", including_permanent: bool = True,
+                 level: int | None = None) -> bool:
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        point = self._point
+        hooks = (point.fwd_hooks if dir != "bwd" else []) + (point.bwd_hooks if dir != "fwd" else [])
+        return any((including_permanent or not h.permanent) and (level is None or h.level == level) for h in hooks)
 
 
 def _fn_name(fn: HookFn) -> str:
@@ -154,11 +197,26 @@ class HookPoint(nn.Module):
         # activation (after any hooks) is not finite.
         self.finite_checks: list[_Scope] = []
         # Whether a call does anything but return its input: hooks attached, or the finite check on.
-        self.has_hooks = False
+        self._active = False
+
+    @property
+    def has_hooks(self) -> _HookState:
+        """Truthy when hooks are attached (or the finite check is on); ``has_hooks(dir="fwd",
+        including_permanent=False, level=None)`` asks about particular hooks, as in TransformerLens."""
+        return _HookState(self)
+
+    @has_hooks.setter
+    def has_hooks(self, active: object) -> None:
+        """Force the point on (run ``_run`` on every call) or off (return the input untouched)."""
+        self._active = bool(active)
+
+    def list_hooks(self, dir: Literal["fwd", "bwd", "both"] = "both") -> list[_Hook]:
+        """The attached hooks, forward ones first."""
+        return (self.fwd_hooks if dir != "bwd" else []) + (self.bwd_hooks if dir != "fwd" else [])
 
     def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
         # Bypasses nn.Module.__call__: the un-hooked cost is this one attribute check.
-        if not self.has_hooks:
+        if not self._active:
             return x
         return self._run(x)
 
@@ -171,15 +229,15 @@ class HookPoint(nn.Module):
 
     def _run(self, x: Tensor) -> Tensor:
         for hook in tuple(self.fwd_hooks):
-            if not _active(hook.scope):
+            if not _in_scope(hook.scope):
                 continue
             out = _call_isolated(hook.fn, x, self)
             if out is not None:
                 x = _check_replacement(str(self.name), hook.fn, "forward", x, out)
-        checking = any(_active(scope) for scope in tuple(self.finite_checks))
+        checking = any(_in_scope(scope) for scope in tuple(self.finite_checks))
         if checking and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise NonFiniteActivationError.of(str(self.name), x)
-        bwd = tuple(hook for hook in tuple(self.bwd_hooks) if _active(hook.scope))
+        bwd = tuple(hook for hook in tuple(self.bwd_hooks) if _in_scope(hook.scope))
         if bwd and x.requires_grad:
             # Attached to this forward's activation: fires on its backward even after removal.
             x.register_hook(functools.partial(self._run_bwd, bwd))
@@ -243,7 +301,7 @@ class HookPoint(nn.Module):
             self._update_has_hooks()
 
     def _update_has_hooks(self) -> None:
-        self.has_hooks = bool(self.fwd_hooks or self.bwd_hooks or self.finite_checks)
+        self._active = bool(self.fwd_hooks or self.bwd_hooks or self.finite_checks)
 
     def clear_context(self) -> None:
         self.ctx.clear()
@@ -458,7 +516,7 @@ class HookedRootModule(nn.Module):
 
     def run_with_cache(
         self, *model_args: Any, names_filter: NamesFilter = None, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool = False,
+        dtype: torch.dtype | None = None, remove_batch_dim: bool = False, incl_bwd: bool | Literal["deferred"] = False,
         reset_hooks_end: bool = True, clear_contexts: bool = False, check_finite: bool = False, **model_kwargs: Any,
     ) -> tuple[Any, "ActivationCache"]:
         """Run the model and return its output with an ActivationCache of the activations.
@@ -468,18 +526,30 @@ class HookedRootModule(nn.Module):
                 (``hook_result`` only when ``use_attn_result`` is on or it is named).
             device, dtype: where and in what dtype to store the cached tensors.
             remove_batch_dim: store ``tensor[0]`` (for a batch of one).
-            incl_bwd: also cache gradients as ``name + "_grad"``; call ``.backward()`` on the output
-                yourself (the gradients land in the returned cache).
+            incl_bwd: also cache gradients as ``name + "_grad"``. ``True`` calls ``.backward()`` on the
+                output, as TransformerLens does, so the output must be a scalar (``return_type="loss"``);
+                ``"deferred"`` leaves the backward of a metric of your own to you (the gradients land in
+                the returned cache when you call it).
             check_finite: raise NonFiniteActivationError at the first hook point holding NaN or inf.
         """
         from hooked_attn.cache import ActivationCache
 
+        if incl_bwd not in (False, True, "deferred"):
+            raise ValueError(f"incl_bwd must be False, True or 'deferred', got {incl_bwd!r}")
         cache, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd=incl_bwd, device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
+            names_filter, incl_bwd=bool(incl_bwd), device=device, remove_batch_dim=remove_batch_dim, dtype=dtype
         )
         checking = self.check_finite() if check_finite else contextlib.nullcontext()
         with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts), checking:
             out = self(*model_args, **model_kwargs)
+            if incl_bwd is True:
+                if not isinstance(out, Tensor) or out.numel() != 1 or not out.requires_grad:
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"incl_bwd=True calls .backward() on the output, as TransformerLens does, so the output "
+                        f"must be a scalar that requires grad (return_type='loss'); got {shape}. To backpropagate "
+                        "a metric of your own, pass incl_bwd='deferred' and call .backward() on it yourself")
+                out.backward()
         return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     def cache_all(self, cache: dict[str, Tensor], names_filter: NamesFilter = None, **kwargs: Any) -> None:

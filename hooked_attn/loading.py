@@ -12,13 +12,14 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
-from hooked_attn.architectures.base import StateDictError, check_hf_config
+from hooked_attn.architectures.base import StateDictError, UnknownArchitectureError, check_hf_config
 from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
 from hooked_attn.config import ModelConfig
 from hooked_attn.memory import release_free_memory
 from hooked_attn.model import HookedTransformer
 from hooked_attn.processing import process_weights
 from hooked_attn.shapes import StateDict
+from hooked_attn.wrap.fallback import FALLBACK_HINT, WrappedHFModel, wrap_hf
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ def from_pretrained(
     device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
     center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    release_source: bool = False,
-) -> HookedTransformer:
+    release_source: bool = False, device_map: Any = None, max_memory: Mapping[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None, fallback: str | None = None,
+) -> HookedTransformer | WrappedHFModel:
     """Build a HookedTransformer from an HF model and process its weights.
 
     Args:
@@ -52,15 +54,37 @@ def from_pretrained(
             them, and leave it empty (every parameter and buffer on the ``meta`` device), so the load
             needs no second copy of the model. By default its weights are copied and it stays usable.
             It is emptied only once its weights are converted: an error before then leaves it whole.
+        device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
+            "sequential" or a {module: device} dict; units sent to "disk" are written to
+            ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
+        fallback: ``"wrap"``: for an architecture with no converter, return the HF model itself wrapped
+            (``hooked_attn.wrap.wrap_hf``: hooks at every module output and attention call) instead of
+            raising UnknownArchitectureError.
 
     Raises:
         UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
             name of what is wrong. No model is returned half-built.
     """
     hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir, dtype)
-    arch = get_architecture(arch_name, hf_config)
+    if fallback not in (None, "wrap"):
+        raise ValueError(f"fallback must be None or 'wrap', got {fallback!r}")
+    try:
+        arch = get_architecture(arch_name, hf_config)
+    except UnknownArchitectureError as err:  # hooked_attn/wrap/fallback.py
+        if fallback == "wrap":
+            return wrap_hf(model_name_or_path, dtype=dtype, device=device)
+        raise UnknownArchitectureError(f"{err}. {FALLBACK_HINT}") from None
     check_hf_config(hf_config, arch)
     cfg = arch.config_from_hf(hf_config)
+    plan = None
+    if device_map is not None:  # planned (and refused) before any weight is read
+        from hooked_attn.scale.dispatch import plan_for_config
+
+        if device is not None:
+            raise ValueError("pass device= or device_map=, not both")
+        plan = plan_for_config(cfg, device_map, max_memory, dtype, offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
     in_memory = _is_hf_model(model_name_or_path)
     if release_source and not in_memory:
         raise ValueError(f"release_source=True takes the weights of an in-memory PreTrainedModel; got "
@@ -84,6 +108,10 @@ def from_pretrained(
     )
     target = torch.device(device) if device is not None else torch.device("cpu")
     model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)
+    if plan is not None:
+        from hooked_attn.scale.dispatch import place
+
+        model = place(model, plan, offload_folder)
     where = type(model_name_or_path).__name__ if in_memory else model_name_or_path
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
     return model

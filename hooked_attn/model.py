@@ -23,6 +23,7 @@ from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.generation import GenerationMixin
+from hooked_attn.saes.splice import SAESplicingMixin
 from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, check_attention_mask
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -53,7 +54,7 @@ class _ForwardRun:
     stop: int | None
 
 
-class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
+class HookedTransformer(GenerationMixin, SAESplicingMixin, TokenizerMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -78,8 +79,9 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
         self.setup()
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments."""
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer | HookedRootModule":
+        """Load and process an HF model; see ``hooked_attn.loading.from_pretrained`` for the arguments
+        (``fallback="wrap"`` returns a wrapped HF model, a ``HookedRootModule``, for an unregistered family)."""
         from hooked_attn.loading import from_pretrained
 
         return from_pretrained(model_name_or_path, **kwargs)
@@ -93,7 +95,8 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        # Spread over devices (hooked_attn.scale.dispatch), the input goes where the first unit runs.
+        return getattr(self, "_dispatched_device", None) or self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,7 +137,8 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
                                    stop_at_layer, tokens, past_kv_cache)
         if past_kv_cache is None:
             return self._forward(run, return_type, loss_per_token)
-        with past_kv_cache.step(run.full_mask, run.input.shape[1]):
+        # A forward that stops early reads the cache and leaves it as it was: not every layer has run.
+        with past_kv_cache.step(run.full_mask, run.input.shape[1], commit=run.stop is None):
             return self._forward(run, return_type, loss_per_token)
 
     def _forward_inputs(
@@ -148,9 +152,9 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None and not isinstance(past_kv_cache, KVCache):
             raise TypeError(f"past_kv_cache must be a KVCache (KVCache.empty(n_layers)), got {type(past_kv_cache).__name__}")
-        if past_kv_cache is not None and (start_at_layer is not None or stop_at_layer is not None):
-            raise ValueError("past_kv_cache needs every layer to run: it cannot be combined with start_at_layer "
-                             "or stop_at_layer")
+        if past_kv_cache is not None and start_at_layer is not None:
+            raise ValueError("past_kv_cache needs every layer from block 0 on to run: it cannot be combined with "
+                             "start_at_layer")
         if isinstance(input, (str, list)):
             input, attention_mask = self._text_to_tokens(input, attention_mask, prepend_bos, padding_side)
         if not isinstance(input, Tensor):
@@ -214,15 +218,17 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
         if run.stop is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
-        if self.cfg.output_logits_soft_cap is not None:
-            cap = self.cfg.output_logits_soft_cap
+        cap = self.cfg.output_logits_soft_cap  # a TransformerLens config spells "none" as -1.0
+        if cap is not None and cap > 0:
             logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
         assert run.tokens is not None  # checked in _forward_inputs
-        loss = lm_cross_entropy_loss(logits, run.tokens, run.attention_mask, per_token=loss_per_token)
+        # The logits may be on another device than the input (a device map).
+        mask = None if run.attention_mask is None else run.attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, run.tokens.to(logits.device), mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
     def _layer_range(self, start_at_layer: int | None, stop_at_layer: int | None) -> tuple[int | None, int | None]:
@@ -313,6 +319,16 @@ class HookedTransformer(GenerationMixin, TokenizerMixin, HookedRootModule):
     W_E = property(lambda self: self.embed.W_E)
     W_U = property(lambda self: self.unembed.W_U)
     b_U = property(lambda self: self.unembed.b_U)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one token (an id
+        or a single-token string), ``[... d_model]`` for a tensor of ids ``[...]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.dtype.is_floating_point or not ((0 <= ids) & (ids < self.cfg.d_vocab)).all():
+            raise ValueError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}, got {tokens!r}")
+        return self.W_U[:, ids].movedim(0, -1)
 
     @property
     def QK(self) -> "FactoredMatrix":

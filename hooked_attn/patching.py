@@ -391,7 +391,7 @@ def attribution_patch(
         return leaf[-1]
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", differentiable)]):
-        logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd=True)
+        logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd="deferred")
         value = patching_metric(logits)
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
             raise ValueError("attribution patching needs a metric that returns a scalar tensor computed from the "

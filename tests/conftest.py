@@ -1,10 +1,12 @@
 """Shared test fixtures: tolerances, tiny random HF models from the registry, real weights."""
 
+import math
 import os
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 from hooked_attn.architectures import REGISTRY
 
@@ -20,7 +22,31 @@ TOL = {
     # implementations: compare at 1e-3 here and hold the error to HF's own fp32 error against
     # fp64 (test_real_weights.py), which is the real noise floor.
     "real_fp32_resid": dict(atol=1e-3, rtol=1e-5),
+    # The same computation in float64 with and without an exact rewrite (weight processing): fp64's
+    # rounding at these magnitudes (|x| < 1e2) is ~1e-14, and a wrong rewrite moves outputs by > 1e-3.
+    "exact_fp64": dict(atol=1e-9, rtol=0.0),
 }
+
+
+def fp32_ulp(magnitude: float) -> float:
+    """The spacing of float32 numbers at ``magnitude``: one unit in the last place."""
+    return torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(max(magnitude, 2.0**-126)))
+
+
+def assert_at_fp32_noise(ours: torch.Tensor, truth: torch.Tensor, reference: torch.Tensor, n_ulps: int = 4) -> None:
+    """``ours`` (fp32) is no further from the fp64 ``truth`` than twice another fp32 computation of it
+    (``reference``: HF fp32, or our unprocessed model) plus ``n_ulps`` roundings at the output's
+    magnitude. The yardstick is fp32's own error on this very input: any two fp32 implementations
+    that round in a different order differ by about that much, so a fixed atol passes or fails by luck
+    of the BLAS path; a real mistake is orders of magnitude larger. The ulp term covers a reference
+    that happens to round exactly."""
+    floor = (reference.double() - truth).abs().max().item()
+    err = (ours.double() - truth).abs().max().item()
+    bound = 2 * floor + n_ulps * fp32_ulp(truth.abs().max().item())
+    assert err <= bound, f"error to fp64 {err:.3e} > 2 x fp32 reference's {floor:.3e} + {n_ulps} ulp = {bound:.3e}"
+
+# FalconAttention's eager branch adds the ALiBi bias twice before transformers 5.25 (see below).
+FALCON_EAGER_ADDS_ALIBI_TWICE = Version(transformers.__version__) < Version("5.25")
 
 CASES = [(arch, name, cfg) for arch in REGISTRY.values() for name, cfg in arch.tiny_hf_configs().items()]
 CASE_IDS = [f"{arch.hf_architecture}-{name}" for arch, name, _ in CASES]
@@ -50,8 +76,10 @@ def reference_attn_implementation(hf_cfg: transformers.PretrainedConfig) -> str:
     so eager scores are ``(q.k + alibi) / sqrt(d_head) + alibi / sqrt(d_head)``: the bias twice.
     The sdpa branch (Falcon's default implementation) and the original Falcon-RW code add it once.
     ``test_falcon_alibi_hf_eager_adds_the_bias_twice`` (test_equivalence.py) checks this is still so.
+    transformers 5.25 rewrote FalconAttention onto the shared attention interface, which adds the bias
+    once (through the mask) in every implementation: from then on eager is the reference here too.
     """
-    if hf_cfg.model_type == "falcon" and getattr(hf_cfg, "alibi", False):
+    if hf_cfg.model_type == "falcon" and getattr(hf_cfg, "alibi", False) and FALCON_EAGER_ADDS_ALIBI_TWICE:
         return "sdpa"
     return "eager"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TOL, random_tokens, tiny_hf_model
+from conftest import FALCON_EAGER_ADDS_ALIBI_TWICE, TOL, random_tokens, randomize_, tiny_hf_model
 from hooked_attn import HookedTransformer
 
 FLAGS = ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"]
@@ -99,21 +99,25 @@ def test_fused_and_explicit_attention_paths_agree(case):
 @torch.no_grad()
 def test_falcon_alibi_hf_eager_adds_the_bias_twice():
     """Why conftest.reference_attn_implementation compares Falcon-with-ALiBi against HF's sdpa
-    branch: HF's eager branch disagrees with it, and we match sdpa (one bias, scaled with the
-    scores, as the original Falcon-RW code). If transformers fixes its eager branch this test fails:
-    then drop the exception in conftest."""
+    branch before transformers 5.25: HF's eager branch disagrees with it, and we match sdpa (one bias,
+    scaled with the scores, as the original Falcon-RW code). transformers 5.25 fixed its eager branch:
+    from then on eager agrees with sdpa and with us, and conftest compares with eager
+    (``FALCON_EAGER_ADDS_ALIBI_TWICE`` names the releases this test expects each way)."""
     from hooked_attn.architectures.falcon import tiny_hf_configs
 
     hf_cfg = tiny_hf_configs()["alibi_mha_sequential_bias"]
-    hf = tiny_hf_model(hf_cfg)
-    assert hf.config._attn_implementation == "sdpa"
     tokens = random_tokens(hf_cfg)
-    sdpa_logits = hf(tokens).logits
-    model = HookedTransformer.from_pretrained_no_processing(hf)
-    hf.config._attn_implementation = "eager"  # FalconAttention reads it at every call
-    eager_logits = hf(tokens).logits
-    torch.testing.assert_close(model(tokens), sdpa_logits, **TOL["tiny_fp32"])
-    assert (eager_logits - sdpa_logits).abs().max() > 1e-2
+    sdpa, eager = (transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=impl).eval()
+                   for impl in ("sdpa", "eager"))
+    randomize_(sdpa)
+    eager.load_state_dict(sdpa.state_dict())
+    sdpa_logits, eager_logits = sdpa(tokens).logits, eager(tokens).logits
+    ours = HookedTransformer.from_pretrained_no_processing(sdpa)(tokens)
+    torch.testing.assert_close(ours, sdpa_logits, **TOL["tiny_fp32"])
+    if FALCON_EAGER_ADDS_ALIBI_TWICE:
+        assert (eager_logits - sdpa_logits).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(ours, eager_logits, **TOL["tiny_fp32"])
 
 
 @torch.no_grad()

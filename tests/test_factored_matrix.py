@@ -20,8 +20,8 @@ def fm():
 
 def test_svd_norm_and_rank_match_the_full_matrix(fm):
     full = fm.AB
-    U, S, Vh = fm.svd()
-    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, full)
+    U, S, V = fm.svd()  # TransformerLens' convention: V, not Vh
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, full)
     torch.testing.assert_close(S, torch.linalg.svdvals(full)[:, :4])
     torch.testing.assert_close(fm.norm(), torch.linalg.matrix_norm(full))
     assert fm.rank().tolist() == [4, 4, 4]

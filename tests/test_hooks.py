@@ -221,7 +221,7 @@ def test_backward_hooks_see_the_gradient_of_the_activation(model_and_tokens):
     grads = {}
     name = "blocks.1.hook_resid_pre"
     with model.hooks(bwd_hooks=[(name, lambda g, hook: grads.__setitem__(hook.name, g.clone()))]):
-        logits, cache = model.run_with_cache(tokens, names_filter=name, incl_bwd=True)
+        logits, cache = model.run_with_cache(tokens, names_filter=name, incl_bwd="deferred")
         logits[:, -1].logsumexp(-1).sum().backward()
     assert model.n_hooks() == 0
 

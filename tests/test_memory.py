@@ -140,7 +140,7 @@ def test_a_cache_with_gradients_is_freed_once_the_output_is_dropped():
     gc.collect()
     gc.disable()
     try:
-        logits, cache, tensor_ref, cache_ref = _weakref_to_a_cached_tensor(model, tokens, incl_bwd=True)
+        logits, cache, tensor_ref, cache_ref = _weakref_to_a_cached_tensor(model, tokens, incl_bwd="deferred")
         logits[:, -1].sum().backward()
         grad_ref = weakref.ref(cache["blocks.1.attn.hook_pattern_grad"])
         del cache, logits

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TOL
+from conftest import TOL, fp32_ulp
 from hooked_attn import HookedTransformer
 from hooked_attn.default_model import prepare_smollm2, smollm2_gguf_path
 
@@ -50,9 +50,23 @@ def test_tokenizer_matches_the_reference_ids(from_gguf, processed):
     assert processed.to_tokens(PROMPT).tolist() == [[504, 3575, 282, 4649, 314]]
 
 
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def hf_fp32_floor(from_gguf, hf, hf64):
+    """Per layer, HF fp32's largest distance to the fp64 truth over every prompt in TEXTS: the noise
+    floor of an fp32 implementation of these weights, taken over several prompts so that a prompt on
+    which HF happens to round luckily does not set the bar."""
+    floors = []
+    for text in TEXTS:
+        tokens = _tokens(from_gguf, text)
+        ref, truth = hf(tokens, output_hidden_states=True), hf64(tokens, output_hidden_states=True)
+        floors.append([(r.double() - t).abs().max().item() for r, t in zip(ref.hidden_states, truth.hidden_states)])
+    return [max(layer) for layer in zip(*floors)]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("text", TEXTS)
-def test_unprocessed_logits_and_residuals_equal_hf(from_gguf, hf, hf64, text):
+def test_unprocessed_logits_and_residuals_equal_hf(from_gguf, hf, hf64, hf_fp32_floor, text):
     tokens = _tokens(from_gguf, text)
     ref = hf(tokens, output_hidden_states=True)
     truth = hf64(tokens, output_hidden_states=True)
@@ -60,12 +74,17 @@ def test_unprocessed_logits_and_residuals_equal_hf(from_gguf, hf, hf64, text):
     torch.testing.assert_close(logits, ref.logits, **TOL["real_fp32"])
     torch.testing.assert_close(from_gguf(tokens), ref.logits, **TOL["real_fp32"])  # fused path too
     for layer in range(from_gguf.cfg.n_layers):
-        ours = cache["resid_pre", layer]
+        ours, exact = cache["resid_pre", layer], truth.hidden_states[layer]
         torch.testing.assert_close(ours, ref.hidden_states[layer], **TOL["real_fp32_resid"])
-        # At the fp32 noise floor: no further from the fp64 truth than HF's own fp32 run (plus 1 ulp-ish).
-        our_err = (ours.double() - truth.hidden_states[layer]).abs().max().item()
-        hf_err = (ref.hidden_states[layer].double() - truth.hidden_states[layer]).abs().max().item()
-        assert our_err <= 2 * hf_err + 1e-5, f"layer {layer}: ours {our_err:.2e} vs HF fp32 {hf_err:.2e}"
+        # At the fp32 noise floor: no further from the fp64 truth than twice HF fp32's error at this
+        # layer (its worst over TEXTS), plus 4 ulps at the residual's magnitude for the last roundings
+        # (residual adds) that any two fp32 implementations may order differently. Residuals here reach
+        # ~650 on the first position's "massive activations", where an ulp is 6e-5: a fixed 1e-5
+        # margin was below one rounding, and passed or failed by the luck of the BLAS path.
+        err = (ours.double() - exact).abs().max().item()
+        bound = 2 * hf_fp32_floor[layer] + 4 * fp32_ulp(exact.abs().max().item())
+        assert err <= bound, (f"layer {layer}: ours {err:.2e} > 2 x HF fp32's {hf_fp32_floor[layer]:.2e} "
+                              f"+ 4 ulp = {bound:.2e}")
 
 
 @torch.no_grad()

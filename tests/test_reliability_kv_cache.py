@@ -48,7 +48,7 @@ FAILURES = {
     "keyboard_interrupt_in_block_1": (lambda m, t, c: m.run_with_hooks(
         t[:, 4:5], past_kv_cache=c, fwd_hooks=[("blocks.1.hook_mlp_out", raise_in(KeyboardInterrupt()))]),
         KeyboardInterrupt),
-    "stop_at_layer": (lambda m, t, c: m(t[:, 4:5], past_kv_cache=c, stop_at_layer=1), ValueError),
+    "stop_at_layer": (lambda m, t, c: m(t[:, 4:5], past_kv_cache=c, stop_at_layer=1), None),  # reads, no error
     "start_at_layer": (lambda m, t, c: m(torch.zeros(2, 1, 32), past_kv_cache=c, start_at_layer=1), ValueError),
     "wrong_batch": (lambda m, t, c: m(t[:1, 4:5], past_kv_cache=c), ValueError),
     "additive_mask": (lambda m, t, c: m(t[:, 4:5], past_kv_cache=c, attention_mask=torch.tensor([[0.0], [-1e9]])),
@@ -103,7 +103,17 @@ def test_an_inconsistent_cache_is_refused(model, tokens):
         model(tokens[:, 3:4], past_kv_cache=cache)
 
 
-def test_a_cache_step_needs_every_layer():
+def test_a_cache_step_cannot_start_mid_model():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="past_kv_cache needs every layer to run"):
-        model(torch.tensor([[4, 5]]), past_kv_cache=KVCache.empty(2), stop_at_layer=1)
+    with pytest.raises(ValueError, match="past_kv_cache needs every layer from block 0 on to run"):
+        model(torch.zeros(1, 2, 32), past_kv_cache=KVCache.empty(2), start_at_layer=1)
+
+
+@torch.no_grad()
+def test_a_step_that_stops_early_reads_the_cache_and_leaves_it(model, tokens):
+    cache = KVCache.empty(model.cfg.n_layers)
+    model(tokens[:, :4], past_kv_cache=cache)
+    before = state(cache)
+    resid = model(tokens[:, 4:6], past_kv_cache=cache, stop_at_layer=1)
+    assert_same_state(cache, before)
+    torch.testing.assert_close(resid, model(tokens[:, :6], stop_at_layer=1)[:, 4:6], **TOL["tiny_fp32"])

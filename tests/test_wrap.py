@@ -415,8 +415,9 @@ def test_wrap_errors_leave_the_module_unchanged() -> None:
     wrap(model)
     with pytest.raises(ValueError, match="'1' is already a HookedMultiheadAttention"):
         wrap(model)
-    with pytest.raises(ValueError, match="no nn.MultiheadAttention and no HookPoint"):
-        wrap(nn.Sequential(nn.Linear(E, E)))
+    # No attention module: wrap accepts it (its SDPA calls are found by running it); this one makes none.
+    plain_model = wrap(nn.Sequential(nn.Linear(E, E)))
+    assert plain_model.discover(torch.randn(2, E)).hook_dict == {} and plain_model.attention_layers == []
 
     class CustomAttention(nn.MultiheadAttention):
         def forward(self, *args, **kwargs):

@@ -14,7 +14,7 @@ from hooked_attn.analysis.heads import (
 )
 from hooked_attn.analysis.patterns import (
     AttendedKey, RowSumCheck, attendable, check_row_sums, entropy, head_mean, layer_mean, query_all_heads,
-    query_distribution, stack_patterns, top_k_keys, top_k_per_head,
+    pattern_names, query_distribution, stack_patterns, top_k_keys, top_k_per_head,
 )
 from hooked_attn.analysis.plots import plot_attention  # imports matplotlib only when called
 from hooked_attn.analysis.text import text_heatmap, top_k_table, visible_token
@@ -25,7 +25,7 @@ __all__ = [
     "AttendedKey", "AttentionViewer", "RowSumCheck", "attendable", "attention_patterns", "attention_viewer",
     "check_row_sums", "detect_heads", "duplicate_token_scores", "duplicate_token_target", "entropy",
     "first_token_scores", "first_token_target", "head_mean", "induction_scores", "induction_target", "layer_mean",
-    "pattern_scores", "plot_attention", "previous_token_scores", "previous_token_target", "query_all_heads",
+    "pattern_names", "pattern_scores", "plot_attention", "previous_token_scores", "previous_token_target", "query_all_heads",
     "query_distribution", "repeated_random_tokens", "stack_patterns", "text_heatmap", "top_k_keys",
     "top_k_per_head", "top_k_table", "visible_token",
 ]

@@ -16,13 +16,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attn.hook_points import HookedRootModule
+from hooked_attn.analysis.patterns import stack_patterns
 
 Target = Float[Tensor, "q_pos k_pos"] | Float[Tensor, "batch q_pos k_pos"]
 TargetFn = Callable[[Tensor], Tensor]
 
 
 def _is_pattern(name: str) -> bool:
-    return name.endswith("attn.hook_pattern")
+    return name.endswith("hook_pattern")  # also a wrapped model's (hooked_attn.wrap) attention calls
 
 
 def _check_tokens(tokens: Tensor) -> None:
@@ -139,10 +140,9 @@ def attention_patterns(
     device = next(model.parameters()).device
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens.to(device), names_filter=_is_pattern, device="cpu")
-    names = [name for name in model.hook_dict if _is_pattern(name)]
-    if not names:
+    if not any(_is_pattern(name) for name in model.hook_dict):
         raise ValueError(f"{type(model).__name__} has no attention pattern hooks")
-    return torch.stack([cache[name] for name in names]).float()
+    return stack_patterns(cache).float()
 
 
 def _model_tokens(

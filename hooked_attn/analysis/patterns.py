@@ -126,6 +126,24 @@ def head_mean(pattern: Float[Tensor, "*batch head q_pos k_pos"]) -> Float[Tensor
     return pattern.mean(dim=-3)
 
 
+def pattern_names(cache: Mapping[str, Tensor]) -> dict[int, str]:
+    """Layer number -> hook name of every pattern the cache holds, in layer order.
+
+    ``blocks.{L}.attn.hook_pattern`` for a ``HookedTransformer``; for a wrapped model (``wrap``), the
+    position in its ``attention_layers`` (the order of its attention calls); otherwise every name
+    ending in ``hook_pattern``, numbered in cache order.
+    """
+    blocks = {int(name.split(".")[1]): name for name in cache
+              if name.startswith("blocks.") and name.endswith(".attn.hook_pattern")}
+    if blocks:
+        return dict(sorted(blocks.items()))
+    layers = getattr(getattr(cache, "model", None), "attention_layers", None)
+    if layers is not None:
+        names = [f"{prefix}.hook_pattern" if prefix else "hook_pattern" for prefix in layers]
+        return {layer: name for layer, name in enumerate(names) if name in cache}
+    return dict(enumerate(name for name in cache if name.endswith("hook_pattern")))
+
+
 def stack_patterns(
     cache: Mapping[str, Tensor], layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer batch head q_pos k_pos"]:
@@ -133,24 +151,30 @@ def stack_patterns(
 
     Args:
         cache: an ``ActivationCache`` (or any mapping of hook name to tensor) holding
-            ``blocks.{L}.attn.hook_pattern``; a cache without a batch axis gives a batch of one.
+            ``blocks.{L}.attn.hook_pattern``, or a wrapped model's cache (see ``pattern_names``);
+            a cache without a batch axis gives a batch of one.
         layers: which layers, in this order; by default every layer the cache holds, in order.
 
     Raises:
         KeyError: a requested layer's pattern is not in the cache, or the cache holds none.
+        ValueError: the chosen layers' patterns differ in shape (pick layers of one shape).
     """
+    names = pattern_names(cache)
     if layers is None:
-        layers = sorted(int(name.split(".")[1]) for name in cache
-                        if name.startswith("blocks.") and name.endswith(".attn.hook_pattern"))
+        layers = list(names)
         if not layers:
             raise KeyError("the cache holds no attention patterns: run the model with "
                            "run_with_cache(..., names_filter=lambda name: name.endswith('hook_pattern'))")
-    missing = [layer for layer in layers if f"blocks.{layer}.attn.hook_pattern" not in cache]
+    missing = [layer for layer in layers if layer not in names]
     if missing:
-        raise KeyError(f"the cache has no pattern for layers {missing}: "
-                       f"{', '.join(f'blocks.{layer}.attn.hook_pattern' for layer in missing)}")
-    return torch.stack([as_batched(cache[f"blocks.{layer}.attn.hook_pattern"], f"pattern of layer {layer}")
-                        for layer in layers])
+        expected = ", ".join(f"blocks.{layer}.attn.hook_pattern" for layer in missing)
+        raise KeyError(f"the cache has no pattern for layers {missing}: {expected} (it holds layers {list(names)})")
+    patterns = [as_batched(cache[names[layer]], f"pattern of layer {layer} ({names[layer]})") for layer in layers]
+    shapes = {layer: tuple(p.shape) for layer, p in zip(layers, patterns)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the patterns of these layers differ in shape, so they cannot be stacked: {shapes}; "
+                         "pass layers=[...] of one shape")
+    return torch.stack(patterns)
 
 
 def layer_mean(
@@ -259,5 +283,5 @@ def check_row_sums(
 
 
 __all__ = ["AttendedKey", "RowSumCheck", "as_batched", "attendable", "check_row_sums", "entropy", "head_mean",
-           "index_in_range", "layer_mean", "query_all_heads", "query_distribution", "stack_patterns", "top_k_keys",
+           "index_in_range", "layer_mean", "pattern_names", "query_all_heads", "query_distribution", "stack_patterns", "top_k_keys",
            "top_k_per_head"]

@@ -39,7 +39,7 @@ def plot_attention(
     pattern: Float[Tensor, "*batch_head q_pos k_pos"], str_tokens: Sequence[str] | None = None, *,
     heads: int | Sequence[int] | None = None, batch: int = 0, layer: int | None = None,
     path: str | Path | None = None, title: str | None = None, causal: bool = True, cmap: str = "Blues",
-    max_cols: int = 4, cell_inches: float = 0.28, dpi: int = 150,
+    max_cols: int = 4, cell_inches: float = 0.28, dpi: int = 150, query_tokens: Sequence[str] | None = None,
 ) -> Any:
     """Draw the pattern of one head, or a grid of heads, as a heatmap; optionally save it.
 
@@ -61,6 +61,8 @@ def plot_attention(
         cell_inches: the size of one cell; the figure grows with the number of tokens, up to
             ``MAX_PANEL_INCHES`` a head, after which the cells shrink.
         dpi: resolution of a saved bitmap.
+        query_tokens: one label per query, when queries are not the last keys (cross-attention,
+            TabPFN's test rows reading training rows); by default the last ``q_pos`` key labels.
 
     Returns:
         The matplotlib ``Figure`` (close it with ``matplotlib.pyplot.close(fig)`` when done).
@@ -84,6 +86,8 @@ def plot_attention(
     q_pos, k_pos = grids.shape[1:]
     if str_tokens is not None and len(str_tokens) != k_pos:
         raise ValueError(f"str_tokens has {len(str_tokens)} tokens but the pattern has k_pos={k_pos} keys")
+    if query_tokens is not None and len(query_tokens) != q_pos:
+        raise ValueError(f"query_tokens has {len(query_tokens)} labels but the pattern has q_pos={q_pos} queries")
     if max_cols < 1:
         raise ValueError(f"max_cols must be at least 1, got {max_cols}")
     matplotlib, plt = _matplotlib()
@@ -91,7 +95,7 @@ def plot_attention(
 
     tokens = list(str_tokens) if str_tokens is not None else [str(k) for k in range(k_pos)]
     key_labels = [_label(t) for t in tokens]
-    query_labels = key_labels[k_pos - q_pos:]
+    query_labels = key_labels[k_pos - q_pos:] if query_tokens is None else [_label(t) for t in query_tokens]
     masked = ~attendable(q_pos, k_pos, causal)[0].numpy()
     n = len(head_ids)
     cols = min(n, max_cols)

@@ -39,6 +39,15 @@ COMMON_IGNORED_HF_FIELDS = frozenset({
     "cross_attention_hidden_size", "tie_encoder_decoder",
 })
 
+# Fields that transformers derives from others in some releases and not in others (FalconConfig stores
+# num_key_value_heads from 5.25 on, computed from multi_query / new_decoder_architecture / num_kv_heads).
+# A converter that does not read such a field still computes the quantity from the fields it does read:
+# the field is accepted when its value equals ours and refused, like any unknown field, when it differs.
+DERIVED_HF_FIELDS: Mapping[str, Callable[[ModelConfig], Any]] = {
+    "num_key_value_heads": lambda cfg: cfg.n_kv_heads,
+    "head_dim": lambda cfg: cfg.d_head,
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class Architecture:
@@ -59,7 +68,8 @@ class Architecture:
 
 
 def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:
-    """Refuse any field that is neither handled nor ignored and differs from its HF default.
+    """Refuse any field that is neither handled nor ignored and differs from its HF default, unless it
+    is one of ``DERIVED_HF_FIELDS`` and equals what ``arch.config_from_hf`` computes for it.
 
     Raises:
         UnsupportedConfigError: naming the first such field, its value and the default.
@@ -67,11 +77,16 @@ def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:
     values = hf.to_dict()
     defaults = type(hf)().to_dict()
     known = arch.handled_hf_fields | arch.ignored_hf_fields | COMMON_IGNORED_HF_FIELDS
+    ours: list[ModelConfig] = []  # converted once, only when a derived field needs checking
     for name, value in values.items():
         if name in known:
             continue
         if name == "quantization_config" and isinstance(value, Mapping) and value.get("quant_method") == "gguf":
             continue  # transformers dequantises GGUF weights to plain tensors on load
+        if value != defaults.get(name) and name in DERIVED_HF_FIELDS:
+            ours = ours or [arch.config_from_hf(hf)]  # refuses, itself, what the converter cannot read
+            if DERIVED_HF_FIELDS[name](ours[0]) == value:
+                continue
         if value != defaults.get(name):  # a field HF does not know counts as None by default
             raise UnsupportedConfigError(
                 f"{arch.hf_architecture}: config field {name}={value!r} (default {defaults.get(name)!r}) is not "

@@ -25,9 +25,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.parallel = cfg.parallel_attn_mlp
         self.placement = cfg.block_norms
+        self.attn_only = cfg.attn_only
         if cfg.block_norms != "output":
             self.ln1 = Norm(cfg.norm, cfg.d_model)
-            self.ln2 = Norm(cfg.norm, cfg.d_model)
+            if not cfg.attn_only:
+                self.ln2 = Norm(cfg.norm, cfg.d_model)
         if cfg.post_norm is not None:
             self.ln1_post = Norm(cfg.post_norm, cfg.d_model)
             self.ln2_post = Norm(cfg.post_norm, cfg.d_model)
@@ -36,13 +38,14 @@ class TransformerBlock(nn.Module):
             from hooked_attn.components.moe import MoEMLP
 
             self.mlp: nn.Module = MoEMLP(cfg)
-        else:
+        elif not cfg.attn_only:
             self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
-        if not self.parallel:
+        if not self.parallel and not cfg.attn_only:
             self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
+        if not cfg.attn_only:
+            self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def _sublayer(self, x: Tensor, which: int, ctx: AttentionContext | None = None) -> Tensor:
@@ -60,6 +63,8 @@ class TransformerBlock(nn.Module):
         if self.placement == "normed_residual":
             return self._normed_residual_forward(resid_pre, ctx)
         attn_out = self.hook_attn_out(self._sublayer(resid_pre, 1, ctx))
+        if self.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
         if self.parallel:
             mlp_out = self.hook_mlp_out(self._sublayer(resid_pre, 2))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)

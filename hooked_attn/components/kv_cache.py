@@ -78,19 +78,23 @@ class KVCache:
         return torch.cat([old.to(device), new.to(device)], dim=1)
 
     @contextlib.contextmanager
-    def step(self, full_mask: Tensor | None, n_new: int) -> Iterator["KVCache"]:
+    def step(self, full_mask: Tensor | None, n_new: int, commit: bool = True) -> Iterator["KVCache"]:
         """One forward's worth of appends: committed (mask and count) when the body returns, rolled back
-        to the state before on any exception, and checked: every layer must have appended ``n_new``."""
+        to the state before on any exception, and checked: every layer must have appended ``n_new``.
+        With ``commit=False`` (a forward that stops early) the cache is read and always left as it was."""
         saved = [(layer.k, layer.v) for layer in self.layers]
         try:
             yield self
             appended = {layer.n_positions for layer in self.layers}
-            if appended != {self.n_cached + n_new}:
+            if commit and appended != {self.n_cached + n_new}:
                 raise RuntimeError(f"a KV-cache step appended {sorted(appended)} positions across layers, "
                                    f"expected {self.n_cached + n_new} in every layer")
         except BaseException:
-            for layer, (k, v) in zip(self.layers, saved):
-                layer.k, layer.v = k, v
+            commit = False
             raise
+        finally:
+            if not commit:
+                for layer, (k, v) in zip(self.layers, saved):
+                    layer.k, layer.v = k, v
         self.attention_mask = full_mask
         self.n_cached += n_new

@@ -34,7 +34,13 @@ def normalize(
         scale = inv_scale.reciprocal()
         original = scale.clone()  # [... 1]: cheap; tells whether a hook edited it in place
         hooked = hook_scale(scale)
-        out32 = x32 * inv_scale if torch.equal(hooked, original) else x32 / hooked
+        if torch.equal(hooked, original):
+            # Same value as the fast path (multiply by rsqrt), but the gradient flows through the hooked
+            # scale, so backward hooks on hook_scale fire and a hook's detach() cuts that path.
+            inv = hooked.reciprocal()
+            out32 = x32 * (inv_scale.detach() + (inv - inv.detach()))
+        else:
+            out32 = x32 / hooked
     else:
         out32 = x32 * inv_scale
     gain = None if w is None else (w.to(x32.dtype) + cfg.weight_offset if cfg.weight_offset else w)

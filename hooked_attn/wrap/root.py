@@ -1,20 +1,32 @@
-"""wrap() and unwrap(): hook points in any PyTorch model, through its ``nn.MultiheadAttention`` modules.
+"""wrap() and unwrap(): hook points at every attention computation of any PyTorch model.
 
 ``wrap(model)`` swaps every ``nn.MultiheadAttention`` inside ``model`` for a
 ``HookedMultiheadAttention`` that shares its parameters, and returns a ``WrappedModule``: a
 ``HookedRootModule`` that calls ``model`` and names each hook point after its path inside ``model``
-(``layers.0.self_attn.hook_pattern``). ``unwrap`` puts the original modules back.
+(``layers.0.self_attn.hook_pattern``). Every other ``scaled_dot_product_attention`` call gets hook
+points named after the module that makes it (``capture.py``); they are found by running the model
+once (``discover``, done by the first ``run_with_cache``/``run_with_hooks``). ``unwrap`` puts the
+original modules back.
 """
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.wrap.capture import ModuleTracker, SdpaCapture
 from hooked_attn.wrap.mha import HookedMultiheadAttention
+from hooked_attn.wrap.sdpa import AttentionSite
+
+# Short names ``cache[site, layer]`` and ``resolve_act_name`` understand, and the hook each one means.
+_ATTN_SITES = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "attn_scores": "hook_attn_scores",
+               "scores": "hook_attn_scores", "pattern": "hook_pattern", "attn": "hook_pattern", "z": "hook_z",
+               "result": "hook_result"}
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +44,8 @@ class WrappedModule(HookedRootModule):
     """What ``wrap`` returns: calls the model it holds, with ``run_with_cache``, ``run_with_hooks`` etc.
 
     ``module`` is the wrapped model itself (its attention modules swapped); ``hook_dict`` lists the
-    hook points by name, the path inside ``module`` (no ``module.`` prefix).
+    hook points by name, the path inside ``module`` (no ``module.`` prefix). ``attention_layers``
+    lists the attention hook prefixes in call order: ``cache["pattern", i]`` is the i-th one's pattern.
     """
 
     def __init__(self, module: nn.Module, root: nn.Module, slots: list[_Slot],
@@ -43,7 +56,18 @@ class WrappedModule(HookedRootModule):
         object.__setattr__(self, "_root", root)
         object.__setattr__(self, "_slots", slots)
         object.__setattr__(self, "_nested_flags", nested_flags)
+        # SDPA call sites by (module path, call index); their hook points live here, not in the model.
+        object.__setattr__(self, "_sites", {})
+        object.__setattr__(self, "_site_lock", threading.Lock())
+        self._site_points: list[HookPoint] = []
+        self._mha_layers = list(dict.fromkeys(slot.path for slot in slots))
+        self._call_order: list[str] = []
+        self._discovering = False
+        self.discovered = False
         self._unwrapped = False
+        paths = {sub: name for name, sub in module.named_modules()}
+        object.__setattr__(self, "_tracker", ModuleTracker(paths, skip=(HookedMultiheadAttention,)))
+        self._tracker.on_enter = self._record_mha
         self.setup()
 
     def setup(self) -> None:
@@ -55,16 +79,117 @@ class WrappedModule(HookedRootModule):
             if isinstance(sub, HookPoint):
                 sub.name = name
                 self.hook_dict[name] = sub
+        for site in self._sites.values():
+            self._name_site(site)
 
     @property
     def attention_paths(self) -> list[str]:
         """The path of every swapped ``nn.MultiheadAttention`` (each place it sat, if it was shared)."""
         return [slot.path for slot in self._slots]
 
+    @property
+    def attention_layers(self) -> list[str]:
+        """Every attention hook prefix, ``cache["pattern", i]``'s ``i``-th: in the order of the
+        discovering forward's calls (``nn.MultiheadAttention`` paths and SDPA call sites), or, before
+        ``discover``, the ``nn.MultiheadAttention`` paths in module order."""
+        return list(self._call_order) if self.discovered else list(self._mha_layers)
+
+    def resolve_act_name(self, name: str, layer: int | None = None, *_: Any) -> str | None:
+        """The hook name ``cache[name, layer]`` means here (``"pattern", 2`` -> the third attention
+        layer's ``hook_pattern``), or None when ``name`` is not an attention site or ``layer`` is missing."""
+        layers = self.attention_layers
+        if name not in _ATTN_SITES or layer is None:
+            return None
+        if not -len(layers) <= layer < len(layers):
+            raise IndexError(f"layer {layer} is out of range: this model has {len(layers)} attention layers "
+                             f"({', '.join(layers[:4])}{' ...' if len(layers) > 4 else ''})")
+        prefix = layers[layer]
+        return f"{prefix}.{_ATTN_SITES[name]}" if prefix else _ATTN_SITES[name]
+
+    def discover(self, *args: Any, **kwargs: Any) -> "WrappedModule":
+        """Run the model once on these inputs (no gradients, random state restored) to find and name
+        its ``scaled_dot_product_attention`` calls; ``run_with_cache`` and ``run_with_hooks`` do it
+        on their first call. A call site seen for the first time in a later forward gets its hook
+        points then. Returns ``self``."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        self._call_order.clear()
+        self._discovering = True
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self._captured_forward(args, kwargs)
+        finally:
+            self._discovering = False
+        self.discovered = True
+        if not self._call_order and not self.hook_dict:
+            logger.warning("%s made no scaled_dot_product_attention call and has no attention module: "
+                           "there is nothing to hook", type(self.module).__name__)
+        return self
+
+    def _record_mha(self, module: nn.Module, path: str) -> None:
+        if self._discovering and isinstance(module, HookedMultiheadAttention):
+            layer = path.lstrip("\0")
+            if layer not in self._call_order:
+                self._call_order.append(layer)
+
+    def _site_for(self, path: str, call: int) -> AttentionSite:
+        site = self._sites.get((path, call))
+        if site is not None:
+            if self._discovering and site.prefix not in self._call_order:
+                self._call_order.append(site.prefix)
+            return site
+        with self._site_lock:
+            prefix = path if call == 0 else (f"{path}.call_{call}" if path else f"call_{call}")
+            if any(name in self.hook_dict for name in self._site_names(prefix)):
+                prefix = f"{prefix}.sdpa" if prefix else "sdpa"  # the module has hook points of its own
+            site = AttentionSite(path, call, prefix)
+            self._sites[(path, call)] = site
+            self._name_site(site)
+            self._site_points.extend(site.points().values())
+            if site.prefix not in self._call_order:
+                self._call_order.append(site.prefix)
+        return site
+
+    @staticmethod
+    def _site_names(prefix: str) -> list[str]:
+        return [f"{prefix}.hook_{s}" if prefix else f"hook_{s}" for s in ("q", "k", "v", "attn_scores", "pattern", "z")]
+
+    def _name_site(self, site: AttentionSite) -> None:
+        for name, point in zip(self._site_names(site.prefix), site.points().values(), strict=True):
+            point.name = name
+            self.hook_dict[name] = point
+        self.mod_dict.setdefault(site.prefix, site)
+
+    def _captured_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        with self._tracker, SdpaCapture(self._tracker, self._site_for):
+            return self.module(*args, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._unwrapped:
             raise RuntimeError("this WrappedModule was unwrapped; call the module unwrap() returned, or wrap it again")
+        if any(point.has_hooks for point in self._site_points):
+            return self._captured_forward(args, kwargs)
         return self.module(*args, **kwargs)
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> Any:
+        if not self.discovered:
+            self.discover(*model_args, **{k: v for k, v in kwargs.items() if k not in _CACHE_OPTIONS})
+        return super().run_with_cache(*model_args, **kwargs)
+
+    def run_with_hooks(self, *model_args: Any, **kwargs: Any) -> Any:
+        if not self.discovered:
+            self.discover(*model_args, **{k: v for k, v in kwargs.items() if k not in _HOOK_OPTIONS})
+        return super().run_with_hooks(*model_args, **kwargs)
+
+    def _raise_unknown_hook(self, name: str) -> None:
+        if not self.discovered:
+            raise KeyError(f"unknown hook name {name!r}: the attention calls of this model are not discovered "
+                           "yet; run wrapped.discover(*inputs) (or run_with_cache once) first")
+        super()._raise_unknown_hook(name)
+
+
+_HOOK_OPTIONS = frozenset({"fwd_hooks", "bwd_hooks", "reset_hooks_end", "clear_contexts", "check_finite"})
+_CACHE_OPTIONS = frozenset({"names_filter", "device", "dtype", "remove_batch_dim", "incl_bwd", "reset_hooks_end",
+                            "clear_contexts", "check_finite"})
 
 
 def _attention_slots(module: nn.Module) -> Iterator[_Slot]:
@@ -99,11 +224,16 @@ def _check_wrappable(module: nn.Module) -> None:
 
 
 def wrap(module: nn.Module) -> WrappedModule:
-    """Hook points in any model: every ``nn.MultiheadAttention`` inside ``module`` gets hooks.
+    """Hook points in any model: every attention computation inside ``module`` gets hooks.
 
     Each ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``,
     ``nn.TransformerDecoderLayer`` and ``nn.Transformer``) is replaced, in place, by a
-    ``HookedMultiheadAttention`` that shares its parameters and computes the same outputs. HookPoints
+    ``HookedMultiheadAttention`` that shares its parameters and computes the same outputs. Every other
+    call to ``torch.nn.functional.scaled_dot_product_attention`` made during a forward gets
+    ``hook_q``, ``hook_k``, ``hook_v``, ``hook_attn_scores``, ``hook_pattern`` and ``hook_z``, named
+    after the calling module (``encoder.layer.0.attention.attention.hook_pattern``; its second call
+    in one forward ``....call_1.hook_pattern``). Those are found by running the model
+    (``WrappedModule.discover``; the first ``run_with_cache``/``run_with_hooks`` does it). HookPoints
     already in the model (``DotProductAttention``, ``AdditiveAttention``) are named too.
     ``nn.TransformerEncoder``'s nested-tensor fast path, which would skip the attention modules'
     forward, is switched off until ``unwrap``.
@@ -117,20 +247,13 @@ def wrap(module: nn.Module) -> WrappedModule:
         ``HookedTransformer``.
 
     Raises:
-        ValueError: ``module`` is already wrapped, contains a ``HookedRootModule``, contains a
-            subclass of ``nn.MultiheadAttention`` that overrides ``forward``, or has neither an
-            ``nn.MultiheadAttention`` nor a HookPoint. ``module`` is left unchanged.
+        ValueError: ``module`` is already wrapped, contains a ``HookedRootModule``, or contains a
+            subclass of ``nn.MultiheadAttention`` that overrides ``forward``. ``module`` is left unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(module).__name__}")
     _check_wrappable(module)
     slots = list(_attention_slots(module))
-    if not slots and not isinstance(module, nn.MultiheadAttention) and not any(
-        isinstance(sub, HookPoint) for sub in module.modules()
-    ):
-        raise ValueError(
-            f"{type(module).__name__} contains no nn.MultiheadAttention and no HookPoint: there is nothing to hook"
-        )
     hooked: dict[int, HookedMultiheadAttention] = {}
 
     def hooked_for(original: nn.MultiheadAttention) -> HookedMultiheadAttention:

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_attn.analysis.patterns import index_in_range, stack_patterns
+from hooked_attn.analysis.patterns import index_in_range, pattern_names, stack_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def attention_viewer(
     """
     if isinstance(patterns, Mapping):
         stack = stack_patterns(patterns, layers)
-        numbers = list(layers) if layers is not None else sorted(
-            int(name.split(".")[1]) for name in patterns if name.endswith(".attn.hook_pattern"))
+        numbers = list(layers) if layers is not None else list(pattern_names(patterns))
     else:
         if patterns.ndim != 5:
             raise ValueError(f"patterns must be a cache or a [layer batch head q_pos k_pos] stack, got shape "

@@ -1,0 +1,5 @@
+"""``transformer_lens.ActivationCache``: hooked_attn's ActivationCache."""
+
+from hooked_attn.cache import ActivationCache
+
+__all__ = ["ActivationCache"]

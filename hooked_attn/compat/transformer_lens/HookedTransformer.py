@@ -1,0 +1,145 @@
+"""TransformerLens' HookedTransformer: hooked_attn's model, built from a TransformerLens config and initialised as TL does.
+
+``HookedTransformer(cfg)`` takes a ``HookedTransformerConfig`` (or its dict, or a hooked_attn
+``ModelConfig``). ``model.cfg`` is then the TransformerLens config; the components read the
+``ModelConfig`` it converts to (``model.model_cfg``).
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+from hooked_attn.config import ModelConfig
+from hooked_attn.model import HookedTransformer as _Base
+
+
+class CompatError(ValueError, AssertionError):
+    """A TransformerLens call hooked_attn refuses; an AssertionError too, which is what TransformerLens raises."""
+
+
+class _CompatConfig(HookedTransformerConfig):
+    """A TransformerLens config that also answers ModelConfig's fields (for hooked_attn's own code)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        bound = self.__dict__.get("_model_cfg")
+        if bound is None:
+            raise AttributeError(name)
+        return getattr(bound, name)
+
+
+def _bind(cfg: HookedTransformerConfig) -> tuple[_CompatConfig, ModelConfig]:
+    compat = cfg if isinstance(cfg, _CompatConfig) else _CompatConfig.__new__(_CompatConfig)
+    if compat is not cfg:
+        compat.__dict__.update(cfg.__dict__)
+    model_cfg = compat.to_model_config()
+    compat.__dict__["_model_cfg"] = model_cfg
+    return compat, model_cfg
+
+
+def _fans(name: str, shape: torch.Size) -> tuple[int, int]:
+    """Fan-in and fan-out of a weight in the per-head layout: the input axis is d_model for
+    W_Q/W_K/W_V ``[head d_model d_head]``, ``head*d_head`` for W_O ``[head d_head d_model]``."""
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if name.endswith("W_O"):
+        return shape[0] * shape[1], shape[2]
+    return shape[1], shape[0] * shape[2]
+
+
+def init_weights(model: nn.Module, cfg: HookedTransformerConfig) -> None:
+    """Initialise as TransformerLens' ``init_mode`` says: every ``W_*`` matrix from the scheme,
+    biases zero, norm gains one."""
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        with torch.no_grad():
+            if leaf.startswith("W_"):
+                fan_in, fan_out = _fans(leaf, param.shape)
+                match cfg.init_mode:
+                    case "gpt2":
+                        param.normal_(0.0, cfg.initializer_range)
+                    case "xavier_uniform":
+                        bound = cfg.initializer_range * math.sqrt(6.0 / (fan_in + fan_out))
+                        param.uniform_(-bound, bound)
+                    case "xavier_normal":
+                        param.normal_(0.0, cfg.initializer_range * math.sqrt(2.0 / (fan_in + fan_out)))
+                    case "kaiming_uniform":
+                        bound = cfg.initializer_range * math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+                        param.uniform_(-bound, bound)
+                    case "kaiming_normal":
+                        param.normal_(0.0, cfg.initializer_range * math.sqrt(2.0) / math.sqrt(fan_in))
+                    case other:
+                        raise ValueError(f"init_mode={other!r} is not supported (gpt2, xavier_*, kaiming_*)")
+            elif leaf == "w":
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+
+class HookedTransformer(_Base):
+    """hooked_attn's HookedTransformer under TransformerLens' constructor and method names."""
+
+    def __init__(self, cfg: HookedTransformerConfig | ModelConfig | dict[str, Any], tokenizer: Any = None,
+                 move_to_device: bool = True, default_padding_side: str = "right") -> None:
+        if isinstance(cfg, dict):
+            cfg = HookedTransformerConfig.unwrap(cfg)
+        if isinstance(cfg, ModelConfig):
+            super().__init__(cfg, tokenizer)
+            return
+        if not isinstance(cfg, HookedTransformerConfig):
+            raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
+        compat, model_cfg = _bind(cfg)
+        super().__init__(model_cfg, tokenizer)
+        self.cfg = compat  # type: ignore[assignment]
+        self.model_cfg = model_cfg
+        init_weights(self, compat)
+        if compat.use_attn_result:
+            self.set_use_attn_result(True)
+        self.to(compat.dtype)
+        if move_to_device and compat.device is not None:
+            self.to(compat.device)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        super().set_use_attn_result(use_attn_result)
+        if isinstance(self.cfg, HookedTransformerConfig):
+            self.cfg.use_attn_result = use_attn_result
+
+    def input_to_embed(self, input: Any, prepend_bos: bool | None = None, padding_side: Any = None,
+                       attention_mask: Tensor | None = None, past_kv_cache: Any = None,
+                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(residual entering block 0, tokens, None, attention_mask)``, as TransformerLens returns."""
+        if isinstance(input, (str, list)):
+            tokens, attention_mask = self._text_to_tokens(input, attention_mask, prepend_bos, padding_side)
+        else:
+            tokens = input
+        resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
+        return resid, tokens, None, attention_mask
+
+    def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 return_type: str = "input", verbose: bool = True, **kwargs: Any) -> Any:
+        """TransformerLens' ``generate``: sampling by default (``do_sample=True``), ``verbose`` accepted
+        (hooked_attn shows no progress bar). Without a tokenizer, ``stop_at_eos`` needs ``eos_token_id``
+        (or one on the config)."""
+        if freq_penalty:
+            raise CompatError("freq_penalty is not supported by hooked_attn's generate; use "
+                              "transformer_lens.utilities.logits_utils.sample_logits in a loop of your own")
+        if padding_side not in (None, "left"):
+            raise CompatError(f"generate pads prompts on the left; padding_side={padding_side!r} is not supported")
+        if stop_at_eos and eos_token_id is None:
+            eos_token_id = getattr(self.cfg, "eos_token_id", None)
+            if eos_token_id is None and self.tokenizer is None:
+                raise CompatError("stop_at_eos=True needs an eos_token_id: the model has no tokenizer and its config "
+                                  "none; pass eos_token_id= or stop_at_eos=False")
+        return super().generate(input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                                use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
+                                return_type=return_type, **kwargs)

@@ -1,0 +1,163 @@
+"""Models larger than memory: processed weights in a safetensors folder, one file per block, read back
+block by block by accelerate's offload hooks during each forward.
+
+The folder holds ``hooked_attn_offload.json`` (the model config and where each weight is), one
+``<unit>.safetensors`` per placement unit (``embed``, ``blocks.0``, ...), and the tokenizer if the
+model had one. It is written once, after weight processing; loading it never processes again.
+"""
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooked_attn import config as config_module
+from hooked_attn.config import ModelConfig
+from hooked_attn.scale.placement import Device, placement_units
+
+MANIFEST = "hooked_attn_offload.json"
+TOKENIZER = "tokenizer"
+
+
+def _encode(value: Any) -> Any:
+    """JSON for a config value: dataclasses and tuples tagged so that ``_decode`` rebuilds them exactly."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__dataclass__": type(value).__name__, **fields}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(f"cannot write config value {value!r} ({type(value).__name__}) to {MANIFEST}")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if isinstance(value, dict) and "__dataclass__" in value:
+        cls = getattr(config_module, value["__dataclass__"], None)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise ValueError(f"{MANIFEST} names {value['__dataclass__']!r}, which is not a config class of hooked_attn")
+        return cls(**{k: _decode(v) for k, v in value.items() if k != "__dataclass__"})
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _unit_params(model: nn.Module, unit: str) -> dict[str, torch.Tensor]:
+    return {f"{unit}.{name}": p for name, p in model.get_submodule(unit).named_parameters()}
+
+
+def save_offloaded(model: nn.Module, folder: str | Path, units: list[str] | None = None) -> Path:
+    """Write ``model``'s weights (as they are: processed or not) to ``folder``, one safetensors file per
+    placement unit (by default every unit), with the config and the tokenizer. Returns the folder.
+
+    Units already written there are written again. Weights on the ``meta`` device cannot be saved.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    chosen = placement_units(model) if units is None else units
+    unknown = sorted(set(chosen) - set(placement_units(model)))
+    if unknown:
+        raise ValueError(f"{unknown} are not placement units of the model: {placement_units(model)}")
+    for unit in chosen:
+        on_meta = [n for n, p in _unit_params(model, unit).items() if p.device.type == "meta"]
+        if on_meta:
+            raise ValueError(f"cannot save {unit!r}: its weights {on_meta[:3]} are on the meta device (not loaded)")
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / MANIFEST
+    weights = json.loads(manifest_path.read_text())["weights"] if manifest_path.is_file() else {}
+    for unit in chosen:
+        params = _unit_params(model, unit)
+        # A per-head weight (W_Q [head d_model d_head]) is a view of a fused storage layout; the file
+        # holds that storage, and reading it back applies the same view, so the forward runs as in memory.
+        layouts = {name: _storage_order(p) for name, p in params.items()}
+        save_file({n: p.detach().permute(layouts[n]).to("cpu").contiguous() for n, p in params.items()},
+                  folder / f"{unit}.safetensors")
+        for name, p in params.items():
+            weights[name] = {"file": f"{unit}.safetensors", "dtype": str(p.dtype).removeprefix("torch."),
+                             "shape": list(p.shape), "view": _inverse(layouts[name])}
+    manifest = {"config": _encode(cfg), "weights": weights}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / TOKENIZER)
+    return folder
+
+
+def _storage_order(t: torch.Tensor) -> list[int]:
+    """The permutation of ``t``'s dims that is contiguous in memory (outermost stride first)."""
+    return sorted(range(t.ndim), key=lambda d: -t.stride(d))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=lambda d: order[d])
+
+
+class FolderWeights(Mapping[str, torch.Tensor]):
+    """The weights of some units of an offload folder, each read from its file when asked (what
+    accelerate's offload hooks call for every forward), in the layout the model's parameter has."""
+
+    def __init__(self, folder: str | Path, units: list[str]) -> None:
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise ValueError(f"{str(folder)!r} holds no offloaded model ({MANIFEST} is missing): write it with "
+                             "save_offloaded or from_pretrained(..., offload_folder=)")
+        weights = json.loads(manifest_path.read_text())["weights"]
+        self._folder = folder
+        self._info = {name: info for name, info in weights.items()
+                      if any(name.startswith(unit + ".") for unit in units)}
+        absent = [u for u in units if not any(name.startswith(u + ".") for name in self._info)]
+        if absent:
+            raise ValueError(f"{str(folder)!r} does not hold the weights of {absent[:4]}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self._info[name]
+        with safe_open(self._folder / info["file"], framework="pt") as f:
+            return f.get_tensor(name).permute(info["view"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+
+def load_offloaded(folder: str | Path, execution_device: Device | torch.device = "cpu") -> nn.Module:
+    """The model saved in ``folder``, built without reading any weight: every unit stays on disk and is
+    read, one unit at a time, while the forward reaches it. Computation runs on ``execution_device``.
+
+    Peak memory is about the largest unit (a block, or the embedding) twice over, plus activations.
+    Weight properties (``model.W_Q``...) read from outside a forward are on the ``meta`` device.
+    """
+    from transformers import AutoTokenizer
+
+    from hooked_attn.model import HookedTransformer
+    from hooked_attn.scale.dispatch import dispatch
+
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{str(folder)!r} holds no offloaded model ({MANIFEST} is missing)")
+    manifest = json.loads(manifest_path.read_text())
+    cfg = _decode(manifest["config"])
+    dtypes = {info["dtype"] for info in manifest["weights"].values()}
+    tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    if len(dtypes) == 1:  # accelerate casts what it reads to the parameter's dtype: build in the saved one
+        model.to(getattr(torch, dtypes.pop()))
+    return dispatch(model, {unit: "disk" for unit in placement_units(model)}, offload_folder=folder,
+                    execution_device=execution_device)

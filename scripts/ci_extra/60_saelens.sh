@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# SAELens interop leg: a side venv with the real sae-lens (it pins transformer-lens<4, so it cannot share
+# the main env), then SAE folders round-trip both ways (scripts/saelens_interop). Prints "N passed, M failed".
+set -euo pipefail
+SAELENS_VERSION=6.54.12
+VENV=${SAELENS_VENV:-/work/venvs/saelens}
+if ! "$VENV/bin/python" -c "import sae_lens, pytest, sys; sys.exit(sae_lens.__version__ != '$SAELENS_VERSION')" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.13.0            # first: the local CPU wheel
+  "$VENV/bin/pip" install -q "sae-lens==$SAELENS_VERSION" pytest==9.2.0
+fi
+log=$(mktemp)
+status=0
+PYTHONPATH="$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  scripts/saelens_interop 2>&1 | tee "$log" || status=$?
+passed=$(grep -oE '[0-9]+ passed' "$log" | tail -1 | grep -oE '[0-9]+' || echo 0)
+failed=$(grep -oE '[0-9]+ (failed|error)' "$log" | awk '{s+=$1} END {print s+0}')
+echo "saelens $SAELENS_VERSION interop: $passed passed, $failed failed"
+exit $status

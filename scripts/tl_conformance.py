@@ -1,0 +1,309 @@
+"""Run TransformerLens' own test suite against hooked_attn's compatibility layer and report per file.
+
+    python scripts/tl_conformance.py [--version 3.9.0] [--out docs/transformerlens.md] [--min-passed-file F]
+
+Downloads the ``transformer-lens`` sdist with pip (it ships ``tests/``), extracts the tests, swaps in
+a root conftest that calls ``hooked_attn.install_as_transformer_lens()`` (so ``import transformer_lens``
+is hooked_attn), runs pytest in a subprocess with the hub offline, and classifies every test: passed,
+failed, needs the hub (its failure is a refused download), or out of scope (the file tests
+TransformerBridge or TransformerLens' own conversion machinery; see OUT_OF_SCOPE). Writes the page
+and a JSON record; with ``--min-passed-file`` exits 1 when fewer in-scope tests pass than recorded.
+"""
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFTEST = Path(__file__).resolve().parent / "tl_conformance_conftest.py"
+
+# (glob over the test file's path, reason): the first match puts a file out of scope.
+OUT_OF_SCOPE: list[tuple[str, str]] = [
+    ("tests/*model_bridge/*", "TransformerBridge (TransformerLens 3.x's wrapper around live HF modules)"),
+    ("tests/unit/test_multimodal_bridge.py", "TransformerBridge"),
+    ("tests/unit/test_optional_submodule.py", "TransformerBridge's optional-submodule adapters"),
+    ("tests/integration/test_hook_shape_compatibility.py", "compares TransformerBridge hook shapes"),
+    ("tests/integration/test_main_demo_pattern_hooks.py", "compares TransformerBridge against HookedTransformer"),
+    ("tests/integration/test_tensor_extraction_consistency.py", "compares TransformerBridge against HookedTransformer"),
+    ("tests/integration/test_centralized_weight_processing.py", "TransformerBridge weight processing"),
+    ("tests/integration/test_fold_layer_integration.py", "TransformerBridge weight processing"),
+    ("tests/integration/test_weight_processing_integration.py", "TransformerBridge weight processing"),
+    ("tests/integration/test_generation_compatibility.py", "TransformerBridge generation"),
+    ("tests/integration/test_attribution_patching.py", "TransformerBridge attribution patching"),
+    ("tests/unit/tools/*", "transformer_lens.tools (3.x analysis tools built on TransformerBridge)"),
+    ("tests/integration/test_jacobian_lens*", "transformer_lens.tools JacobianLens (TransformerBridge)"),
+    ("tests/integration/test_backward_lens.py", "transformer_lens.tools BackwardLens (TransformerBridge)"),
+    ("tests/unit/weight_conversion/*", "TransformerLens' internal conversion machinery"),
+    ("tests/unit/pretrained_weight_conversions/*", "TransformerLens' internal per-model conversion functions"),
+    ("tests/unit/factories/*", "TransformerLens' internal architecture/component factories"),
+    ("tests/unit/test_weight_processing.py", "TransformerLens' internal ProcessWeights state-dict machinery"),
+    ("tests/unit/test_split_qkv.py", "TransformerLens' internal split-QKV conversion helper"),
+    ("tests/unit/test_loading_from_pretrained_utilities.py", "TransformerLens' internal model-name tables and converters"),
+    ("tests/unit/test_supported_models.py", "TransformerLens' model-name registry"),
+    ("tests/unit/test_verify_models_phase_defaults.py", "TransformerLens' model-verification tooling"),
+    ("tests/unit/scripts/*", "TransformerLens' repository scripts"),
+    ("tests/unit/test_make_docs.py", "TransformerLens' documentation build"),
+    ("tests/unit/test_benchmark_utils.py", "TransformerLens' benchmark suite"),
+    ("tests/unit/test_gradient_mismatch_grading.py", "TransformerLens' benchmark suite"),
+    ("tests/unit/model_registry/*", "TransformerLens' model registry"),
+    ("tests/*benchmarks/*", "TransformerLens' benchmark suite"),
+    ("tests/mps/*", "needs Apple MPS"),
+    ("tests/acceptance/test_multi_gpu.py", "needs several GPUs"),
+    ("tests/unit/utilities/test_multi_gpu_unit.py", "TransformerLens' multi-GPU placement internals"),
+    ("tests/unit/utilities/test_devices.py", "TransformerLens' multi-GPU placement internals"),
+    ("tests/unit/utilities/test_hf_utils.py", "TransformerLens' internal HF download helpers"),
+    ("tests/unit/utilities/test_quantization_guards.py", "TransformerLens' quantised-weight guards"),
+    ("tests/unit/utilities/test_parameter_swap.py", "TransformerBridge parameter swapping"),
+    ("tests/unit/utilities/test_aliases.py", "TransformerBridge hook aliases"),
+    ("tests/unit/utilities/test_typed_module_list.py", "TransformerBridge component containers"),
+    ("tests/unit/test_lit.py", "TransformerLens' LIT (Learning Interpretability Tool) integration"),
+    ("tests/unit/test_tracr_conversion.py", "TransformerLens' tracr model conversion"),
+    ("tests/unit/test_hubert*.py", "HuBERT audio models (not rebuilt by hooked_attn)"),
+    ("tests/acceptance/test_hooked_encoder_decoder.py", "HookedEncoderDecoder (T5; not rebuilt by hooked_attn)"),
+    ("tests/unit/components/mlps/test_gpt_oss_moe_component.py", "GPT-OSS MoE component (not rebuilt by hooked_attn)"),
+    ("tests/unit/components/test_transformer_block_olmo_post_norm.py", "TransformerLens' internal block variants"),
+    ("tests/unit/test_xielu.py", "xIELU activation (Apertus; not rebuilt by hooked_attn)"),
+    ("tests/unit/test_dropped_inference_ops.py", "TransformerLens' HF-loading internals"),
+    ("tests/unit/test_post_norm_processing_guards.py", "TransformerLens' internal ProcessWeights guards"),
+    ("tests/unit/test_moe_fold_guard.py", "TransformerLens' internal ProcessWeights guards"),
+    ("tests/unit/test_deprecation_warnings.py", "TransformerLens' own deprecation shims"),
+]
+
+# Markers of a test that failed because it needed a download (the hub is offline here).
+HUB_PATTERNS = re.compile(
+    r"OfflineModeIsEnabled|LocalEntryNotFoundError|NeedsDownloadError|couldn't connect to|"
+    r"Cannot find the requested files|offline mode|HF_HUB_OFFLINE|We couldn't connect|"
+    r"is not a local folder and is not a valid model identifier|Max retries exceeded|"
+    r"fetching it from the HuggingFace hub failed|is not a local folder or file"
+)
+
+# Failing in-scope tests whose reason is known, by nodeid glob: (kind, reason).
+# kind is "deliberate" (documented difference, see docs/transformerlens.md) or "gap".
+KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
+
+
+DIFFERENCES = [
+    "## Deliberate differences",
+    "",
+    "- `run_with_cache(..., incl_bwd=True)` calls `.backward()` on the output, as TransformerLens does, so",
+    "  the output must be a scalar (`return_type=\"loss\"`); with logits it raises a `ValueError` saying to",
+    "  write `incl_bwd=\"deferred\"`, which caches gradients of a metric you backpropagate yourself.",
+    "- `FactoredMatrix.svd()` returns `V` (`AB = U diag(S) V^T`) as TransformerLens does; `.Vh` is a",
+    "  deprecated alias of `.V`, with a `DeprecationWarning`. Shape errors raise `FactoredShapeError`, both",
+    "  a `ValueError` and the `AssertionError` TransformerLens raises.",
+    "- `HookPoint.has_hooks` is truthy when hooks are attached and, called, answers TransformerLens'",
+    "  `has_hooks(dir=, including_permanent=, level=)`.",
+    "- Options hooked_attn does not build (`normalization_type=None`, SoLU, shortformer positions,",
+    "  `d_vocab_out != d_vocab`, split-QKV inputs, MoE from a TL config) raise a `ValueError` naming the",
+    "  option when the model is built, never a silently different model.",
+    "",
+]
+
+
+def out_of_scope_reason(path: str) -> str | None:
+    for pattern, reason in OUT_OF_SCOPE:
+        if fnmatch.fnmatch(path, pattern):
+            return reason
+    return None
+
+
+def fetch_tests(version: str, workdir: Path) -> Path:
+    """Download the sdist with pip and extract its tests/ folder; returns the extracted root."""
+    sdist_dir = workdir / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    if not list(sdist_dir.glob("transformer_lens-*.tar.gz")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "--no-build-isolation", "-q", "-d", str(sdist_dir), f"transformer-lens=={version}"],
+                       check=True)
+    sdist = next(sdist_dir.glob("transformer_lens-*.tar.gz"))
+    root = workdir / "suite"
+    if root.exists():
+        shutil.rmtree(root)
+    with tarfile.open(sdist) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        members = [m for m in tar.getmembers() if m.name.startswith(f"{top}/tests/")]
+        tar.extractall(workdir, members=members, filter="data")
+    (workdir / top).rename(root)
+    shutil.copy(CONFTEST, root / "tests" / "conftest.py")
+    (root / "pytest.ini").write_text("[pytest]\naddopts =\n")
+    return root
+
+
+def run_suite(root: Path, files: list[str], timeout: int) -> Path:
+    junit = root / "junit.xml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--tb=line", "--continue-on-collection-errors",
+           "-c", str(root / "pytest.ini"), "--rootdir", str(root), f"--junitxml={junit}", *files]
+    subprocess.run(cmd, cwd=root, env=env, timeout=timeout, check=False)
+    return junit
+
+
+def classify(junit: Path, root: Path) -> dict[str, list[dict[str, str]]]:
+    """nodeid -> outcome records, grouped by test file."""
+    per_file: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for case in ET.parse(junit).iter("testcase"):
+        classname, name = case.get("classname", ""), case.get("name", "")
+        if not classname:  # a file that failed to import: each of its test functions counts, with that error
+            file = name.replace(".", "/") + ".py"
+            problem = next(iter(case.findall("failure") + case.findall("error")), None)
+            text = "" if problem is None else (problem.text or "")
+            outcome = "needs-hub" if HUB_PATTERNS.search(text) else "failed"
+            last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["import failed"]
+            n_tests = max(1, len(re.findall(r"^\s*(?:async )?def test_", (root / file).read_text(), re.M)))
+            per_file[file] += [{"nodeid": f"{file}::(import, test {i + 1} of {n_tests})", "outcome": outcome,
+                                "message": "import: " + last[0].strip()[:280]} for i in range(n_tests)]
+            continue
+        file = case.get("file") or classname.replace(".", "/") + ".py"
+        parts = classname.split(".")
+        # classname is module path [+ class]; find the longest prefix that is a file
+        for cut in range(len(parts), 0, -1):
+            candidate = "/".join(parts[:cut]) + ".py"
+            if (root / candidate).exists():
+                file = candidate
+                nodeid = "::".join([candidate, *parts[cut:], name])
+                break
+        else:
+            nodeid = f"{file}::{name}"
+        problem = next(iter(case.findall("failure") + case.findall("error")), None)
+        skipped = case.find("skipped")
+        if problem is not None:
+            text = (problem.get("message") or "") + "\n" + (problem.text or "")
+            outcome = "needs-hub" if HUB_PATTERNS.search(text) else "failed"
+            message = (problem.get("message") or (problem.text or "").strip().splitlines()[-1:] or [""])
+            message = message if isinstance(message, str) else message[0]
+        elif skipped is not None:
+            outcome, message = "skipped", skipped.get("message", "")
+        else:
+            outcome, message = "passed", ""
+        per_file[file].append({"nodeid": nodeid, "outcome": outcome, "message": message.strip()[:300]})
+    return per_file
+
+
+def collect_errors(root: Path, files: list[str], per_file: dict[str, list[dict[str, str]]]) -> None:
+    """Files that did not even import show up as one error each in the junit file; keep them as such."""
+    for file in files:
+        per_file.setdefault(file, [])
+
+
+def known_reason(nodeid: str) -> tuple[str, str] | None:
+    for pattern, reason in KNOWN_FAILURES.items():
+        if fnmatch.fnmatch(nodeid, pattern):
+            return reason
+    return None
+
+
+def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]], oos: dict[str, str],
+               command: str) -> dict[str, int]:
+    totals: Counter[str] = Counter()
+    rows, failures = [], []
+    for file in sorted(per_file):
+        counts = Counter(r["outcome"] for r in per_file[file])
+        totals.update(counts)
+        rows.append(f"| `{file}` | {counts['passed']} | {counts['failed']} | {counts['needs-hub']} | {counts['skipped']} |")
+        for r in per_file[file]:
+            if r["outcome"] == "failed":
+                kind, reason = known_reason(r["nodeid"]) or ("gap", r["message"] or "(no message)")
+                failures.append(f"| `{r['nodeid']}` | {kind} | {reason.replace('|', '/').replace(chr(10), ' ')} |")
+    offline = totals["passed"] + totals["failed"]
+    rate = 100.0 * totals["passed"] / offline if offline else 0.0
+    lines = [
+        "# TransformerLens compatibility",
+        "",
+        "`hooked_attn.install_as_transformer_lens()` makes `import transformer_lens` load hooked_attn's",
+        "compatibility layer (`hooked_attn/compat/transformer_lens/`), as PyMySQL's `install_as_MySQLdb()`",
+        "does for MySQLdb. It never replaces an installed TransformerLens unless you call it.",
+        "",
+        "```python",
+        "import torch",
+        "import hooked_attn",
+        "hooked_attn.install_as_transformer_lens()",
+        "from transformer_lens import HookedTransformer, HookedTransformerConfig",
+        "",
+        "cfg = HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_ctx=8, d_vocab=20, attn_only=True)",
+        "model = HookedTransformer(cfg)",
+        "logits, cache = model.run_with_cache(torch.zeros(1, 4, dtype=torch.long))",
+        "assert logits.shape == (1, 4, 20) and \"blocks.1.attn.hook_pattern\" in cache",
+        "parts = cache.decompose_resid(layer=-1)  # TransformerLens' -1: the final residual stream",
+        "torch.testing.assert_close(parts.sum(0), cache[\"blocks.1.hook_resid_post\"], atol=1e-5, rtol=1e-5)",
+        "```",
+        "",
+        f"## TransformerLens {version}'s own tests",
+        "",
+        f"Generated by `{command}`: it downloads the `transformer-lens=={version}` sdist, runs its `tests/`",
+        "against hooked_attn with the hub offline, and classifies each test. A test that failed because it",
+        "needed a download counts as *needs the hub*, not as a failure.",
+        "",
+        f"**In scope, no download: {totals['passed']} of {offline} pass ({rate:.1f}%).** "
+        f"{totals['needs-hub']} need the hub, {totals['skipped']} skipped.",
+        "",
+        "| test file | passed | failed | needs the hub | skipped |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "### Failing in-scope tests",
+        "",
+        "`deliberate`: a documented difference (below); `gap`: not implemented yet, with the error seen.",
+        "",
+        "| test | kind | reason |",
+        "|---|---|---|",
+        *(failures or ["| (none) | | |"]),
+        "",
+        "### Out of scope",
+        "",
+        "| test file | reason |",
+        "|---|---|",
+        *[f"| `{f}` | {r} |" for f, r in sorted(oos.items())],
+        "",
+    ]
+    lines += DIFFERENCES
+    out.write_text("\n".join(lines))
+    return {"passed": totals["passed"], "failed": totals["failed"], "needs_hub": totals["needs-hub"],
+            "skipped": totals["skipped"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default="3.9.0")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to download and run (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "transformerlens.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write per-test outcomes here")
+    parser.add_argument("--min-passed-file", type=Path, default=None,
+                        help="a file holding the recorded pass count; exit 1 if fewer pass")
+    parser.add_argument("--timeout", type=int, default=330, help="seconds for the whole pytest run")
+    parser.add_argument("files", nargs="*", help="only these test files (paths inside the suite)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tl_conformance_"))
+    root = fetch_tests(args.version, workdir)
+    all_files = sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py"))
+    oos = {f: r for f in all_files if (r := out_of_scope_reason(f)) is not None}
+    in_scope = [f for f in all_files if f not in oos and (not args.files or f in args.files)]
+    junit = run_suite(root, in_scope, args.timeout)
+    per_file = classify(junit, root)
+    collect_errors(root, in_scope, per_file)
+    if args.json:
+        args.json.write_text(json.dumps(per_file, indent=1))
+    command = "python scripts/tl_conformance.py" + (f" --version {args.version}" if args.version != "3.9.0" else "")
+    totals = write_page(args.out, args.version, per_file, oos, command)
+    print(f"{totals['passed']} passed, {totals['failed']} failed, {totals['needs_hub']} need the hub, "
+          f"{totals['skipped']} skipped (in scope)")
+    if args.min_passed_file is not None:
+        recorded = int(args.min_passed_file.read_text().split()[0])
+        if totals["passed"] < recorded:
+            print(f"FAIL: {totals['passed']} in-scope tests pass, fewer than the recorded {recorded}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

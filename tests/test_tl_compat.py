@@ -1,0 +1,164 @@
+"""The TransformerLens compatibility layer: install, toy models from a TL config, TL semantics, gradients."""
+
+import sys
+
+import pytest
+import torch
+
+import hooked_attn
+from hooked_attn.factored_matrix import FactoredMatrix
+
+
+@pytest.fixture
+def tl():
+    saved = {k: v for k, v in sys.modules.items() if k == "transformer_lens" or k.startswith("transformer_lens.")}
+    hooked_attn.install_as_transformer_lens()
+    import transformer_lens
+
+    yield transformer_lens
+    for k in [k for k in sys.modules if k == "transformer_lens" or k.startswith("transformer_lens.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def toy(tl, **kw):
+    args = dict(n_layers=2, d_model=16, d_head=4, n_ctx=12, d_vocab=23, act_fn="gelu", seed=0) | kw
+    return tl.HookedTransformer(tl.HookedTransformerConfig(**args))
+
+
+def test_install_maps_submodules_and_config_derives_fields(tl):
+    import transformer_lens.utils as utils
+    from transformer_lens.hook_points import HookPoint
+
+    assert tl.__name__ == "hooked_attn.compat.transformer_lens" and HookPoint is hooked_attn.HookPoint
+    assert utils.get_act_name("pattern", 1) == "blocks.1.attn.hook_pattern"
+    cfg = tl.HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_ctx=8, d_vocab=20, act_fn="relu")
+    assert (cfg.n_heads, cfg.d_mlp, cfg.d_vocab_out, cfg.attn_scale) == (4, 64, 20, 2.0)
+    with pytest.raises(ValueError, match="act_fn"):
+        tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=5)
+
+
+def test_attention_only_model_has_no_mlp_and_gpt2_init(tl):
+    model = toy(tl, attn_only=True)
+    assert not any("mlp" in name or "ln2" in name or "resid_mid" in name for name in model.hook_dict)
+    std = model.blocks[0].attn.W_Q.std().item()
+    assert abs(std - model.cfg.initializer_range) < 0.3 * model.cfg.initializer_range
+    assert torch.equal(model.blocks[0].attn.b_Q, torch.zeros_like(model.blocks[0].attn.b_Q))
+    tokens = torch.randint(0, 23, (2, 6))
+    logits, cache = model.run_with_cache(tokens)
+    # The decomposition with TL's layer=-1 sums to the final residual stream.
+    parts = cache.decompose_resid(layer=-1)
+    torch.testing.assert_close(parts.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=1e-5)
+    assert cache.accumulated_resid(layer=-1).shape[0] == 3
+    assert cache.stack_head_results(layer=-1).shape[0] == 2 * 4
+
+
+def test_tokens_to_residual_directions_and_logit_soft_cap_sentinel(tl):
+    model = toy(tl)
+    torch.testing.assert_close(model.tokens_to_residual_directions(5), model.W_U[:, 5])
+    assert model.tokens_to_residual_directions(torch.tensor([[1, 2, 3]])).shape == (1, 3, 16)
+    with pytest.raises(ValueError, match="ids in 0..22"):
+        model.tokens_to_residual_directions(23)
+    # TL's output_logits_soft_cap=-1.0 means "no cap": logits are the unembedded residual stream.
+    tokens = torch.randint(0, 23, (1, 5))
+    logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(logits, model.unembed(model.ln_final(cache["blocks.1.hook_resid_post"])))
+
+
+def test_has_hooks_is_a_method_and_still_truthy():
+    point = hooked_attn.HookPoint()
+    assert not point.has_hooks and not point.has_hooks()
+    point.add_hook(lambda x, hook: None, dir="bwd", is_permanent=True, level=2)
+    assert point.has_hooks and point.has_hooks(dir="bwd") and not point.has_hooks(dir="fwd")
+    assert not point.has_hooks(including_permanent=False) and point.has_hooks(level=2)
+    assert point.list_hooks()[0].is_permanent and point.list_hooks()[0].context_level == 2
+    with pytest.raises(ValueError, match="dir"):
+        point.has_hooks(dir="up")
+
+
+def test_incl_bwd_calls_backward_like_transformer_lens(tl):
+    model = toy(tl)
+    tokens = torch.randint(0, 23, (2, 6))
+    loss, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    assert "blocks.0.hook_resid_pre_grad" in cache and "blocks.0.ln1.hook_scale_grad" in cache
+    with pytest.raises(ValueError, match="incl_bwd='deferred'"):
+        model.run_with_cache(tokens, incl_bwd=True)
+    assert model.n_hooks() == 0
+
+
+def test_backward_hooks_fire_on_every_hook_point(tl):
+    model = toy(tl)
+    fired = set()
+    tokens = torch.randint(0, 23, (2, 6))
+    with model.hooks(bwd_hooks=[(lambda name: True, lambda g, hook: fired.add(hook.name))]):
+        model(tokens, return_type="loss").backward()
+    assert fired == set(model.hook_dict)  # hook_scale included; hook_result too, since it is hooked
+
+
+def _reference_grad(model, tokens):
+    """The gradient of the loss with respect to W_E computed by hand, with every norm scale and every
+    attention pattern detached (the same network, written out with plain torch ops)."""
+    W_E = model.embed.W_E.detach().clone().requires_grad_(True)
+
+    def ln(x, norm):
+        x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + norm.cfg.eps).sqrt().detach()
+        return x / scale * norm.w + norm.b
+
+    resid = W_E[tokens] + model.pos_embed.W_pos[: tokens.shape[1]]
+    n = tokens.shape[1]
+    for block in model.blocks:
+        a = block.attn
+        h = ln(resid, block.ln1)
+        q = torch.einsum("bpm,hmd->bphd", h, a.W_Q) + a.b_Q
+        k = torch.einsum("bpm,hmd->bphd", h, a.W_K) + a.b_K
+        v = torch.einsum("bpm,hmd->bphd", h, a.W_V) + a.b_V
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * a.scale
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        pattern = scores.softmax(-1).detach()
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        resid = resid + torch.einsum("bqhd,hdm->bqm", z, a.W_O) + a.b_O
+        m = block.mlp
+        resid = resid + m.act(ln(resid, block.ln2) @ m.W_in + m.b_in) @ m.W_out + m.b_out
+    logits = ln(resid, model.ln_final) @ model.W_U + model.b_U
+    metric(logits).backward()
+    return W_E.grad
+
+
+def metric(logits):
+    """A float64 scalar of the logits (the model's own loss is computed in float32)."""
+    return logits[:, -1].logsumexp(-1).sum() - logits[:, :, 3].sum()
+
+
+def test_detaching_patterns_and_scales_gives_the_detached_gradient(tl):
+    model = toy(tl).double()
+    tokens = torch.randint(0, 23, (2, 7))
+    detach = lambda x, hook: x.detach()  # noqa: E731
+    frozen = lambda name: name.endswith("hook_pattern") or name.endswith("hook_scale")  # noqa: E731
+    with model.hooks(fwd_hooks=[(frozen, detach)]):
+        metric(model(tokens)).backward()
+    torch.testing.assert_close(model.embed.W_E.grad, _reference_grad(model, tokens), atol=1e-10, rtol=1e-8)
+    model.zero_grad()
+    metric(model(tokens)).backward()  # without the hooks the gradient differs
+    assert not torch.allclose(model.embed.W_E.grad, _reference_grad(model, tokens), atol=1e-6)
+
+
+def test_factored_matrix_transformer_lens_semantics():
+    L = H = 3
+    A, B = torch.randn(L, H, 8, 2, dtype=torch.float64), torch.randn(L, H, 2, 8, dtype=torch.float64)
+    fm = FactoredMatrix(A, B)
+    v = torch.randn(8, dtype=torch.float64)
+    # n_layers == n_heads: a vector multiplies every matrix, no batch mixing.
+    torch.testing.assert_close(v @ fm, torch.einsum("m,lhmn->lhn", v, fm.AB))
+    torch.testing.assert_close(fm @ v, torch.einsum("lhmn,n->lhm", fm.AB, v))
+    U, S, V = fm.svd()
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, fm.AB)
+    wide = FactoredMatrix(torch.randn(5, 6), torch.randn(6, 4))  # inner 6 > 4 rows of the next factor
+    assert (wide @ torch.randn(4, 5)).mdim == 4 and (torch.randn(3, 5) @ wide).mdim == 5
+    torch.testing.assert_close((wide @ wide.T).AB, wide.AB @ wide.AB.T, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="scalar only"):
+        fm * torch.randn(2)
+    with pytest.raises(ValueError, match="columns against"):
+        fm @ torch.randn(5, 2)
+    bf = FactoredMatrix(torch.randn(6, 3).bfloat16(), torch.randn(3, 6).bfloat16())
+    assert bf.eigenvalues.dtype == torch.complex64
