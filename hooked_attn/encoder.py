@@ -24,7 +24,7 @@ from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import ModelConfig
 from hooked_attn.hook_points import HookedRootModule, HookPoint
 from hooked_attn.processing import process_weights
-from hooked_attn.tokens import TokenizerMixin, check_attention_mask
+from hooked_attn.tokens import PADDING_MASK_ATTR, TokenizerMixin, check_attention_mask
 
 EncoderReturn = Literal["logits", "embeddings"] | None
 
@@ -132,6 +132,8 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
         if isinstance(input, (str, list)):
             input, attention_mask = self._tokenize(input, None, None)
             input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+        if attention_mask is None:  # ids that to_tokens padded carry their mask
+            attention_mask = getattr(input, PADDING_MASK_ATTR, None)
         if input.ndim != 2 or input.dtype.is_floating_point:
             raise ValueError(f"expected token ids of shape [batch pos], got {input.dtype} {tuple(input.shape)}")
         if input.shape[1] == 0:

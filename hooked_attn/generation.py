@@ -159,6 +159,8 @@ class GenerationMixin:
                 raise ValueError("the prompt has no positions: generation needs at least one token")
             if attention_mask is None:  # ids that to_tokens padded carry their mask
                 attention_mask = getattr(input, PADDING_MASK_ATTR, None)
+            elif attention_mask.ndim == 1 and input.ndim == 1:  # one prompt [pos] and its mask [pos]
+                attention_mask = attention_mask[None]
             mask = None if attention_mask is None else model._check_attention_mask(attention_mask, tokens.shape)
             if mask is not None:
                 if not bool(mask.any(dim=1).all()):

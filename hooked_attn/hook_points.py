@@ -280,6 +280,8 @@ class HookPoint(nn.Module):
         level: int | None = None,
     ) -> None:
         def keep(hook: _Hook) -> bool:
+            if not _in_scope(hook.scope):  # another thread's (or an outer call's) temporary hook: its own to remove
+                return True
             return (hook.permanent and not including_permanent) or (level is not None and hook.level != level)
 
         with _MUTATE:

@@ -168,8 +168,9 @@ class HookedTransformer(GenerationMixin, SAESplicingMixin, TokenizerMixin, Hooke
                 raise ValueError(f"expected token ids of shape [batch pos], got shape {tuple(input.shape)}")
             if tokens is not None and tokens.shape != input.shape:
                 raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape)}")
-            tokens = input
-            self._check_token_ids(tokens)
+            if input.dtype not in (torch.int64, torch.int32, torch.bool) and not input.dtype.is_complex:
+                input = input.long()  # uint8/int16 ids: F.embedding takes int32 and int64 only
+            tokens = input  # ids out of range are refused by Embed, before any hook fires
         elif input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"with start_at_layer, input must be a residual [batch pos d_model={self.cfg.d_model}], "
@@ -181,15 +182,17 @@ class HookedTransformer(GenerationMixin, SAESplicingMixin, TokenizerMixin, Hooke
             attention_mask = self._check_attention_mask(attention_mask, input.shape[:2], cached=past_kv_cache)
         if tokens is not None and tokens.shape != input.shape[:2]:
             raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape[:2])}")
+        if return_type in ("loss", "both") and stop is not None:
+            raise ValueError(f"return_type={return_type!r} needs the logits, but stop_at_layer={stop_at_layer} returns "
+                             "the residual stream entering that block")
         if return_type in ("loss", "both") and tokens is None:
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
         full_mask, n_cached = attention_mask, 0
         if past_kv_cache is not None:
-            past_kv_cache.check_fits(self.cfg.n_layers, tuple(input.shape[:2]))
+            past_kv_cache.check_fits(self.cfg.n_layers, tuple(input.shape[:2]), (self.cfg.n_kv_heads, self.cfg.d_head))
             n_cached = past_kv_cache.n_cached
+            # A row may still be all padding here (a chunked prefill of a left-padded batch).
             full_mask = past_kv_cache.mask_with(attention_mask, input.shape[1], input.shape[0], input.device)
-            if full_mask is not None and not bool(full_mask.bool().any(-1).all()):
-                raise ValueError("attention_mask leaves a sequence with no real token at all (cached or new)")
         if isinstance(self.cfg.positions, LearnedPositions) and start_at_layer is None:
             n_real = n_cached + input.shape[1] if full_mask is None else int(full_mask.bool().sum(-1).max())
             if n_real > self.cfg.positions.n_ctx:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from hooked_attn.cache import ActivationCache
 from hooked_attn.hook_points import HookPoint
 from hooked_attn.model import HookedTransformer
+from hooked_attn.tokens import PADDING_MASK_ATTR
 from hooked_attn.utils import get_act_name
 
 Metric = Callable[[Tensor], Tensor | float]
@@ -140,6 +141,8 @@ def generic_activation_patch(
     if not index_axis_names or index_axis_names[0] != "layer":
         raise ValueError("the first index axis must be 'layer'")
     tokens = corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
+    if attention_mask is None:  # ids that to_tokens padded carry their mask; the repeats below would not
+        attention_mask = getattr(corrupted_tokens, PADDING_MASK_ATTR, None)
     batch = tokens.shape[0]
     chunk = batch_size or _auto_batch_size(model, tokens)
     names = {layer: get_act_name(activation_name, layer) for layer in sorted({index[0] for index in indices})}

@@ -159,3 +159,26 @@ def test_learned_positions_past_n_ctx_leave_a_kv_cache_alone():
     assert cache.n_cached == 30
     model(torch.full((1, 2), 5), past_kv_cache=cache)
     assert cache.n_cached == 32
+
+
+@torch.no_grad()
+def test_small_integer_token_dtypes_are_accepted(model, tokens):
+    torch.testing.assert_close(model(tokens.to(torch.uint8)), model(tokens), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_a_loss_cannot_come_from_a_forward_that_stops_early(model, tokens):
+    with pytest.raises(ValueError, match=r"return_type='loss' needs the logits, but stop_at_layer=1 returns"):
+        model(tokens, stop_at_layer=1, return_type="loss")
+
+
+@torch.no_grad()
+def test_patching_to_tokens_ids_keeps_their_padding_mask(model):
+    from hooked_attn import patching as P
+
+    ids = model.to_tokens(["the cat sat on", "hi"], padding_side="left")  # row 1: three pads, then "hi"
+    _, cache = model.run_with_cache(ids)
+    alone = model("hi")[0, -1, 4].item()
+    assert model(ids)[1, -1, 4].item() == pytest.approx(alone, abs=1e-5)
+    result = P.get_act_patch_resid_pre(model, ids, cache, lambda logits: logits[1, -1, 4], progress=False)
+    torch.testing.assert_close(result, torch.full_like(result, alone), **TOL["tiny_fp32"])

@@ -117,3 +117,16 @@ def test_a_step_that_stops_early_reads_the_cache_and_leaves_it(model, tokens):
     resid = model(tokens[:, 4:6], past_kv_cache=cache, stop_at_layer=1)
     assert_same_state(cache, before)
     torch.testing.assert_close(resid, model(tokens[:, :6], stop_at_layer=1)[:, 4:6], **TOL["tiny_fp32"])
+
+
+@torch.no_grad()
+def test_a_cache_from_another_model_is_refused_and_left_alone(model, tokens):
+    from _reliability import tiny_gpt2
+
+    cache = KVCache.empty(2)
+    tiny_gpt2()(tokens[:, :3], past_kv_cache=cache)  # 4 kv heads of 8; the LLaMA has 2 of 8
+    before = state(cache)
+    with pytest.raises(ValueError, match=r"past_kv_cache holds keys of \(4, 8\) \[kv_head d_head\], but this "
+                                         r"model's are \(2, 8\): the cache was made by another model"):
+        model(tokens[:, 3:4], past_kv_cache=cache)
+    assert_same_state(cache, before)

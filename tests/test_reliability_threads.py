@@ -164,3 +164,25 @@ def test_wrapped_models_keep_hooks_per_thread():
     for out in plain:  # the other thread's pattern hook switches attention to the explicit path: fp32 rounding
         torch.testing.assert_close(out, clean, **TOL["tiny_fp32"])
     assert wrapped.n_hooks() == 0
+
+
+@torch.no_grad()
+def test_reset_hooks_in_another_thread_leaves_a_running_calls_hooks_alone(model):
+    tokens = torch.randint(4, 18, (1, 4), generator=torch.Generator().manual_seed(7))
+    inside, go, seen = threading.Event(), threading.Event(), []
+
+    def wait(x, hook):
+        inside.set()
+        go.wait(timeout=30)
+
+    def running():
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", wait),
+                                                ("blocks.1.hook_resid_pre", lambda x, hook: seen.append(1))])
+
+    thread = threading.Thread(target=running)
+    thread.start()
+    inside.wait(timeout=30)
+    model.reset_hooks()  # this thread's: removes model-wide hooks, not the other call's temporary ones
+    go.set()
+    thread.join()
+    assert seen == [1] and model.n_hooks() == 0

@@ -48,8 +48,9 @@ class KVCache:
     def empty(cls, n_layers: int) -> "KVCache":
         return cls(layers=[LayerKV() for _ in range(n_layers)])
 
-    def check_fits(self, n_layers: int, input_shape: tuple[int, ...]) -> None:
-        """Refuse a cache made for another model, another batch, or left inconsistent by hand."""
+    def check_fits(self, n_layers: int, input_shape: tuple[int, ...], kv_shape: tuple[int, int] | None = None) -> None:
+        """Refuse a cache made for another model (layer count, ``kv_shape`` = (kv_head, d_head)), another
+        batch, or left inconsistent by hand."""
         if len(self.layers) != n_layers:
             raise ValueError(f"past_kv_cache has {len(self.layers)} layers, but the model has {n_layers}: "
                              f"make it with KVCache.empty({n_layers})")
@@ -60,6 +61,10 @@ class KVCache:
         if self.attention_mask is not None and self.attention_mask.shape[1] != self.n_cached:
             raise ValueError(f"past_kv_cache is inconsistent: its attention_mask covers "
                              f"{self.attention_mask.shape[1]} positions, n_cached={self.n_cached}")
+        k = self.layers[0].k if self.layers else None
+        if kv_shape is not None and k is not None and tuple(k.shape[2:]) != tuple(kv_shape):
+            raise ValueError(f"past_kv_cache holds keys of {tuple(k.shape[2:])} [kv_head d_head], but this model's "
+                             f"are {tuple(kv_shape)}: the cache was made by another model")
         if self.n_cached:
             cached = self.attention_mask if self.attention_mask is not None else self.layers[0].k
             assert cached is not None
@@ -96,5 +101,6 @@ class KVCache:
             if not commit:
                 for layer, (k, v) in zip(self.layers, saved):
                     layer.k, layer.v = k, v
-        self.attention_mask = full_mask
-        self.n_cached += n_new
+        if commit:
+            self.attention_mask = full_mask
+            self.n_cached += n_new
