@@ -2,17 +2,33 @@
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, runtime_checkable
 
 import einops
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
+from hooked_attn.config import ModelConfig
 from hooked_attn.utils import get_act_name
 
-if TYPE_CHECKING:
-    from hooked_attn.hook_points import HookedRootModule
+
+@runtime_checkable
+class AnalysedModel(Protocol):
+    """What the residual-stream analyses read from the model that made a cache. ``HookedTransformer``
+    has all of it; a wrapped model (``wrap()``) has hooks but none of it, and its cache says so."""
+
+    cfg: ModelConfig
+    hook_dict: Mapping[str, nn.Module]
+    blocks: Sequence[nn.Module]  # blocks[i].attn.W_O, blocks[i].mlp.W_out
+    W_U: Tensor
+
+    def unembed(self, resid: Tensor) -> Tensor: ...
+
+    def to_single_token(self, text: str) -> int: ...
+
+
+_ANALYSED_MODEL_NEEDS = ("cfg", "hook_dict", "blocks", "W_U", "unembed", "to_single_token")
 
 
 PosSlice = int | slice | Sequence[int] | Tensor | None
@@ -102,7 +118,7 @@ class ActivationCache(Mapping[str, Tensor]):
     """
 
     def __init__(
-        self, cache_dict: dict[str, Tensor], model: "HookedRootModule | None" = None,
+        self, cache_dict: dict[str, Tensor], model: nn.Module | None = None,
         has_batch_dim: bool = True,
     ) -> None:
         self.cache_dict = cache_dict
@@ -172,10 +188,15 @@ class ActivationCache(Mapping[str, Tensor]):
 
     # -- residual-stream analyses (need the model that produced the cache) --------------------
 
-    def _model(self) -> Any:
+    def _model(self) -> AnalysedModel:
         if self.model is None:
             raise ValueError("this analysis needs the model: build the cache with model.run_with_cache")
-        return self.model
+        missing = [name for name in _ANALYSED_MODEL_NEEDS if not hasattr(self.model, name)]
+        if missing:
+            raise TypeError(f"this analysis needs a transformer model like HookedTransformer (with "
+                            f"{', '.join(_ANALYSED_MODEL_NEEDS)}); this cache was made by a "
+                            f"{type(self.model).__name__}, which has no {', '.join(missing)}")
+        return self.model  # type: ignore[return-value]
 
     def _n_layers_upto(self, layer: int | None) -> int:
         n = self._model().cfg.n_layers

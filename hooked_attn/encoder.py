@@ -4,7 +4,8 @@ embed + token-type + position embeddings -> embedding LayerNorm -> post-LN block
 attention) -> optional masked-LM head (dense, activation, LayerNorm, unembed).
 """
 
-from typing import Any, Literal
+import os
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,6 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hooked_attn.architectures.base import UnknownArchitectureError, check_hf_config
-from hooked_attn.architectures.bert import ENCODERS, has_mlm_head
 from hooked_attn.components.activations import ACTIVATIONS
 from hooked_attn.components.attention import AttentionContext
 from hooked_attn.components.block import TransformerBlock
@@ -21,10 +20,16 @@ from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
 from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.unembed import Unembed
-from hooked_attn.config import ModelConfig
+from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint
+<<<<<<< HEAD
 from hooked_attn.processing import process_weights
 from hooked_attn.tokens import PADDING_MASK_ATTR, TokenizerMixin, check_attention_mask
+=======
+from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
+from hooked_attn.sources import Source, TokenizerArg
+from hooked_attn.tokens import TokenizerMixin
+>>>>>>> main
 
 EncoderReturn = Literal["logits", "embeddings"] | None
 
@@ -92,32 +97,23 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path: Any, *, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None, center_unembed: bool = True, fold_value_biases: bool = True,
+        cls, model_name_or_path: Source, *, tokenizer: TokenizerArg = None, dtype: DtypeArg = None,
+        device: DeviceArg = None, center_unembed: bool = True, fold_value_biases: bool = True,
+        gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+        release_source: bool = False,
     ) -> "HookedEncoder":
-        """Load a ``BertModel`` or ``BertForMaskedLM`` (folder, hub id or in-memory model).
+        """Load a ``BertModel`` or ``BertForMaskedLM`` (folder, hub id, GGUF file or in-memory model),
+        through the same pipeline as ``HookedTransformer.from_pretrained`` (see it for the arguments).
 
         BERT's LayerNorms come after each residual sum, so they cannot be folded and the writing
         weights cannot be centred; only the unembedding (with a head) and the value biases are processed.
         """
-        from hooked_attn.loading import _load_tokenizer, _resolve
-
-        hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, None, None, None)
-        if arch_name not in ENCODERS:
-            raise UnknownArchitectureError(
-                f"architecture {arch_name!r} is not a supported encoder; supported: {', '.join(sorted(ENCODERS))}")
-        arch = ENCODERS[arch_name]
-        check_hf_config(hf_config, arch)
-        cfg = arch.config_from_hf(hf_config)
-        head = has_mlm_head(hf_sd)
-        sd = {k: v.to(dtype) for k, v in arch.convert_state_dict(hf_sd, cfg, hf_config).items()}
-        sd, cfg = process_weights(sd, cfg, fold_ln=False, center_writing_weights=False,
-                                  center_unembed=center_unembed and head, fold_value_biases=fold_value_biases)
-        with torch.device(torch.device(device) if device is not None else torch.device("cpu")):
-            model = cls(cfg, hf_config.type_vocab_size, head, tokenizer=_load_tokenizer(tokenizer, default_tokenizer))
-        model.to(dtype)
-        model.load_state_dict(sd, strict=True)
-        return model
+        steps = Processing(center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        opened = open_source(model_name_or_path, kind="encoder", tokenizer=tokenizer, dtype=dtype, device=device,
+                             gguf_file=gguf_file, revision=revision, cache_dir=cache_dir, release_source=release_source)
+        loaded = load_weights(opened, steps)
+        return materialise(lambda w: cls(w.cfg, w.hf_config.type_vocab_size, mlm_head="unembed.W_U" in w.state_dict,
+                                         tokenizer=w.tokenizer), loaded)
 
     def forward(
         self, input: str | list[str] | Tensor, return_type: EncoderReturn = None,

@@ -1,154 +1,301 @@
-"""from_pretrained: resolve the source -> HF config -> check -> convert -> process -> load. Nothing else."""
+"""The loading pipeline: source -> HF config -> check -> convert -> check -> process, ending in data.
+
+``open_source`` checks the arguments and reads and converts the config (``OpenedSource``: nothing read
+yet, so a caller can plan with the config, a device map say); ``load_weights`` converts and processes the
+weights into a ``LoadedWeights`` (our config, our processed state dict, the tokenizer, where the weights
+are to live); ``materialise`` builds any model class from it without a second copy. Model classes call
+the three from their ``from_pretrained``; this module knows no model class.
+
+Every argument and every refusal (dtype, device, tokenizer, a processing step that cannot preserve the
+model, a non-finite weight that processing would spread) is checked before any weight is rewritten, so an
+in-memory source is left as it was whenever the load fails on what it was given.
+"""
 
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
-from hooked_attn.architectures.base import StateDictError, UnknownArchitectureError, check_hf_config
-from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
-from hooked_attn.config import ModelConfig
+from hooked_attn.architectures.base import Architecture, StateDictError, UnknownArchitectureError, check_hf_config
+from hooked_attn.architectures.bert import ENCODERS
+from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.memory import release_free_memory
-from hooked_attn.model import HookedTransformer
-from hooked_attn.processing import process_weights
-from hooked_attn.shapes import StateDict
-from hooked_attn.wrap.fallback import FALLBACK_HINT, WrappedHFModel, wrap_hf
+from hooked_attn.processing import DEFAULT_PROCESSING, plan_processing, process_weights
+from hooked_attn.sources import Source, TokenizerArg, check_tokenizer_arg, is_hf_model, load_tokenizer, read_source
+from hooked_attn.weight_writer import SLICE_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
-# An in-memory model is an HF PreTrainedModel (checked by _is_hf_model). It is typed as nn.Module so that
-# loading from a folder never imports transformers' modeling code (and the scipy it pulls in: ~1 s).
-Source = str | os.PathLike | nn.Module
-TokenizerArg = PreTrainedTokenizerBase | str | os.PathLike | None
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+Kind = Literal["decoder", "encoder"]
+DtypeArg = torch.dtype | str | None
+DeviceArg = torch.device | str | None
+M = TypeVar("M", bound=nn.Module)
 
 
-def from_pretrained(
-    model_name_or_path: Source, *, tokenizer: TokenizerArg = None, dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None, fold_ln: bool = True, center_writing_weights: bool = True,
-    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-    gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    release_source: bool = False, device_map: Any = None, max_memory: Mapping[Any, int | str] | None = None,
-    offload_folder: str | os.PathLike | None = None, fallback: str | None = None,
-) -> HookedTransformer | WrappedHFModel:
-    """Build a HookedTransformer from an HF model and process its weights.
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or inf, and processing would spread it to every output."""
 
-    Args:
-        model_name_or_path: a local HF folder (config.json + safetensors), a ``.gguf`` file, a hub id,
-            or an in-memory ``PreTrainedModel``.
-        tokenizer: a tokenizer, or where to load one; by default the source's own, when it has one.
-        dtype, device: of the built model's parameters.
-        fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-            refactor_factored_attn_matrices: the weight-processing steps (see ``hooked_attn.processing``).
-        gguf_file: the GGUF file inside the folder or hub repo ``model_name_or_path``.
-        revision, cache_dir: passed to the hub download.
-        release_source: for an in-memory ``PreTrainedModel`` only: take its weights rather than copy
-            them, and leave it empty (every parameter and buffer on the ``meta`` device), so the load
-            needs no second copy of the model. By default its weights are copied and it stays usable.
-            It is emptied only once its weights are converted: an error before then leaves it whole.
-        device_map, max_memory, offload_folder: spread the blocks over devices ("auto", "balanced",
-            "sequential" or a {module: device} dict; units sent to "disk" are written to
-            ``offload_folder``); see ``hooked_attn.scale`` and docs/scale.md. Not with ``device``.
-        fallback: ``"wrap"``: for an architecture with no converter, return the HF model itself wrapped
-            (``hooked_attn.wrap.wrap_hf``: hooks at every module output and attention call) instead of
-            raising UnknownArchitectureError.
 
-    Raises:
-        UnknownArchitectureError, UnsupportedConfigError, StateDictError, ProcessingError: with the
-            name of what is wrong. No model is returned half-built.
-    """
-    hf_config, arch_name, hf_sd, default_tokenizer = _resolve(model_name_or_path, gguf_file, revision, cache_dir, dtype)
-    if fallback not in (None, "wrap"):
-        raise ValueError(f"fallback must be None or 'wrap', got {fallback!r}")
-    try:
-        arch = get_architecture(arch_name, hf_config)
-    except UnknownArchitectureError as err:  # hooked_attn/wrap/fallback.py
-        if fallback == "wrap":
-            return wrap_hf(model_name_or_path, dtype=dtype, device=device)
-        raise UnknownArchitectureError(f"{err}. {FALLBACK_HINT}") from None
-    check_hf_config(hf_config, arch)
-    cfg = arch.config_from_hf(hf_config)
-    plan = None
-    if device_map is not None:  # planned (and refused) before any weight is read
-        from hooked_attn.scale.dispatch import plan_for_config
+@dataclass
+class OpenedSource:
+    """A source whose config is read, checked and converted to ours, and whose weights are not read yet
+    (a folder's are read lazily; an in-memory model's are only referred to). Everything that can refuse
+    the arguments has been checked."""
 
-        if device is not None:
-            raise ValueError("pass device= or device_map=, not both")
-        plan = plan_for_config(cfg, device_map, max_memory, dtype, offload_folder)
-    elif max_memory is not None or offload_folder is not None:
-        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
-    in_memory = _is_hf_model(model_name_or_path)
+    cfg: ModelConfig
+    hf_config: PretrainedConfig
+    architecture: Architecture
+    hf_state_dict: Mapping[str, Tensor]
+    tokenizer: TokenizerArg
+    default_tokenizer: Any  # the source's own: a loaded tokenizer (GGUF), the folder it is in, or None
+    dtype: torch.dtype
+    device: torch.device
+    source: Source
+    release_source: bool
+    foreign: frozenset[int]  # storages that a caller's live object holds: copied, never adopted or written
+
+
+@dataclass
+class LoadedWeights:
+    """What the pipeline ends in: everything a model class needs to be built, and nothing of one."""
+
+    cfg: ModelConfig  # describes ``state_dict`` (its ``processing`` records the steps applied)
+    state_dict: dict[str, Tensor]  # our layout, processed; emptied by ``materialise`` as it adopts each tensor
+    tokenizer: PreTrainedTokenizerBase | None
+    hf_config: PretrainedConfig
+    architecture: Architecture
+    dtype: torch.dtype
+    device: torch.device
+    foreign: frozenset[int]
+
+
+def open_source(
+    source: Source, *, kind: Kind = "decoder", tokenizer: TokenizerArg = None, dtype: DtypeArg = None,
+    device: DeviceArg = None, gguf_file: str | None = None, revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None, release_source: bool = False,
+) -> OpenedSource:
+    """Check the arguments, read the HF config, find the family and convert the config (see
+    ``HookedTransformer.from_pretrained`` for the arguments). ``kind`` picks the registry: decoder-only
+    families or encoders. No weight is read or touched."""
+    target_dtype = resolve_dtype(dtype, source)
+    target_device = resolve_device(device)
+    check_tokenizer_arg(tokenizer)
+    in_memory = is_hf_model(source)
     if release_source and not in_memory:
         raise ValueError(f"release_source=True takes the weights of an in-memory PreTrainedModel; got "
-                         f"{type(model_name_or_path).__name__} {str(model_name_or_path)!r}")
-    # Tensors that belong to a caller's in-memory model: they are copied, never adopted or written to.
-    foreign = {t.untyped_storage().data_ptr() for t in hf_sd.values()} if in_memory else set()
-    sd = arch.convert_state_dict(hf_sd, cfg, hf_config)
-    del hf_sd
-    if release_source:  # converted without error: the weights are ours now, the caller's model lets go
-        model_name_or_path.to_empty(device="meta")  # type: ignore[union-attr]
-        foreign = set()
+                         f"{type(source).__name__} {str(source)!r}")
+    if in_memory:
+        _check_has_weights(source)  # type: ignore[arg-type]
+    # Counted before anything of ours refers to them: what else holds the source's tensors.
+    held = _held_elsewhere(source) if release_source else frozenset()  # type: ignore[arg-type]
+    read = read_source(source, gguf_file, revision, cache_dir, target_dtype)
+    arch = _architecture(kind, read.hf_architecture, read.hf_config)
+    check_hf_config(read.hf_config, arch)
+    cfg = arch.config_from_hf(read.hf_config)
+    # A caller's in-memory model is copied, never adopted or written to; with release_source, only what
+    # something besides it holds is.
+    foreign = frozenset(_ptr(t) for t in read.state_dict.values()) if in_memory and not release_source else held
+    return OpenedSource(cfg=cfg, hf_config=read.hf_config, architecture=arch, hf_state_dict=read.state_dict,
+                        tokenizer=tokenizer, default_tokenizer=read.tokenizer, dtype=target_dtype,
+                        device=target_device, source=source, release_source=release_source, foreign=foreign)
+
+
+def load_weights(opened: OpenedSource, processing: Processing = DEFAULT_PROCESSING) -> LoadedWeights:
+    """Convert, check and process the weights of an opened source. A processing step that cannot preserve
+    the model, a non-finite weight that processing would spread, and a tokenizer that will not load are
+    all refused before an in-memory source is released (``release_source``) or any weight rewritten."""
+    cfg, arch = opened.cfg, opened.architecture
+    sd = arch.convert_state_dict(opened.hf_state_dict, cfg, opened.hf_config)
+    opened.hf_state_dict = {}  # the HF state dict's own references go: only what ``sd`` holds stays
+    run, _, _ = plan_processing(sd, cfg, processing)  # a refused step raises here
+    check_finite(sd, spread_by=run)
+    tokenizer = load_tokenizer(opened.tokenizer, opened.default_tokenizer)
+    # Nothing below refuses what it was given: from here on, an in-memory source may be released.
+    if opened.release_source:
+        opened.source.to_empty(device="meta")  # type: ignore[union-attr]
     release_free_memory()
     for key in sd:  # one tensor at a time, so the old one is freed as the new one is made
-        sd[key] = sd[key].to(dtype)
-    sd, cfg = process_weights(
-        sd, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-        fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        # sd is ours, and so is every tensor not in a caller's model: those are overwritten as they are
-        # processed, the others replaced (and freed) one at a time.
-        inplace=True, owned=lambda t: t.untyped_storage().data_ptr() not in foreign,
-    )
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    model = _materialise(cfg, sd, dtype, target, _load_tokenizer(tokenizer, default_tokenizer), foreign)
-    if plan is not None:
-        from hooked_attn.scale.dispatch import place
-
-        model = place(model, plan, offload_folder)
-    where = type(model_name_or_path).__name__ if in_memory else model_name_or_path
+        sd[key] = sd[key].to(opened.dtype)
+    foreign = opened.foreign
+    sd, cfg = process_weights(sd, cfg, processing, inplace=True, owned=lambda t: _ptr(t) not in foreign)
+    where = type(opened.source).__name__ if is_hf_model(opened.source) else opened.source
     logger.info("loaded %s from %s with processing %s", arch.hf_architecture, where, cfg.processing)
-    return model
+    return LoadedWeights(cfg=cfg, state_dict=sd, tokenizer=tokenizer, hf_config=opened.hf_config,
+                         architecture=arch, dtype=opened.dtype, device=opened.device, foreign=foreign)
 
 
-def _materialise(
-    cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-    tokenizer: PreTrainedTokenizerBase | None, foreign: set[int],
-) -> HookedTransformer:
-    """Build the model on the meta device and adopt ``sd``'s tensors as its parameters.
+def materialise(build: Callable[[LoadedWeights], M], loaded: LoadedWeights) -> M:
+    """Build ``build(loaded)`` on the meta device and adopt the loaded tensors as its parameters.
 
     A tensor is adopted as it is when it already has the parameter's dtype, device and memory layout and
-    is not in ``foreign`` storage (a caller's model); otherwise it is copied into a fresh one. Each tensor
-    leaves ``sd`` as it is placed, so nothing is held twice.
+    is not ``foreign``; otherwise it is copied into a fresh one. Each tensor leaves ``loaded.state_dict``
+    as it is placed, so nothing is held twice.
+
+    Raises:
+        StateDictError: the weights do not fit the model (a name missing or left over, a shape).
     """
+    sd = loaded.state_dict
     with torch.device("meta"):
-        model = HookedTransformer(cfg, tokenizer=tokenizer)
+        model = build(loaded)
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
     if missing or unexpected:
         raise StateDictError(f"converted weights do not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     for name, meta in params.items():
-        tensor = sd.pop(name)
-        if tensor.shape != meta.shape:
-            raise StateDictError(f"converted weight {name!r} has shape {tuple(tensor.shape)}, the model needs "
+        if sd[name].shape != meta.shape:
+            raise StateDictError(f"converted weight {name!r} has shape {tuple(sd[name].shape)}, the model needs "
                                  f"{tuple(meta.shape)}")
-        adopt = (tensor.dtype == dtype and tensor.device == device and _layout_fits(tensor, meta)
-                 and tensor.untyped_storage().data_ptr() not in foreign)
+    for name, meta in params.items():
+        tensor = sd.pop(name)
+        adopt = (tensor.dtype == loaded.dtype and tensor.device == loaded.device and _layout_fits(tensor, meta)
+                 and _ptr(tensor) not in loaded.foreign)
         if not adopt:
-            fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=dtype, device=device)
+            fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=loaded.dtype, device=loaded.device)
             tensor = fresh.copy_(tensor)
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner).register_parameter(leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
     return model
 
 
-def _layout_fits(tensor: torch.Tensor, meta: torch.Tensor) -> bool:
+def resolve_dtype(dtype: DtypeArg, source: object = None) -> torch.dtype:
+    """The floating-point dtype to load in: ``dtype`` (a ``torch.dtype`` or its name, ``"bfloat16"``),
+    float32 by default. An in-memory source in another floating dtype, loaded by default, is upcast
+    with a warning that says how to keep its dtype.
+
+    Raises:
+        ValueError: not a floating-point dtype (``torch.int64``), or a name torch does not know.
+        TypeError: neither a dtype, a name nor None.
+    """
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.bfloat16 or 'bfloat16'")
+        dtype = named
+    if dtype is None:
+        source_dtype = _floating_dtype(source) if is_hf_model(source) else None
+        if source_dtype is not None and source_dtype != torch.float32:
+            warnings.warn(f"the HF model's weights are {source_dtype}; loading them as torch.float32 (the default). "
+                          f"Pass dtype={source_dtype} to keep them as they are.", stacklevel=4)
+        return torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, its name or None, got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.bfloat16, ...), got {dtype}")
+    return dtype
+
+
+def resolve_device(device: DeviceArg) -> torch.device:
+    """``device`` (CPU by default), checked by making an empty tensor there.
+
+    Raises:
+        ValueError: the device string is malformed or the device is not available (``"cuda"`` without CUDA).
+    """
+    try:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as err:  # torch raises AssertionError for a CPU-only build's CUDA
+        raise ValueError(f"cannot load onto device {device!r}: {err}") from err
+    return target
+
+
+def check_finite(sd: dict[str, Tensor], spread_by: list[str]) -> None:
+    """Report a NaN or inf in a floating-point weight, naming the tensor and the index of the first.
+
+    Raises:
+        NonFiniteWeightError: when processing steps (``spread_by``) would mix it into every output
+            (centring the unembedding puts a NaN of one vocabulary row into every logit).
+    Without processing it is only warned about: the model then computes what HF computes.
+    """
+    bad = [key for key, t in sd.items() if t.is_floating_point() and not _all_finite(t)]
+    if not bad:
+        return
+    first = sd[bad[0]]
+    index = tuple(int(i) for i in torch.nonzero(~torch.isfinite(first))[0])
+    count = int((~torch.isfinite(first)).sum())
+    others = f" (also non-finite: {', '.join(bad[1:6])}{', ...' if len(bad) > 6 else ''})" if len(bad) > 1 else ""
+    what = (f"weight {bad[0]!r} {tuple(first.shape)} holds {count} non-finite value(s); the first is "
+            f"{float(first[index])} at index {index}{others}")
+    if spread_by:
+        raise NonFiniteWeightError(f"{what}. Processing ({', '.join(spread_by)}) would spread it to every output: "
+                                   f"repair the weight, or load without processing (from_pretrained_no_processing)")
+    warnings.warn(f"{what}; outputs that read it will not be finite", stacklevel=4)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: float32 sums over bounded slices along its first axis
+    (a sum is finite exactly when no element is NaN or inf, short of an overflow, which the exact check
+    then clears). Slices are views, so nothing the size of ``t`` is made."""
+    if t.ndim == 0:
+        return bool(torch.isfinite(t))
+    n = t.shape[0]
+    step = max(1, SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
+    for start in range(0, n, step):
+        part = t.narrow(0, start, min(step, n - start))
+        if not torch.isfinite(part.sum(dtype=torch.float32)) and not bool(torch.isfinite(part).all()):
+            return False
+    return True
+
+
+def _architecture(kind: Kind, hf_architecture: str | None, hf_config: PretrainedConfig) -> Architecture:
+    if kind == "decoder":
+        return get_architecture(hf_architecture, hf_config)
+    if hf_architecture not in ENCODERS:
+        raise UnknownArchitectureError(f"architecture {hf_architecture!r} is not a supported encoder; supported: "
+                                       f"{', '.join(sorted(ENCODERS))}")
+    return ENCODERS[hf_architecture]
+
+
+def _ptr(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _check_has_weights(model: nn.Module) -> None:
+    empty = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if empty is not None:
+        raise ValueError(f"the {type(model).__name__} has no weights: {empty} is on the meta device (it was "
+                         f"emptied by an earlier from_pretrained(..., release_source=True), or built on meta)")
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _held_elsewhere(model: nn.Module) -> frozenset[int]:
+    """The storages of ``model``'s parameters and buffers that something besides ``model`` also holds:
+    another module given the same parameter, a tensor sharing its storage (another model loaded with
+    ``assign=True``, a view), or a variable. Those must never be rewritten in place.
+
+    Python's reference count of each tensor is compared with the slots ``model`` holds it in, and the
+    storage's use count with the tensors ``model`` holds on it."""
+    slots: Counter[int] = Counter()
+    tensors: dict[int, Tensor] = {}
+    for module in model.modules():
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None:
+                slots[id(t)] += 1
+                tensors[id(t)] = t
+    on_storage = Counter(_ptr(t) for t in tensors.values())
+    held = set()
+    for key in list(tensors):
+        t = tensors[key]
+        storage = t.untyped_storage()  # this Python storage object is one more use of the storage
+        # References to t: its slots, ``tensors``' value, the name t, and getrefcount's own argument.
+        if sys.getrefcount(t) > slots[key] + 3 or torch._C._storage_Use_Count(storage._cdata) > on_storage[_ptr(t)] + 1:
+            held.add(_ptr(t))
+        del t, storage
+    return frozenset(held)
+
+
+def _layout_fits(tensor: Tensor, meta: Tensor) -> bool:
     """Whether ``tensor`` can be the parameter ``meta`` as it is laid out: the same strides, or, for a
     matrix, either dense layout (GPT-2's Conv1D ``[in, out]`` or nn.Linear's ``[out, in]``), which the
     forward's ``F.linear`` reads equally well."""
@@ -157,6 +304,7 @@ def _layout_fits(tensor: torch.Tensor, meta: torch.Tensor) -> bool:
     if tensor.ndim != 2 or tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.nbytes:
         return False
     return tensor.is_contiguous() or tensor.T.is_contiguous()
+<<<<<<< HEAD
 
 
 def from_pretrained_no_processing(model_name_or_path: Source, **kwargs: Any) -> HookedTransformer:
@@ -303,3 +451,5 @@ def _load_tokenizer(tokenizer: TokenizerArg, default: Any) -> PreTrainedTokenize
         logger.warning("the tokenizer in %s has an empty vocabulary; ignoring it", default)
         return None
     return loaded
+=======
+>>>>>>> main

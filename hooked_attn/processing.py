@@ -1,158 +1,53 @@
 """Weight processing: pure ``StateDict -> StateDict`` transforms that leave the model's output unchanged.
 
-Each function takes our per-head state dict (``blocks.{i}.attn.W_Q`` ...) and returns a new dict;
-the input is never modified. With ``inplace=True`` the results go into the given dict instead, so that
-each old tensor can be freed as its replacement is made. Tensors themselves are never written to, unless
-the caller also passes ``owned``: then a tensor that ``owned`` accepts and whose storage no other entry
-of the dict shares is overwritten slice by slice instead of replaced, so processing needs no second copy
-of it (the loader does this with the tensors it has just read). Each docstring states the invariant its
-test checks. Arithmetic runs in at least float32 and results are cast back to each tensor's dtype.
+Each step takes our per-head state dict (``blocks.{i}.attn.W_Q`` ...) and the config, states the
+invariant its test checks, and returns a new dict; the input is never modified. The steps are math over
+whole tensors; ``hooked_attn.weight_writer`` carries it out in bounded slices. ``process_weights`` runs
+the steps a ``Processing`` record asks for (TransformerLens' keyword flags are sugar over it) and returns
+the config that describes the new weights. Arithmetic runs in at least float32 and results keep each
+tensor's dtype.
 """
 
-import contextlib
 import dataclasses
 import logging
-import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
 
 import einops
 import torch
 from torch import Tensor
 
 from hooked_attn.config import LearnedPositions, ModelConfig, Processing
-from hooked_attn.memory import release_free_memory
 from hooked_attn.shapes import StateDict
+from hooked_attn.weight_writer import Owned, WeightWriter, at_least_float32, bounded_sum, lend_work_buffer
 
 logger = logging.getLogger(__name__)
+
+_f = at_least_float32
+
+DEFAULT_PROCESSING = Processing(fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                fold_value_biases=True)
+"""What ``from_pretrained`` and ``process_weights`` do unless told otherwise (TransformerLens' defaults)."""
+NO_PROCESSING = Processing()
+"""The weights exactly as HF has them (``from_pretrained_no_processing``)."""
+STEP_NAMES = tuple(field.name for field in dataclasses.fields(Processing))
 
 
 class ProcessingError(ValueError):
     """A processing step was asked for that cannot preserve this model."""
 
 
-def _f(t: Tensor) -> Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+def processing_options(base: Processing = DEFAULT_PROCESSING, **flags: bool | None) -> Processing:
+    """``base`` with each flag given (not None) set: TransformerLens' ``fold_ln=...`` keywords as a record.
 
-
-_SLICE_ELEMENTS = 1 << 21  # float32 temporaries stay under ~8 MB per slice, whatever the tensor's size
-
-
-Owned = Callable[[Tensor], bool] | None
-
-
-def _overwriter(out: dict[str, Tensor], inplace: bool, owned: Owned) -> Callable[[Tensor], bool]:
-    """For one step: whether a tensor of ``out`` may be written to. ``owned`` must accept it, and no other
-    entry may share its storage (GPT-2's W_Q, W_K and W_V are views of one c_attn weight; a tied W_U is a
-    view of W_E). Sharing is counted once, as the step starts: a step only ever adds fresh tensors, so
-    nothing it does can make a storage shared, and one pass over the dict serves every weight."""
-    if not inplace or owned is None:
-        return lambda t: False
-    counts = Counter(t.untyped_storage().data_ptr() for t in out.values())
-    return lambda t: counts[t.untyped_storage().data_ptr()] == 1 and owned(t)
-
-
-def _slices(t: Tensor) -> Iterator[tuple[int, int, int]]:
-    """(axis, start, size) of bounded slices of ``t`` along its outermost storage axis, so that each slice
-    is one run of memory (a tied ``W_U`` stored as ``W_E`` is sliced along d_vocab, not d_model)."""
-    axis = max(range(t.ndim), key=lambda a: t.stride(a) if t.shape[a] > 1 else -1)
-    n = t.shape[axis]
-    step = max(1, _SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
-    for start in range(0, n, step):
-        yield axis, start, min(step, n - start)
-
-
-def _part(b: Tensor, axis: int, start: int, size: int) -> Tensor:
-    """The piece of ``b`` (broadcast against a tensor) that meets that tensor's slice."""
-    return b.narrow(axis, start, size) if b.shape[axis] > 1 else b
-
-
-_lent = threading.local()  # the float32 buffer process_weights lends its steps for slice temporaries
-
-
-@contextlib.contextmanager
-def _lend_work_buffer() -> Iterator[None]:
-    """Give the steps run inside one float32 buffer of ``_SLICE_ELEMENTS`` to reuse for every slice. A
-    fresh temporary per slice fragments glibc's heap (small results land in the freed holes, so the next
-    temporary no longer fits): load RSS then grows by a slice per weight."""
-    previous = getattr(_lent, "buffer", None)
-    _lent.buffer = torch.empty(_SLICE_ELEMENTS)
-    try:
-        yield
-    finally:
-        _lent.buffer = previous
-
-
-def _work(t: Tensor, slices: list[tuple[int, int, int]]) -> Tensor:
-    """A float32 tensor (float64 for a float64 ``t``) shaped and ordered in memory like ``t``'s first slice:
-    in the lent buffer when there is one and it fits, else fresh. Later slices use a narrowed view of it."""
-    like = t.narrow(*slices[0])
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    flat = getattr(_lent, "buffer", None)
-    if flat is None or flat.numel() < like.numel() or flat.device != t.device or flat.dtype != dtype:
-        flat = torch.empty(like.numel(), dtype=dtype, device=t.device)
-    strides, step = [0] * like.ndim, 1
-    for d in sorted(range(like.ndim), key=lambda d: (like.stride(d), -d)):  # innermost axis first
-        strides[d], step = step, step * like.shape[d]
-    return flat[:like.numel()].as_strided(like.shape, strides)
-
-
-def _sum(t: Tensor, axis: int, scale: Tensor | None = None) -> Tensor:
-    """float32 sum over ``axis`` (kept, size 1) of ``t``, times ``scale`` (broadcast against ``t``) when
-    given, computed slice by slice: no float32 copy of ``t`` is ever whole."""
-    axis, total, parts, along = axis % t.ndim, None, [], 0
-    slices = list(_slices(t))
-    if not slices:  # an empty tensor
-        return torch.zeros([1 if a == axis else n for a, n in enumerate(t.shape)], dtype=_f(t).dtype, device=t.device)
-    work = _work(t, slices) if scale is not None or t.dtype not in (torch.float32, torch.float64) else None
-    for along, start, size in slices:
-        x = t.narrow(along, start, size)
-        if work is not None:
-            buf = work.narrow(along, 0, size)
-            x = buf.copy_(x)  # (a mixed-dtype torch.mul(out=) may make a temporary of its own)
-            if scale is not None:
-                x.mul_(_part(scale, along, start, size))
-        s = x.sum(axis, keepdim=True)  # x is float32 (or 64) here; sum(dtype=) would copy it first
-        if along == axis:
-            total = s if total is None else total + s
-        else:
-            parts.append(s)
-    return total if total is not None else torch.cat(parts, dim=along)
-
-
-def _affine(t: Tensor, scale: Tensor | None, shift: Tensor | None, overwrite: bool) -> Tensor:
-    """``t * scale - shift`` (each broadcast against ``t``, in at least float32), into a fresh tensor of
-    ``t``'s dtype and layout or, with ``overwrite``, back into ``t``; by slices, so the float32
-    temporaries are bounded by a slice (a float32 ``t`` needs none)."""
-    out = t if overwrite else torch.empty_like(t)
-    slices = list(_slices(t))
-    same = t.dtype in (torch.float32, torch.float64)  # then the arithmetic runs in the destination
-    work = None if same or not slices else _work(t, slices)
-    for axis, start, size in slices:
-        src, dst = t.narrow(axis, start, size), out.narrow(axis, start, size)
-        if same and not overwrite:
-            dst.copy_(src)
-        x = dst if same else work.narrow(axis, 0, size).copy_(src)
-        if scale is not None:
-            x.mul_(_part(scale, axis, start, size))
-        if shift is not None:
-            x.sub_(_part(shift, axis, start, size))
-        if x is not dst:
-            dst.copy_(x)
-    return out
-
-
-def _scale_and_center(out: dict[str, Tensor], key: str, scale: Tensor | None, center_axis: int | None,
-                      inplace: bool, may_overwrite: Callable[[Tensor], bool]) -> None:
-    """``out[key] = W * scale``, then less its mean over ``center_axis`` (when given). ``W`` is overwritten
-    when it may be, else replaced by a fresh tensor (and in place mode hands the old one's pages back
-    before the next is made)."""
-    old = out[key]
-    mean = None if center_axis is None else _sum(old, center_axis, scale) / old.shape[center_axis]
-    out[key] = _affine(old, scale, mean, overwrite=may_overwrite(old))
-    if inplace and out[key] is not old:
-        del old
-        release_free_memory()
+    Raises:
+        TypeError: a flag that names no step, or one that is not a bool.
+    """
+    unknown = sorted(set(flags) - set(STEP_NAMES))
+    if unknown:
+        raise TypeError(f"unknown processing flag(s) {unknown}; the steps are {list(STEP_NAMES)}")
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"processing flag {name} must be True, False or None, got {value!r}")
+    return dataclasses.replace(base, **{name: value for name, value in flags.items() if value is not None})
 
 
 def _norm_readers(cfg: ModelConfig, sd: StateDict) -> list[tuple[str, list[str]]]:
@@ -220,7 +115,12 @@ def _refuse(step: str, cfg: ModelConfig) -> None:
         raise ProcessingError(f"{step} cannot preserve this {cfg.hf_architecture} model: {reason}")
 
 
-def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
+def _writer(sd: StateDict, writer: WeightWriter | None) -> WeightWriter:
+    """The given writer, or one over a copy of ``sd`` that overwrites nothing: the pure form of a step."""
+    return writer if writer is not None else WeightWriter(dict(sd))
+
+
+def fold_layer_norm(sd: StateDict, cfg: ModelConfig, *, writer: WeightWriter | None = None) -> dict[str, Tensor]:
     """Fold each norm's gain (and bias) into the weights that read its output; for LayerNorm,
     then centre those reading weights over ``d_model``.
 
@@ -231,80 +131,76 @@ def fold_layer_norm(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owne
     centring removes it. Each reader's output ``x W + b`` is unchanged.
     """
     _refuse("fold_ln", cfg)
-    out = sd if inplace else dict(sd)
-    may_overwrite = _overwriter(out, inplace, owned)
-    center = cfg.norm.kind == "layernorm"
-    for norm, readers in _norm_readers(cfg, sd):
-        w, b = out.pop(f"{norm}.w", None), out.pop(f"{norm}.b", None)
-        gain = None if w is None else _f(w) + cfg.norm.weight_offset
+    w = _writer(sd, writer)
+    for norm, readers in _norm_readers(cfg, w.sd):
+        gain, bias = w.pop(f"{norm}.w"), w.pop(f"{norm}.b")
+        gain = None if gain is None else _f(gain) + cfg.norm.weight_offset
         for key in readers:
-            W = out[key]
-            d_axis = W.ndim - 2  # d_model is the second-to-last axis of every reading weight
-            shape = [1] * W.ndim
-            shape[d_axis] = -1
-            bias_key = _bias_key(key, sd)
-            if b is not None:
+            d_axis = w[key].ndim - 2  # d_model is the second-to-last axis of every reading weight
+            along_d_model = [-1 if axis == d_axis else 1 for axis in range(w[key].ndim)]
+            if bias is not None:
+                bias_key = _bias_key(key, w.sd)
                 if bias_key is None:
                     raise ProcessingError(f"cannot fold {norm}.b into {key}: it has no bias to take it")
-                folded = _sum(W, d_axis, _f(b).view(shape)).squeeze(d_axis)
-                out[bias_key] = (_f(out[bias_key]) + folded).to(out[bias_key].dtype)
-            del W
-            scale = None if gain is None else gain.view(shape)
-            _scale_and_center(out, key, scale, d_axis if center else None, inplace, may_overwrite)
-    return out
+                folded = bounded_sum(w[key], d_axis, _f(bias).view(along_d_model)).squeeze(d_axis)
+                w.set(bias_key, _f(w[bias_key]) + folded)
+            scale = None if gain is None else gain.view(along_d_model)
+            w.scale_and_center(key, scale, center_axis=d_axis if cfg.norm.kind == "layernorm" else None)
+    return w.sd
 
 
-def center_writing_weights(sd: StateDict, cfg: ModelConfig, inplace: bool = False,
-                           owned: Owned = None) -> dict[str, Tensor]:
+def _writing_keys(cfg: ModelConfig) -> list[str]:
+    """Every weight and bias that writes to the residual stream."""
+    keys = ["embed.W_E"] + (["pos_embed.W_pos"] if isinstance(cfg.positions, LearnedPositions) else [])
+    for i in range(cfg.n_layers):
+        keys += [f"blocks.{i}.attn.W_O", f"blocks.{i}.attn.b_O", f"blocks.{i}.mlp.W_out", f"blocks.{i}.mlp.b_out"]
+    return keys
+
+
+def center_writing_weights(sd: StateDict, cfg: ModelConfig, *,
+                           writer: WeightWriter | None = None) -> dict[str, Tensor]:
     """Subtract from every weight and bias that writes to the residual stream its mean over ``d_model``.
 
     Invariant: logits unchanged, for LayerNorm models only: every reader of the residual stream is a
     LayerNorm, which removes the mean first.
     """
     _refuse("center_writing_weights", cfg)
-    out = sd if inplace else dict(sd)
-    may_overwrite = _overwriter(out, inplace, owned)
-    keys = ["embed.W_E"] + (["pos_embed.W_pos"] if isinstance(cfg.positions, LearnedPositions) else [])
-    for i in range(cfg.n_layers):
-        keys += [f"blocks.{i}.attn.W_O", f"blocks.{i}.attn.b_O", f"blocks.{i}.mlp.W_out", f"blocks.{i}.mlp.b_out"]
-    for key in keys:
-        t = out[key]
-        if t.ndim == 1:
-            out[key] = (_f(t) - _f(t).mean()).to(t.dtype)
+    w = _writer(sd, writer)
+    for key in _writing_keys(cfg):
+        if w[key].ndim == 1:
+            w.set(key, _f(w[key]) - _f(w[key]).mean())
         else:  # the mean is over d_model, the last axis
-            del t
-            _scale_and_center(out, key, None, -1, inplace, may_overwrite)
-    return out
+            w.scale_and_center(key, center_axis=-1)
+    return w.sd
 
 
-def center_unembed(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
+def center_unembed(sd: StateDict, cfg: ModelConfig, *, writer: WeightWriter | None = None) -> dict[str, Tensor]:
     """Subtract from ``W_U`` and ``b_U`` their mean over ``d_vocab``.
 
     Invariant: log-probs unchanged; logits shift by a per-position constant.
     """
     _refuse("center_unembed", cfg)
-    out = sd if inplace else dict(sd)
-    b_U = _f(out["unembed.b_U"])
-    _scale_and_center(out, "unembed.W_U", None, -1, inplace, _overwriter(out, inplace, owned))  # the mean over d_vocab, the last axis
-    out["unembed.b_U"] = (b_U - b_U.mean()).to(out["unembed.b_U"].dtype)
-    return out
+    w = _writer(sd, writer)
+    w.scale_and_center("unembed.W_U", center_axis=-1)  # d_vocab is the last axis
+    w.set("unembed.b_U", _f(w["unembed.b_U"]) - _f(w["unembed.b_U"]).mean())
+    return w.sd
 
 
-def fold_value_biases(sd: StateDict, cfg: ModelConfig, inplace: bool = False, owned: Owned = None) -> dict[str, Tensor]:
+def fold_value_biases(sd: StateDict, cfg: ModelConfig, *, writer: WeightWriter | None = None) -> dict[str, Tensor]:
     """Move each value bias into the output bias: ``b_O += sum_head b_V[head] @ W_O[head]``; ``b_V = 0``.
 
     Invariant: logits unchanged, because every pattern row sums to 1, so the value bias reaches
     ``z`` unchanged whatever the pattern. Refused when v is clamped (``clip_qkv``).
     """
     _refuse("fold_value_biases", cfg)
-    out = sd if inplace else dict(sd)
+    w = _writer(sd, writer)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
-        b_V = _f(sd[f"{a}.b_V"]).repeat_interleave(cfg.group_size, dim=0)
-        folded = einops.einsum(b_V, _f(sd[f"{a}.W_O"]), "head d_head, head d_head d_model -> d_model")
-        out[f"{a}.b_O"] = (_f(sd[f"{a}.b_O"]) + folded).to(sd[f"{a}.b_O"].dtype)
-        out[f"{a}.b_V"] = torch.zeros_like(sd[f"{a}.b_V"])
-    return out
+        b_V = _f(w[f"{a}.b_V"]).repeat_interleave(cfg.group_size, dim=0)
+        folded = einops.einsum(b_V, _f(w[f"{a}.W_O"]), "head d_head, head d_head d_model -> d_model")
+        w.set(f"{a}.b_O", _f(w[f"{a}.b_O"]) + folded)
+        w.set(f"{a}.b_V", torch.zeros_like(w[f"{a}.b_V"]))
+    return w.sd
 
 
 def _balanced(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,8 +212,8 @@ def _balanced(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return (Qa @ U) * root[..., None, :], root[..., :, None] * (Vh @ Qb.mT)
 
 
-def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, inplace: bool = False,
-                                    owned: Owned = None) -> dict[str, Tensor]:
+def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, *,
+                                    writer: WeightWriter | None = None) -> dict[str, Tensor]:
     """Rewrite each head's ``W_Q``/``W_K`` (with biases) and ``W_V``/``W_O`` as balanced SVD factors
     of ``W_Q W_K^T`` and ``W_V W_O``; value biases are folded into ``b_O`` first.
 
@@ -326,22 +222,22 @@ def refactor_factored_attn_matrices(sd: StateDict, cfg: ModelConfig, inplace: bo
     clamped q, k, v.
     """
     _refuse("refactor_factored_attn_matrices", cfg)
-    out = fold_value_biases(sd, cfg, inplace=inplace)
+    w = _writer(sd, writer)
+    fold_value_biases(w.sd, cfg, writer=w)
     for i in range(cfg.n_layers):
         a = f"blocks.{i}.attn"
-        dt = sd[f"{a}.W_Q"].dtype
-        q = torch.cat([out[f"{a}.W_Q"], out[f"{a}.b_Q"][:, None, :]], dim=1).double()
-        k = torch.cat([out[f"{a}.W_K"], out[f"{a}.b_K"][:, None, :]], dim=1).double()
+        q = torch.cat([w[f"{a}.W_Q"], w[f"{a}.b_Q"][:, None, :]], dim=1).double()
+        k = torch.cat([w[f"{a}.W_K"], w[f"{a}.b_K"][:, None, :]], dim=1).double()
         q, k_t = _balanced(q, k.mT)
         k = k_t.mT
-        out[f"{a}.W_Q"], out[f"{a}.b_Q"] = q[:, :-1].to(dt), q[:, -1].to(dt)
-        out[f"{a}.W_K"], out[f"{a}.b_K"] = k[:, :-1].to(dt), k[:, -1].to(dt)
-        v, o = _balanced(out[f"{a}.W_V"].double(), out[f"{a}.W_O"].double())
-        out[f"{a}.W_V"], out[f"{a}.W_O"] = v.to(dt), o.to(dt)
-    return out
+        v, o = _balanced(w[f"{a}.W_V"].double(), w[f"{a}.W_O"].double())
+        for key, value in {"W_Q": q[:, :-1], "b_Q": q[:, -1], "W_K": k[:, :-1], "b_K": k[:, -1],
+                           "W_V": v, "W_O": o}.items():
+            w.set(f"{a}.{key}", value)
+    return w.sd
 
 
-STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
+STEPS = {
     "fold_ln": fold_layer_norm,
     "center_writing_weights": center_writing_weights,
     "center_unembed": center_unembed,
@@ -350,43 +246,63 @@ STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
 }
 
 
-def process_weights(
-    sd: StateDict, cfg: ModelConfig, *, fold_ln: bool = True, center_writing_weights: bool = True,
-    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-    inplace: bool = False, owned: Owned = None,
-) -> tuple[dict[str, Tensor], ModelConfig]:
-    """Apply the chosen steps in order and return the new weights with the config that describes them.
-
-    ``inplace`` puts the results into ``sd`` itself; ``owned`` (with ``inplace``) also lets a step
-    overwrite the tensors it accepts that share storage with no other entry (see the module docstring).
+def plan_processing(
+    sd: StateDict, cfg: ModelConfig, wanted: Processing,
+) -> tuple[list[str], ModelConfig, dict[str, str]]:
+    """The steps ``process_weights`` will run, in order, the config that will describe the result, and
+    the skipped steps with the reason for each; nothing is computed. Steps already recorded in
+    ``cfg.processing`` are not run again.
 
     A default-on step that cannot preserve this model (``why_not``) is skipped with a logged reason:
-    ``center_writing_weights`` on RMSNorm models, ``center_unembed`` with soft-capped logits, ...
-    ``refactor_factored_attn_matrices`` raises ProcessingError instead, since it is only ever asked
-    for explicitly.
+    ``center_writing_weights`` on RMSNorm models, ``center_unembed`` with soft-capped logits or with no
+    unembedding (an encoder without its head), ... ``refactor_factored_attn_matrices`` raises
+    ProcessingError instead, since it is only ever asked for explicitly.
     """
-    wanted = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
-              "center_unembed": center_unembed, "fold_value_biases": fold_value_biases,
-              "refactor_factored_attn_matrices": refactor_factored_attn_matrices}
-    out: dict[str, Tensor] = sd if inplace else dict(sd)  # type: ignore[assignment]
-    with _lend_work_buffer():
-        return _run_steps(out, cfg, wanted, inplace, owned)
-
-
-def _run_steps(out: dict[str, Tensor], cfg: ModelConfig, wanted: dict[str, bool], inplace: bool,
-               owned: Owned) -> tuple[dict[str, Tensor], ModelConfig]:
-    done = cfg.processing
-    for step, on in wanted.items():
-        if not on or getattr(done, step):
+    run, done, skipped = [], cfg.processing, {}
+    for step in STEP_NAMES:
+        if not getattr(wanted, step) or getattr(done, step):
             continue
         reason = why_not(step, cfg)
-        if reason is not None and step != "refactor_factored_attn_matrices":
-            logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
-            continue
-        out = STEPS[step](out, cfg, inplace=True, owned=owned if inplace else None)  # out is this call's own dict
         if step == "refactor_factored_attn_matrices":
-            done = Processing(**{**vars(done), "fold_value_biases": True})
-        done = Processing(**{**vars(done), step: True})
+            _refuse(step, cfg)
+        elif step == "center_unembed" and "unembed.W_U" not in sd:
+            reason = "this model has no unembedding"
+        if reason is not None:
+            skipped[step] = reason
+            continue
+        run.append(step)
+        if step == "refactor_factored_attn_matrices":  # folds the value biases first
+            done = dataclasses.replace(done, fold_value_biases=True)
+        done = dataclasses.replace(done, **{step: True})
         if step == "fold_ln":
             cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, weight=False, bias=False, weight_offset=0.0))
-    return out, cfg.replace(processing=done)
+    return run, cfg.replace(processing=done), skipped
+
+
+def process_weights(
+    sd: StateDict, cfg: ModelConfig, steps: Processing = DEFAULT_PROCESSING, *, fold_ln: bool | None = None,
+    center_writing_weights: bool | None = None, center_unembed: bool | None = None,
+    fold_value_biases: bool | None = None, refactor_factored_attn_matrices: bool | None = None,
+    inplace: bool = False, owned: Owned = None,
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    """Apply the steps ``steps`` asks for (each keyword flag, when given, overrides its field) and return
+    the new weights with the config that describes them. See ``plan_processing`` for skips and refusals,
+    which are all decided before any weight is touched.
+
+    ``inplace`` puts the results into ``sd`` itself (each replaced tensor freed at once); ``owned`` (with
+    ``inplace``) also lets a step overwrite the tensors it accepts that share storage with no other entry
+    (see ``hooked_attn.weight_writer``).
+    """
+    wanted = processing_options(steps, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    run, new_cfg, skipped = plan_processing(sd, cfg, wanted)
+    for step, reason in skipped.items():
+        logger.info("skipping %s for %s: %s", step, cfg.hf_architecture, reason)
+    out: dict[str, Tensor] = sd if inplace else dict(sd)  # type: ignore[assignment]
+    with lend_work_buffer():
+        for step in run:  # a fresh writer per step: each counts the sharing of storages as it starts
+            STEPS[step](out, cfg, writer=WeightWriter(out, owned if inplace else None, release=inplace))
+            if step == "fold_ln":  # later steps see the norms as folded
+                cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, weight=False, bias=False, weight_offset=0.0))
+    return out, new_cfg

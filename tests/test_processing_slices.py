@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from hooked_attn import HookedTransformer, processing
+from hooked_attn import HookedTransformer, processing, weight_writer
 from tests.conftest import tiny_hf_model
 
 CONFIGS = {
@@ -21,7 +21,7 @@ def test_sliced_and_in_place_processing_equal_whole_tensor_processing(family, dt
     raw = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(CONFIGS[family]), dtype=dtype)
     sd = dict(raw.state_dict())
     whole, cfg_whole = processing.process_weights(sd, raw.cfg)
-    monkeypatch.setattr(processing, "_SLICE_ELEMENTS", 7)  # forces many slices on every tensor
+    monkeypatch.setattr(weight_writer, "SLICE_ELEMENTS", 7)  # forces many slices on every tensor
     own = dict(sd)
     sliced, cfg_sliced = processing.process_weights(own, raw.cfg, inplace=True)
     assert sliced is own and cfg_sliced == cfg_whole
@@ -42,7 +42,7 @@ def test_overwriting_owned_tensors_gives_the_same_weights(family, dtype, monkeyp
     raw = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(CONFIGS[family]), dtype=dtype)
     sd = {k: v.clone() for k, v in raw.state_dict().items()}
     whole, cfg_whole = processing.process_weights(sd, raw.cfg)
-    monkeypatch.setattr(processing, "_SLICE_ELEMENTS", 7)
+    monkeypatch.setattr(weight_writer, "SLICE_ELEMENTS", 7)
     own = {k: v.clone() for k, v in sd.items()}
     own["unembed.W_U"] = own["embed.W_E"].T  # tied, as a checkpoint without lm_head.weight loads
     whole_tied, _ = processing.process_weights({**sd, "unembed.W_U": sd["embed.W_E"].T}, raw.cfg)

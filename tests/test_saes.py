@@ -183,6 +183,9 @@ def test_errors_leave_no_sae_or_hook_attached(model: HookedTransformer) -> None:
         model.run_with_saes(tokens, saes=[make_sae(d_in=16)])
     with pytest.raises(KeyError, match="blocks.0.hook_resid_psot"):
         model.run_with_saes(tokens, saes=[make_sae(), make_sae(hook="blocks.0.hook_resid_psot")])
+    with model.saes([make_sae()]):
+        with pytest.raises(ValueError, match="spliced SAE's own hook point"):
+            model.run_with_saes(tokens, saes=[make_sae(hook="blocks.0.hook_resid_post.hook_sae_output")])
     assert _hooks_state(model) == before and model.acts_to_saes == {}
 
 
@@ -251,7 +254,8 @@ def test_feature_attribution_tracks_real_ablation(model: HookedTransformer) -> N
     tokens = random_tokens(LLAMA)[:1]
     metric = lambda logits: logits[0, -1, 3] - logits[0, -1, 5]  # noqa: E731
     estimate = feature_attribution(model, sae, tokens, metric)[0]
-    base = float(metric(model(tokens)))
+    with torch.no_grad():
+        base = float(metric(model(tokens)))
     candidates = estimate.abs().flatten().topk(12).indices
     real, approx = [], []
     for flat in candidates.tolist():
@@ -272,3 +276,27 @@ def test_feature_attribution_tracks_real_ablation(model: HookedTransformer) -> N
     # 10% of the largest effect, and the estimates order the effects as ablation does.
     assert (real_t - approx_t).abs().max() <= 0.1 * real_t.abs().max()
     assert torch.corrcoef(torch.stack([real_t, approx_t]))[0, 1] > 0.95
+
+
+def test_feature_patching_through_generic_activation_patch(model: HookedTransformer) -> None:
+    """The existing patching functions take a spliced SAE's feature hook by its full name."""
+    from hooked_attn.patching import generic_activation_patch, layer_pos_patch_setter
+
+    sae = make_sae(seed=7)
+    clean_tokens, corrupted_tokens = random_tokens(LLAMA, seed=1), random_tokens(LLAMA, seed=2)
+    name = "blocks.0.hook_resid_post.hook_sae_acts_post"
+    metric = lambda logits: logits[:, -1, 3].mean()  # noqa: E731
+    with model.saes([sae], use_error_term=True):
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=[name])
+        swept = generic_activation_patch(model, corrupted_tokens, clean_cache, metric, layer_pos_patch_setter, name,
+                                         index_axis_names=["layer", "pos"], index_df=[(0, pos) for pos in range(9)],
+                                         progress=False)
+        for pos in (0, 4, 8):
+            def patch(acts, hook, pos=pos):
+                acts = acts.clone()
+                acts[:, pos] = clean_cache[name][:, pos]
+                return acts
+
+            expected = metric(model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, patch)]))
+            torch.testing.assert_close(swept[pos].float(), expected.detach(), **TOL["tiny_fp32"])
+    assert swept.std() > 0

@@ -8,7 +8,7 @@ import transformers
 from accelerate.utils import compute_module_sizes
 
 from hooked_attn import SAE, HookedTransformer, SAEConfig
-from hooked_attn.scale import load_offloaded, plan_device_map, save_offloaded
+from hooked_attn.scale import dispatch, load_offloaded, plan_device_map, save_offloaded
 from hooked_attn.scale.offload import FolderWeights
 from hooked_attn.scale.placement import placement_units
 from tests.conftest import random_tokens, tiny_hf_model
@@ -115,6 +115,8 @@ def test_cpu_and_disk_maps_give_the_unsharded_logits_hooks_cache_and_generation(
         assert torch.equal(model.generate(prompt, max_new_tokens=4, stop_at_eos=False),
                            reference.generate(prompt, max_new_tokens=4, stop_at_eos=False))
     assert {p.device.type for n, p in model.named_parameters() if n.startswith("blocks.1.")} == {"meta"}
+    with pytest.raises(ValueError, match="already dispatched"):
+        dispatch(model, {unit: "cpu" for unit in placement_units(model)})
 
 
 def test_saved_folder_loads_without_processing_again(hf_model, tmp_path):

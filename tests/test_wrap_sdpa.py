@@ -231,3 +231,62 @@ def test_unknown_names_before_discovery_say_what_to_do() -> None:
     assert "layers.0.hook_pattern" in wrapped.hook_dict
     with pytest.raises(IndexError, match="4 attention layers"):
         wrapped.run_with_cache(*_inputs()[:2])[1]["pattern", 4]
+
+
+def test_backward_hooks_see_the_gradients_of_every_site() -> None:
+    torch.manual_seed(0)
+    model = Stack()
+    x, memory, attn_mask = _inputs(mask="bool")
+    wrapped = wrap(model)
+    expected = model(x, memory, attn_mask)
+    # Gradients of q alone: the fused kernel still runs (on the hooked views), output bit-identical.
+    out, cache = wrapped.run_with_cache(x, memory, attn_mask, names_filter=lambda n: n.endswith("hook_q"),
+                                        incl_bwd="deferred")
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert cache["layers.0.hook_q_grad"].shape == (2, 5, 4, 4) and cache["layers.0.hook_q_grad"].abs().sum() > 0
+    # Gradients of the pattern: the explicit path; d(sum of out)/d(pattern) of a call is z's gradient times v.
+    out, cache = wrapped.run_with_cache(x, memory, attn_mask, incl_bwd="deferred")
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for prefix in wrapped.attention_layers:
+        grad_z, v = cache[f"{prefix}.hook_z_grad"], cache[f"{prefix}.hook_v"]
+        torch.testing.assert_close(cache[f"{prefix}.hook_pattern_grad"], torch.einsum("bqhd,bkhd->bhqk", grad_z, v))
+    assert wrapped.n_hooks() == 0
+
+
+def test_a_deep_copy_has_its_own_sites_and_hooks() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    wrapped = wrap(Stack())
+    x, memory, _ = _inputs()
+    wrapped.discover(x, memory)
+    twin = copy.deepcopy(wrapped)
+    assert twin.attention_layers == wrapped.attention_layers and twin.module is not wrapped.module
+    with torch.no_grad():
+        out, cache = twin.run_with_cache(x, memory)
+        assert torch.equal(out, wrapped(x, memory))
+    assert twin.hook_dict["layers.0.hook_pattern"] is not wrapped.hook_dict["layers.0.hook_pattern"]
+    assert cache["pattern", 0].shape == (2, 4, 5, 5) and twin.n_hooks() == wrapped.n_hooks() == 0
+
+
+def test_a_hook_that_runs_the_model_again_does_not_disturb_the_naming() -> None:
+    torch.manual_seed(0)
+    wrapped = wrap(Stack())
+    x, memory, _ = _inputs()
+    wrapped.discover(x, memory)
+    inner = {}
+
+    def rerun(q, hook):
+        if not inner:  # once: a nested forward (with its own hooked call) from inside a hook
+            inner["started"] = True
+            inner["out"] = wrapped.run_with_hooks(x, memory, fwd_hooks=[("layers.1.hook_z", lambda z, hook: None)])
+
+    with torch.no_grad():
+        _, cache = wrapped.run_with_cache(x, memory, names_filter=lambda n: n.endswith("hook_pattern"))
+        wrapped.add_hook("layers.0.hook_q", rerun)
+        out, again = wrapped.run_with_cache(x, memory, names_filter=lambda n: n.endswith("hook_pattern"))
+        wrapped.reset_hooks()
+    assert list(again) == list(cache) and sorted(wrapped.hook_dict) == sorted(set(wrapped.hook_dict))
+    assert len(wrapped.attention_layers) == 4 and "out" in inner

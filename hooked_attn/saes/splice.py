@@ -117,8 +117,10 @@ class SAESplicingMixin:
         if hook_out is None:
             raise ValueError(f"transcoder {sae!r} has no hook_name_out (cfg metadata), so it cannot be spliced")
         for name in (cfg.hook_name, hook_out):
-            if name not in self.hook_dict or self.hook_dict[name].name != name:  # SAE points are not sites
+            if name not in self.hook_dict:
                 self._raise_unknown_hook(name)  # type: ignore[attr-defined]
+            if name not in self.mod_dict:  # in hook_dict only: a spliced SAE's own hook point
+                raise ValueError(f"{sae!r}: {name!r} is a spliced SAE's own hook point; SAEs splice at the model's")
         for hook_in, splice in self._splices.items():
             if splice.sae is sae and hook_in != cfg.hook_name:
                 raise ValueError(f"{sae!r} is already spliced at {hook_in!r}")

@@ -133,7 +133,7 @@ def dispatch(
 
     Raises:
         ValueError: the map misses a unit or names a GPU this machine lacks; "disk" units without an
-            ``offload_folder`` that holds them.
+            ``offload_folder`` that holds them; a model dispatched already.
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
@@ -141,6 +141,9 @@ def dispatch(
 
     from hooked_attn.scale.offload import FolderWeights
 
+    if hasattr(model, "_hf_hook"):
+        raise ValueError(f"the model is already dispatched (device map {device_map_of(model)}); load it again to "
+                         "place it differently")
     full: DeviceMap = {unit: normalize_device(d, f"device_map[{unit!r}]") for unit, d in device_map.items()}
     missing = [u for u in placement_units(model) if u not in full]
     if missing:
@@ -179,17 +182,14 @@ def device_map_of(model: nn.Module) -> DeviceMap:
     return dict(getattr(model, "hf_device_map", {}))
 
 
-def plan_for_config(
-    cfg: Any, device_map: Any, max_memory: Mapping[Device, int | str] | None, dtype: torch.dtype,
+def plan_for_model(
+    meta: nn.Module, device_map: Any, max_memory: Mapping[Device, int | str] | None, dtype: torch.dtype,
     offload_folder: str | Path | None,
 ) -> DeviceMap:
-    """The device map ``from_pretrained`` will use, planned on a ``meta`` model of ``cfg`` before any
-    weight is read, so that a bad map fails before anything is loaded."""
-    from hooked_attn.model import HookedTransformer
+    """The device map ``from_pretrained`` will use, planned on a ``meta`` model (built from the config
+    before any weight is read), so that a bad map fails before anything is loaded."""
     from hooked_attn.scale.placement import plan_device_map
 
-    with torch.device("meta"):
-        meta = HookedTransformer(cfg).to(dtype)
     plan = plan_device_map(meta, device_map, max_memory=max_memory, dtype=dtype)
     check_devices_exist(plan)
     disk = [unit for unit, d in plan.items() if d == "disk"]
@@ -208,6 +208,6 @@ def place(model: nn.Module, plan: Mapping[str, Device], offload_folder: str | Pa
     plan = {unit: d for unit, d in plan.items() if unit in units}
     disk = [unit for unit, d in plan.items() if d == "disk"]
     if disk:
-        assert offload_folder is not None  # plan_for_config checked it
+        assert offload_folder is not None  # plan_for_model checked it
         save_offloaded(model, offload_folder, units=disk)
     return dispatch(model, plan, offload_folder=offload_folder)

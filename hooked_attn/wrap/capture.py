@@ -20,6 +20,7 @@ from hooked_attn.wrap.sdpa import SDPA, AttentionSite, hooked_sdpa
 class _Stack(threading.local):
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.outer: list[list[str]] = []  # the stacks of forwards this one runs inside (a hook calling the model)
 
 
 class ModuleTracker:
@@ -37,6 +38,17 @@ class ModuleTracker:
         self._users = 0
         self._handles: list[RemovableHandle] = []
         self.on_enter: Callable[[nn.Module, str], None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: no lock, no live hooks
+        state = self.__dict__.copy()
+        for name in ("_lock", "_stack", "_handles"):
+            del state[name]
+        state["_users"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._stack, self._handles = threading.Lock(), _Stack(), []
 
     def current(self) -> tuple[str, bool]:
         """(innermost module path, whether that module is one whose own attention hooks are in charge)."""
@@ -65,11 +77,12 @@ class ModuleTracker:
                     self._handles.append(module.register_forward_pre_hook(self._pre))
                     self._handles.append(module.register_forward_hook(self._post, always_call=True))
             self._users += 1
+        self._stack.outer.append(self._stack.paths)
         self._stack.paths = []
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.paths = []
+        self._stack.paths = self._stack.outer.pop() if self._stack.outer else []
         with self._lock:
             self._users -= 1
             if self._users == 0:

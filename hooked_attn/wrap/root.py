@@ -23,6 +23,8 @@ from hooked_attn.wrap.capture import ModuleTracker, SdpaCapture
 from hooked_attn.wrap.mha import HookedMultiheadAttention
 from hooked_attn.wrap.sdpa import AttentionSite
 
+_SITE_LOCK = threading.Lock()  # new SDPA call sites are registered one at a time (module-level: deepcopy-able)
+
 # Short names ``cache[site, layer]`` and ``resolve_act_name`` understand, and the hook each one means.
 _ATTN_SITES = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "attn_scores": "hook_attn_scores",
                "scores": "hook_attn_scores", "pattern": "hook_pattern", "attn": "hook_pattern", "z": "hook_z",
@@ -58,7 +60,6 @@ class WrappedModule(HookedRootModule):
         object.__setattr__(self, "_nested_flags", nested_flags)
         # SDPA call sites by (module path, call index); their hook points live here, not in the model.
         object.__setattr__(self, "_sites", {})
-        object.__setattr__(self, "_site_lock", threading.Lock())
         self._site_points: list[HookPoint] = []
         self._mha_layers = list(dict.fromkeys(slot.path for slot in slots))
         self._call_order: list[str] = []
@@ -137,7 +138,7 @@ class WrappedModule(HookedRootModule):
             if self._discovering and site.prefix not in self._call_order:
                 self._call_order.append(site.prefix)
             return site
-        with self._site_lock:
+        with _SITE_LOCK:
             prefix = path if call == 0 else (f"{path}.call_{call}" if path else f"call_{call}")
             if any(name in self.hook_dict for name in self._site_names(prefix)):
                 prefix = f"{prefix}.sdpa" if prefix else "sdpa"  # the module has hook points of its own

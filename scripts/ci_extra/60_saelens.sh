@@ -13,7 +13,7 @@ log=$(mktemp)
 status=0
 PYTHONPATH="$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   scripts/saelens_interop 2>&1 | tee "$log" || status=$?
-passed=$(grep -oE '[0-9]+ passed' "$log" | tail -1 | grep -oE '[0-9]+' || echo 0)
-failed=$(grep -oE '[0-9]+ (failed|error)' "$log" | awk '{s+=$1} END {print s+0}')
+passed=$({ grep -oE '[0-9]+ passed' "$log" || echo 0; } | tail -1 | grep -oE '[0-9]+')
+failed=$({ grep -oE '[0-9]+ (failed|errors?)' "$log" || true; } | awk '{s+=$1} END {print s+0}')
 echo "saelens $SAELENS_VERSION interop: $passed passed, $failed failed"
 exit $status
