@@ -22,14 +22,9 @@ from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint
-<<<<<<< HEAD
-from hooked_attn.processing import process_weights
-from hooked_attn.tokens import PADDING_MASK_ATTR, TokenizerMixin, check_attention_mask
-=======
 from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
 from hooked_attn.sources import Source, TokenizerArg
-from hooked_attn.tokens import TokenizerMixin
->>>>>>> main
+from hooked_attn.tokens import PADDING_MASK_ATTR, TokenizerMixin, check_attention_mask
 
 EncoderReturn = Literal["logits", "embeddings"] | None
 
