@@ -127,6 +127,9 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple) -> str:
         if isinstance(key, tuple):
+            n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0 and n_layers is not None:
+                key = (key[0], key[1] + n_layers, *key[2:])  # TransformerLens: -1 is the last layer
             # A wrapped model numbers its own attention layers (hooked_attn.wrap: attention_layers).
             resolve = getattr(self.model, "resolve_act_name", None)
             resolved = resolve(*key) if resolve is not None else None

@@ -92,6 +92,10 @@ class _Hook:
     def context_level(self) -> int | None:  # TransformerLens' LensHandle name
         return self.level
 
+    @property
+    def user_hook(self) -> HookFn:  # TransformerLens' LensHandle name
+        return self.fn
+
 
 LensHandle = _Hook  # TransformerLens' name for the record of one attached hook
 
@@ -316,7 +320,9 @@ class HookPoint(nn.Module):
         return int(self.name.split(".")[1])
 
     def __repr__(self) -> str:
-        return f"HookPoint({self.name!r}, fwd_hooks={len(self.fwd_hooks)}, bwd_hooks={len(self.bwd_hooks)})"
+        parts = [repr(self.name)] if self.name is not None else []
+        parts += [f"{len(hooks)} {d}" for d, hooks in (("fwd", self.fwd_hooks), ("bwd", self.bwd_hooks)) if hooks]
+        return f"HookPoint({', '.join(parts)})"
 
 
 def _hook_pairs(hooks: Any, what: str) -> list[tuple[Any, HookFn]]:
@@ -335,7 +341,27 @@ def _hook_pairs(hooks: Any, what: str) -> list[tuple[Any, HookFn]]:
     return pairs  # type: ignore[return-value]
 
 
-class HookedRootModule(nn.Module):
+class HookIntrospectionMixin:
+    """``list_hooks()`` for any object with a ``hook_dict`` of HookPoints (TransformerLens' mixin)."""
+
+    def list_hooks(self, name_filter: "NamesFilter" = None, dir: str = "both",
+                   including_permanent: bool = True) -> dict[str, list[_Hook]]:
+        """The attached hooks by hook name (points without any are left out), optionally only
+        those a name, list or predicate selects, in one direction, or not permanent."""
+        points: dict[str, HookPoint] = getattr(self, "hook_dict")
+        if isinstance(name_filter, str):
+            name_filter = [name_filter]
+        out = {}
+        for name, point in points.items():
+            if name_filter is not None and not (name_filter(name) if callable(name_filter) else name in name_filter):
+                continue
+            hooks = [h for h in point.list_hooks(dir) if including_permanent or not h.permanent]  # type: ignore[arg-type]
+            if hooks:
+                out[name] = hooks
+        return out
+
+
+class HookedRootModule(HookIntrospectionMixin, nn.Module):
     """A module whose HookPoints are found by name: adding, removing and running with hooks."""
 
     hook_dict: dict[str, HookPoint]

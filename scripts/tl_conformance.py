@@ -41,6 +41,7 @@ OUT_OF_SCOPE: list[tuple[str, str]] = [
     ("tests/integration/test_generation_compatibility.py", "TransformerBridge generation"),
     ("tests/integration/test_attribution_patching.py", "TransformerBridge attribution patching"),
     ("tests/unit/tools/*", "transformer_lens.tools (3.x analysis tools built on TransformerBridge)"),
+    ("tests/unit/test_direct_path_patching.py", "transformer_lens.tools (3.x analysis tools built on TransformerBridge)"),
     ("tests/integration/test_jacobian_lens*", "transformer_lens.tools JacobianLens (TransformerBridge)"),
     ("tests/integration/test_backward_lens.py", "transformer_lens.tools BackwardLens (TransformerBridge)"),
     ("tests/unit/weight_conversion/*", "TransformerLens' internal conversion machinery"),
@@ -89,7 +90,28 @@ HUB_PATTERNS = re.compile(
 
 # Failing in-scope tests whose reason is known, by nodeid glob: (kind, reason).
 # kind is "deliberate" (documented difference, see docs/transformerlens.md) or "gap".
-KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
+_CONVERSION = ("deliberate", "TransformerLens 3.x's hook conversion / alias machinery (TransformerBridge); "
+               "hooked_attn's HookPoint stays an identity that converts nothing")
+_FUSED = ("deliberate", "compares a hooked run (explicit attention) with an unhooked one (fused SDPA) by "
+          "torch.allclose(rtol=1e-5, atol=1e-8); the two paths differ by float32 rounding (docs/attention.md)")
+KNOWN_FAILURES: dict[str, tuple[str, str]] = {
+    "tests/unit/test_hook_points.py::test_enable_reshape*": _CONVERSION,
+    "tests/unit/test_hook_points.py::test_reshape_functionality*": _CONVERSION,
+    "tests/unit/test_hook_points.py::test_alias_hook*": _CONVERSION,
+    "tests/unit/test_hook_points.py::test_backward_alias_hook*": _CONVERSION,
+    "tests/unit/test_hook_points.py::test_add_hook_prepend": (
+        "deliberate", "mocks torch's register_forward_hook; hooked_attn's HookPoint keeps its own hook list"),
+    "tests/unit/test_hook_points.py::TestHookPointHasHooks::test_invalid_direction_raises_error": (
+        "deliberate", "expects TransformerLens' runtime type checker (beartype on its package); hooked_attn "
+        "raises ValueError naming the bad direction"),
+    "tests/unit/test_hooked_root_module.py::test_enable_hook*": (
+        "deliberate", "TransformerLens' private _enable_hook* helpers"),
+    "tests/unit/test_hooked_root_module.py::test_legacy_hook_points_import_still_works": (
+        "deliberate", "expects a DeprecationWarning for TransformerLens' own legacy import path"),
+    "tests/integration/test_stop_at_layer.py::test_run_with_hooks": _FUSED,
+    "tests/integration/test_stop_at_layer.py::test_manual_hooks": _FUSED,
+    "tests/integration/test_stop_at_layer.py::test_no_stop_logit_output": _FUSED,
+}
 
 
 DIFFERENCES = [

@@ -257,7 +257,7 @@ def test_hook_point_is_identity_and_reports_itself():
     assert point(x) is x
     point.add_hook(lambda t, hook: t * 2)
     torch.testing.assert_close(point(x), x * 2)
-    assert "fwd_hooks=1" in repr(point)
+    assert "1 fwd" in repr(point)  # TransformerLens' repr: name, then hook counts
     # Under the test suite's runtime type checking, beartype may refuse the Literal first.
     with pytest.raises(Exception, match="sideways"):
         point.add_hook(lambda t, hook: t, dir="sideways")

@@ -28,7 +28,7 @@ from hooked_attn import HookedTransformer
 from hooked_attn.saes.store import harvest_activations
 cfg = next(c for a, _, c in CASES if a.hf_architecture == "LlamaForCausalLM")
 model = HookedTransformer.from_pretrained(tiny_hf_model(cfg))
-model.add_perma_hook("blocks.0.hook_resid_pre", lambda x, hook: time.sleep(0.15))
+model.add_perma_hook("blocks.0.hook_resid_pre", lambda x, hook: time.sleep(0.4))
 tokens = torch.randint(0, cfg.vocab_size, (40, 6), generator=torch.Generator().manual_seed(3))
 harvest_activations(model, tokens, {hooks!r}, sys.argv[1], batch_size=2, sequences_per_shard=4, progress=False)
 """
@@ -59,7 +59,7 @@ def test_harvest_resumes_after_a_kill(model: HookedTransformer, tmp_path: Path) 
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS), hooks=HOOKS), str(killed)],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a loaded machine can take a minute to start the child
     while time.monotonic() < deadline and len(list(killed.glob("shard_*.safetensors"))) < 2:
         assert child.poll() is None, child.stderr.read().decode()  # type: ignore[union-attr]
         time.sleep(0.05)

@@ -162,3 +162,19 @@ def test_factored_matrix_transformer_lens_semantics():
         fm @ torch.randn(5, 2)
     bf = FactoredMatrix(torch.randn(6, 3).bfloat16(), torch.randn(3, 6).bfloat16())
     assert bf.eigenvalues.dtype == torch.complex64
+
+
+def test_training_an_attention_only_model_on_repeated_sequences_raises_the_induction_score(tl):
+    """TransformerLens' train() on a 2-layer attention-only model, random 12-token sequences repeated
+    twice: some head's induction score (mean attention to the token after the earlier copy) goes from
+    chance (~0.06) past 0.5. With one fixed period a head may get there by attending a fixed distance
+    back; this checks the score TransformerLens' detector reports, not which circuit produces it."""
+    from hooked_attn.analysis.heads import induction_scores, repeated_random_tokens
+    from transformer_lens.train import HookedTransformerTrainConfig, train
+
+    model = toy(tl, attn_only=True, d_model=32, d_head=8, n_ctx=24, d_vocab=30)
+    before = induction_scores(model, seq_len=12, batch=8, seed=2)
+    dataset = [{"tokens": t} for t in repeated_random_tokens(30, 12, batch=300 * 32, seed=1)]
+    train(model, HookedTransformerTrainConfig(num_epochs=1, batch_size=32, lr=3e-3, seed=0, print_every=None), dataset)
+    after = induction_scores(model, seq_len=12, batch=8, seed=2)  # held-out sequences (another seed)
+    assert before.max() < 0.2 and after.max() > 0.5, (before, after)

@@ -16,6 +16,10 @@ from hooked_attn.config import ModelConfig
 from hooked_attn.model import HookedTransformer as _Base
 
 
+DTYPE_FROM_STRING = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                     "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 class CompatError(ValueError, AssertionError):
     """A TransformerLens call hooked_attn refuses; an AssertionError too, which is what TransformerLens raises."""
 
@@ -104,6 +108,28 @@ class HookedTransformer(_Base):
         self.to(compat.dtype)
         if move_to_device and compat.device is not None:
             self.to(compat.device)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
+        """hooked_attn's loader (see ``hooked_attn.loading.from_pretrained``), returning this class so
+        TransformerLens' method signatures (``generate(verbose=...)``...) apply. ``model.cfg`` stays
+        hooked_attn's ``ModelConfig``."""
+        model = _Base.from_pretrained(model_name_or_path, **kwargs)
+        if type(model) is _Base:  # not a wrapped HF model (fallback="wrap")
+            model.__class__ = cls  # the same model; this subclass only adds TransformerLens' method signatures
+        return model  # type: ignore[return-value]
+
+    @classmethod
+    def from_pretrained_no_processing(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
+        model = _Base.from_pretrained_no_processing(model_name_or_path, **kwargs)
+        if type(model) is _Base:
+            model.__class__ = cls
+        return model  # type: ignore[return-value]
+
+    @property
+    def n_params_total(self) -> int:
+        """Every parameter counted (embeddings, biases and norms included), unlike ``cfg.n_params``."""
+        return sum(p.numel() for p in self.parameters())
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         super().set_use_attn_result(use_attn_result)

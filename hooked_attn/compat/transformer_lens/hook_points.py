@@ -1,5 +1,5 @@
 """``transformer_lens.hook_points``: HookPoint, HookedRootModule and the hook handle TransformerLens returns."""
 
-from hooked_attn.hook_points import HookedRootModule, HookPoint, LensHandle, NamesFilter
+from hooked_attn.hook_points import HookedRootModule, HookIntrospectionMixin, HookPoint, LensHandle, NamesFilter
 
-__all__ = ["HookPoint", "HookedRootModule", "LensHandle", "NamesFilter"]
+__all__ = ["HookIntrospectionMixin", "HookPoint", "HookedRootModule", "LensHandle", "NamesFilter"]

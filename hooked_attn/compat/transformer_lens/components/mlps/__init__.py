@@ -1,0 +1,1 @@
+"""``transformer_lens.components.mlps``."""
