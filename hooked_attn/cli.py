@@ -6,6 +6,7 @@ matches nothing), 2 for a usage error or a model that cannot be loaded.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -40,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify(args)
         if args.command == "attention":
             return _attention(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _hooks(args)
     except (*USER_ERRORS, ImportError) as err:  # ImportError: --png without matplotlib
         if args.verbose:
@@ -50,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hooked-attn", description="Check hooked_attn's conversion of a model, list its hook points and "
-                                        "show its attention patterns.",
+        prog="hooked-attn", description="Check hooked_attn's conversion of a model, list its hook points, "
+                                        "show its attention patterns and check every family (doctor).",
         epilog="exit status: 0 ok, 1 verify found a difference above --atol (or hooks --filter matched "
-               "nothing), 2 usage error or a model that cannot be loaded",
+               "nothing, or a doctor row is not ok), 2 usage error or a model that cannot be loaded",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,7 +106,26 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--tokenizer", metavar="PATH", help="a tokenizer folder, for a MODEL without one")
     attention.add_argument("--prepend-bos", action="store_true",
                            help="put the BOS token first even where the tokenizer does not add it")
+
+    doctor = commands.add_parser(
+        "doctor", help="convert every family's tiny configs under the installed transformers and compare with HF",
+        description="For the installed torch and transformers, convert every registered family's tiny random "
+                    "configs and print one row per family and variant: the largest difference from HF, "
+                    "unprocessed (logits) and processed (log-probs), or the refusal and its reason. Exits 1 "
+                    "when any row is not ok.",
+    )
+    doctor.add_argument("--family", action="append", metavar="HF_CLASS",
+                        help="only this HF class (e.g. LlamaForCausalLM); repeatable")
+    doctor.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from hooked_attn.doctor import format_rows, run_doctor
+
+    rows = run_doctor(args.family)
+    print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if args.json else format_rows(rows))
+    return 0 if all(r.status == "ok" for r in rows) else 1
 
 
 def _configure_logging(verbose: bool) -> None:

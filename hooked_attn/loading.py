@@ -117,7 +117,7 @@ def load_weights(opened: OpenedSource, processing: Processing = DEFAULT_PROCESSI
     sd = arch.convert_state_dict(opened.hf_state_dict, cfg, opened.hf_config)
     opened.hf_state_dict = {}  # the HF state dict's own references go: only what ``sd`` holds stays
     run, _, _ = plan_processing(sd, cfg, processing)  # a refused step raises here
-    check_finite(sd, spread_by=run)
+    check_finite(sd, run, dtype=opened.dtype)
     tokenizer = load_tokenizer(opened.tokenizer, opened.default_tokenizer)
     # Nothing below refuses what it was given: from here on, an in-memory source may be released.
     if opened.release_source:
@@ -207,42 +207,66 @@ def resolve_device(device: DeviceArg) -> torch.device:
     return target
 
 
-def check_finite(sd: dict[str, Tensor], spread_by: list[str]) -> None:
-    """Report a NaN or inf in a floating-point weight, naming the tensor and the index of the first.
+# The weights whose non-finite values a step would spread beyond where the unprocessed model has them.
+# Every other step keeps a NaN or inf inside what it already poisons in HF's model (a NaN in W_Q[h]
+# already reaches every output), so a scan of those would cost a read of the whole model (~0.2 s per
+# 135M parameters here) and find nothing processing makes worse. Centring the unembedding subtracts
+# each row's mean over d_vocab: one bad vocabulary column (an unused, tied embedding row) becomes every
+# logit.
+SPREAD_BY_STEP = {"center_unembed": ("unembed.W_U", "unembed.b_U")}
+
+
+def check_finite(sd: Mapping[str, Tensor], run: list[str], dtype: torch.dtype | None = None) -> None:
+    """Refuse a NaN or inf that a processing step in ``run`` would spread (``SPREAD_BY_STEP``), naming the
+    tensor and the index of the first; with ``dtype``, as the weight will be once cast to it (1e6 is inf
+    in float16).
 
     Raises:
-        NonFiniteWeightError: when processing steps (``spread_by``) would mix it into every output
-            (centring the unembedding puts a NaN of one vocabulary row into every logit).
-    Without processing it is only warned about: the model then computes what HF computes.
+        NonFiniteWeightError: with the tensor, the count, the first index and what to do.
     """
-    bad = [key for key, t in sd.items() if t.is_floating_point() and not _all_finite(t)]
+    keys = [key for step in run for key in SPREAD_BY_STEP.get(step, ()) if key in sd]
+    bad = [key for key in keys if sd[key].is_floating_point() and not _all_finite(sd[key], dtype)]
     if not bad:
         return
-    first = sd[bad[0]]
+    first = sd[bad[0]] if dtype is None else sd[bad[0]].to(dtype)
     index = tuple(int(i) for i in torch.nonzero(~torch.isfinite(first))[0])
     count = int((~torch.isfinite(first)).sum())
-    others = f" (also non-finite: {', '.join(bad[1:6])}{', ...' if len(bad) > 6 else ''})" if len(bad) > 1 else ""
-    what = (f"weight {bad[0]!r} {tuple(first.shape)} holds {count} non-finite value(s); the first is "
-            f"{float(first[index])} at index {index}{others}")
-    if spread_by:
-        raise NonFiniteWeightError(f"{what}. Processing ({', '.join(spread_by)}) would spread it to every output: "
-                                   f"repair the weight, or load without processing (from_pretrained_no_processing)")
-    warnings.warn(f"{what}; outputs that read it will not be finite", stacklevel=4)
+    cast = f" in {dtype}" if dtype is not None and dtype != sd[bad[0]].dtype else ""
+    steps = ", ".join(step for step in run if bad[0] in SPREAD_BY_STEP.get(step, ()))
+    raise NonFiniteWeightError(
+        f"weight {bad[0]!r} {tuple(first.shape)} holds {count} non-finite value(s){cast}; the first is "
+        f"{float(first[index])} at index {index}. Processing ({steps}) would spread it to every output: repair "
+        f"the weight, or load without that step ({steps}=False, or from_pretrained_no_processing)")
 
 
-def _all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite: float32 sums over bounded slices along its first axis
-    (a sum is finite exactly when no element is NaN or inf, short of an overflow, which the exact check
-    then clears). Slices are views, so nothing the size of ``t`` is made."""
+def _all_finite(t: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether every element of ``t`` is finite: float32 sums over bounded slices (a sum is finite
+    exactly when no element is NaN or inf, short of an overflow, which the exact check then clears).
+    Slices are views, in memory order when ``t`` is dense, so nothing the size of ``t`` is made; each
+    is cast to ``dtype`` first when that differs."""
+    t = _in_memory_order(t)
     if t.ndim == 0:
-        return bool(torch.isfinite(t))
+        return bool(torch.isfinite(t if dtype is None else t.to(dtype)))
     n = t.shape[0]
     step = max(1, SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
     for start in range(0, n, step):
         part = t.narrow(0, start, min(step, n - start))
+        if dtype is not None and dtype != t.dtype:
+            part = part.to(dtype)
         if not torch.isfinite(part.sum(dtype=torch.float32)) and not bool(torch.isfinite(part).all()):
             return False
     return True
+
+
+def _in_memory_order(t: Tensor) -> Tensor:
+    """``t``'s elements as one contiguous 1-d view when ``t`` is dense in some axis order (a transposed or
+    per-head rearranged weight: a reduction over the permuted view is several times slower), else ``t``."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return t
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
 
 
 def _architecture(kind: Kind, hf_architecture: str | None, hf_config: PretrainedConfig) -> Architecture:

@@ -22,8 +22,7 @@ from pathlib import Path
 import transformers
 
 from hooked_attn import HookedEncoder, HookedTransformer
-from hooked_attn.architectures import REGISTRY
-from hooked_attn.architectures.bert import ENCODERS
+from hooked_attn.architectures import by_kind
 from hooked_attn.processing import STEPS, why_not
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     results = {} if args.no_tests else read_results(args.junitxml) if args.junitxml else run_tests()
     rows = []
-    for name, arch in sorted(REGISTRY.items()):
+    for name, arch in sorted(by_kind("decoder").items()):
         variants = arch.tiny_hf_configs()
         cfgs = {v: arch.config_from_hf(hf_cfg) for v, hf_cfg in variants.items()}
         proven = [f"{v} ({results.get(name, {}).get(v, 'not run')})" for v in variants]
@@ -105,7 +104,7 @@ def main() -> None:
         first = next(iter(hooks.values()))
         extra = [f"`{h}` ({v})" for v, found in hooks.items() for h in found if h not in first]
         rows.append((name, proven, steps, [f"`{h}`" for h in first] + extra))
-    for name, arch in sorted(ENCODERS.items()):
+    for name, arch in sorted(by_kind("encoder").items()):
         variants = arch.tiny_hf_configs()
         default = next(iter(variants.values()))
         hf_cls = getattr(transformers, name)

@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 
 from hooked_attn.architectures import REGISTRY
+# The HF implementation the tests (and hooked-attn doctor) treat as ground truth, and why.
+from hooked_attn.doctor import FALCON_EAGER_ADDS_ALIBI_TWICE, reference_attn_implementation  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
@@ -45,10 +46,8 @@ def assert_at_fp32_noise(ours: torch.Tensor, truth: torch.Tensor, reference: tor
     bound = 2 * floor + n_ulps * fp32_ulp(truth.abs().max().item())
     assert err <= bound, f"error to fp64 {err:.3e} > 2 x fp32 reference's {floor:.3e} + {n_ulps} ulp = {bound:.3e}"
 
-# FalconAttention's eager branch adds the ALiBi bias twice before transformers 5.25 (see below).
-FALCON_EAGER_ADDS_ALIBI_TWICE = Version(transformers.__version__) < Version("5.25")
-
-CASES = [(arch, name, cfg) for arch in REGISTRY.values() for name, cfg in arch.tiny_hf_configs().items()]
+CASES = [(arch, name, cfg) for arch in REGISTRY.values() if arch.kind == "decoder"
+         for name, cfg in arch.tiny_hf_configs().items()]
 CASE_IDS = [f"{arch.hf_architecture}-{name}" for arch, name, _ in CASES]
 
 
@@ -65,23 +64,6 @@ def randomize_(model: torch.nn.Module, seed: int = 0, biases: bool = True) -> to
             else:
                 p.copy_(noise + (1.0 if is_gain else 0.0))
     return model
-
-
-def reference_attn_implementation(hf_cfg: transformers.PretrainedConfig) -> str:
-    """The HF attention implementation the tests treat as ground truth: eager, except where
-    transformers' eager path computes something its other paths and the original model do not.
-
-    Falcon with alibi=True: FalconModel.forward folds ``alibi / sqrt(d_head)`` into the causal mask
-    it hands every layer, and FalconAttention's eager branch then also adds ``alibi`` to q.k itself,
-    so eager scores are ``(q.k + alibi) / sqrt(d_head) + alibi / sqrt(d_head)``: the bias twice.
-    The sdpa branch (Falcon's default implementation) and the original Falcon-RW code add it once.
-    ``test_falcon_alibi_hf_eager_adds_the_bias_twice`` (test_equivalence.py) checks this is still so.
-    transformers 5.25 rewrote FalconAttention onto the shared attention interface, which adds the bias
-    once (through the mask) in every implementation: from then on eager is the reference here too.
-    """
-    if hf_cfg.model_type == "falcon" and getattr(hf_cfg, "alibi", False) and FALCON_EAGER_ADDS_ALIBI_TWICE:
-        return "sdpa"
-    return "eager"
 
 
 def tiny_hf_model(hf_cfg: transformers.PretrainedConfig, seed: int = 0, biases: bool = True) -> transformers.PreTrainedModel:

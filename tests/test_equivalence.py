@@ -1,10 +1,14 @@
 """Every registered architecture and variant: the rebuilt model equals the HF model it came from."""
 
+import copy
+
 import pytest
 import torch
 import transformers
 
-from conftest import FALCON_EAGER_ADDS_ALIBI_TWICE, TOL, random_tokens, randomize_, tiny_hf_model
+from conftest import (
+    FALCON_EAGER_ADDS_ALIBI_TWICE, TOL, random_tokens, randomize_, reference_attn_implementation, tiny_hf_model,
+)
 from hooked_attn import HookedTransformer
 
 FLAGS = ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"]
@@ -44,7 +48,12 @@ def test_loads_from_a_saved_folder(case, tmp_path):
     hf.save_pretrained(tmp_path)
     tokens = random_tokens(hf_cfg)
     model = HookedTransformer.from_pretrained_no_processing(str(tmp_path))
-    torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL["tiny_fp32"])
+    # The reference is what HF itself loads from the folder: a config does not always survive the round
+    # trip (transformers 4.57's Gemma3TextConfig halves the window of a bidirectional model again on
+    # every load), and we must compute what HF computes from the same files.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=reference_attn_implementation(hf_cfg)).eval()
+    torch.testing.assert_close(model(tokens), reloaded(tokens).logits, **TOL["tiny_fp32"])
     assert model.tokenizer is None  # the folder has no tokenizer files
 
 
@@ -56,10 +65,18 @@ def test_sdpa_reference_agrees(case):
     if not type(hf)._supports_sdpa:
         pytest.skip(reason=f"HF's {type(hf).__name__} has no sdpa implementation to compare with")
     tokens = random_tokens(hf_cfg)
-    sdpa = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval()
+    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation="sdpa").eval()
     sdpa.load_state_dict(hf.state_dict())
     model = HookedTransformer.from_pretrained_no_processing(hf)
-    torch.testing.assert_close(model(tokens), sdpa(tokens).logits, **TOL["tiny_fp32"])
+    reference, sdpa_logits = hf(tokens).logits, sdpa(tokens).logits
+    hf_gap = (sdpa_logits - reference).abs().max().item()
+    if hf_gap > 1e-3:
+        # transformers 4.57's sdpa path drops Gemma 2's soft-capping and GPT-2's scale_attn_weights /
+        # scale_attn_by_inverse_layer_idx, so HF disagrees with itself; we are proven against its eager
+        # path (conftest.reference_attn_implementation) in every other test.
+        pytest.skip(reason=f"transformers {transformers.__version__}: HF sdpa differs from HF's reference "
+                           f"implementation by {hf_gap:.2e} on this variant")
+    torch.testing.assert_close(model(tokens), sdpa_logits, **TOL["tiny_fp32"])
 
 
 @torch.no_grad()
@@ -107,7 +124,9 @@ def test_falcon_alibi_hf_eager_adds_the_bias_twice():
 
     hf_cfg = tiny_hf_configs()["alibi_mha_sequential_bias"]
     tokens = random_tokens(hf_cfg)
-    sdpa, eager = (transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=impl).eval()
+    # One config copy each: transformers 4.57 writes the implementation into the config it is given,
+    # and FalconAttention reads it at every call.
+    sdpa, eager = (transformers.AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=impl).eval()
                    for impl in ("sdpa", "eager"))
     randomize_(sdpa)
     eager.load_state_dict(sdpa.state_dict())

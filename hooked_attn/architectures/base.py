@@ -4,7 +4,7 @@ config check that refuses HF fields a converter does not understand."""
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 from transformers import PretrainedConfig
@@ -49,6 +49,9 @@ DERIVED_HF_FIELDS: Mapping[str, Callable[[ModelConfig], Any]] = {
 }
 
 
+Kind = Literal["decoder", "encoder"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Architecture:
     """One HF family: how its config maps to ours and its weights to our layout.
@@ -65,6 +68,7 @@ class Architecture:
     config_from_hf: Callable[[Any], ModelConfig]
     convert_state_dict: Callable[[StateDict, ModelConfig, Any], dict[str, Tensor]]
     tiny_hf_configs: Callable[[], dict[str, PretrainedConfig]] = field(repr=False)
+    kind: Kind = "decoder"  # the model class that loads it: HookedTransformer, HookedEncoder
 
 
 def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:

@@ -2,15 +2,17 @@
 
 BERT is post-LN: ``LayerNorm(x + attn(x))`` then ``LayerNorm(x + mlp(x))`` (our ``block_norms=
 "post_residual"``), with bidirectional attention, token-type embeddings and a LayerNorm on the
-summed embeddings. These records live in ``ENCODERS``, not in the decoder ``REGISTRY``:
-``HookedEncoder`` loads them.
+summed embeddings. These records are registered with ``kind="encoder"``: ``HookedEncoder`` loads
+them, ``HookedTransformer`` refuses them.
 """
 
 from torch import Tensor
 from transformers import BertConfig
 
+from hooked_attn.architectures import by_kind, register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import heads_in, heads_out
+from hooked_attn.architectures.parsers import ACTIVATIONS
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -26,8 +28,6 @@ IGNORED_HF_FIELDS = frozenset({
 # The pooler (a dense + tanh on the first token, for next-sentence prediction) is not part of the
 # hooked model; old checkpoints also carry the position-id buffer.
 IGNORED_HF_KEYS = ("pooler.dense.*", "bert.pooler.dense.*", "*embeddings.position_ids", "cls.seq_relationship.*")
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu",
-                "silu": "silu"}
 
 
 def config_from_hf(hf: BertConfig, architecture: str = "BertModel") -> ModelConfig:
@@ -36,7 +36,7 @@ def config_from_hf(hf: BertConfig, architecture: str = "BertModel") -> ModelConf
     if getattr(hf, "position_embedding_type", "absolute") not in ("absolute", None):
         raise UnsupportedConfigError(
             f"{architecture}: config field position_embedding_type={hf.position_embedding_type!r} is not supported")
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{architecture}: config field hidden_act={hf.hidden_act!r} is not supported")
     ln = NormConfig(kind="layernorm", eps=hf.layer_norm_eps)
     d_head = hf.hidden_size // hf.num_attention_heads
@@ -44,7 +44,7 @@ def config_from_hf(hf: BertConfig, architecture: str = "BertModel") -> ModelConf
         hf_architecture=architecture, n_layers=hf.num_hidden_layers, d_model=hf.hidden_size,
         n_heads=hf.num_attention_heads, n_kv_heads=hf.num_attention_heads, d_head=d_head,
         d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings, norm=ln,
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings), attn_scale=d_head**-0.5, causal=False,
         block_norms="post_residual", final_norm=False, embed_norm=ln,
     )
@@ -106,10 +106,12 @@ def tiny_hf_configs() -> dict[str, BertConfig]:
                                                                            hidden_act="gelu_new")}
 
 
-ENCODERS = {
-    name: Architecture(hf_architecture=name, model_type="bert", handled_hf_fields=HANDLED_HF_FIELDS,
-                       ignored_hf_fields=IGNORED_HF_FIELDS,
-                       config_from_hf=lambda hf, name=name: config_from_hf(hf, name),
-                       convert_state_dict=convert_state_dict, tiny_hf_configs=tiny_hf_configs)
-    for name in ("BertModel", "BertForMaskedLM")
-}
+for _name in ("BertModel", "BertForMaskedLM"):
+    register(Architecture(hf_architecture=_name, model_type="bert", kind="encoder", handled_hf_fields=HANDLED_HF_FIELDS,
+                          ignored_hf_fields=IGNORED_HF_FIELDS,
+                          config_from_hf=lambda hf, name=_name: config_from_hf(hf, name),
+                          convert_state_dict=convert_state_dict, tiny_hf_configs=tiny_hf_configs))
+
+# The encoders by HF class name (the registry's encoder records; kept for code written before BERT
+# joined REGISTRY).
+ENCODERS = by_kind("encoder")

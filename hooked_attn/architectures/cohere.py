@@ -11,7 +11,7 @@ from transformers import CohereConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -23,23 +23,21 @@ HANDLED_HF_FIELDS = frozenset({
     # CohereAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: CohereConfig) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     if hf.logit_scale is None:
         # CohereForCausalLM.forward multiplies by it unconditionally; HF's own forward fails on None.
         raise UnsupportedConfigError(f"{ARCH}: config field logit_scale=None is not supported")
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    rope = dict(hf.rope_parameters or {"rope_theta": 500_000.0})
+    rope = rope_parameters(hf, ARCH, 500_000.0)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         # CohereRotaryEmbedding.compute_default_rope_parameters uses the whole head_dim, while HF's
         # scaled rope types would honour the factor: refuse rather than guess.
@@ -53,7 +51,7 @@ def config_from_hf(hf: CohereConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
-        norm=norm, act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        norm=norm, act_fn=ACTIVATIONS[hf.hidden_act],
         # Interleaved rotary: CohereRotaryEmbedding repeat_interleaves the frequencies (not cat) and
         # rotate_half pairs dimensions (2i, 2i+1) (x[..., ::2], x[..., 1::2]). apply_rotary_pos_emb
         # upcasts q and k to float32, multiplies by cos/sin (cast to the activation dtype), and casts
@@ -106,7 +104,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: CohereConfig) -> 
 
 def tiny_hf_configs() -> dict[str, CohereConfig]:
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
-                num_attention_heads=4, layer_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+                num_attention_heads=4, layer_norm_eps=1e-5, **rope_config(rope_type="default", rope_theta=10000.0))
     return {
         "default": CohereConfig(**base),                                  # MHA, tied, logit_scale 1/16 (Command-R)
         "gqa_qk_norm": CohereConfig(**base, num_key_value_heads=2, use_qk_norm=True),      # Command-R+

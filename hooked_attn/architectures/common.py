@@ -15,11 +15,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_attn.architectures.base import KeyLedger
+from hooked_attn.architectures.parsers import ACTIVATIONS  # noqa: F401  (re-exported: the families import it from here)
 from hooked_attn.config import ModelConfig
 
-# HF activation names -> ours, for the families that accept the usual six.
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-               "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 class DecoderSizes(TypedDict):

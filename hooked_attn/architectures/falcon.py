@@ -8,7 +8,7 @@ from transformers import FalconConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import Alibi, ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
 
@@ -21,7 +21,7 @@ HANDLED_HF_FIELDS = frozenset({
     # Not a FalconConfig field, but the Falcon hub configs (falcon-7b, falcon-rw-1b...) carry it from the
     # original RW code. FalconDecoderLayer never reads it; read only to refuse True.
     "apply_residual_connection_post_layernorm",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "hidden_dropout", "attention_dropout",  # dropout: off at inference
 })
@@ -66,7 +66,7 @@ def _positions(hf: FalconConfig, d_head: int) -> Rotary | Alibi:
         # the same. (HF's eager branch adds alibi once there and once more through the mask that
         # FalconModel.forward builds from it: tests/conftest.py compares with the sdpa branch.)
         return Alibi(scaled_with_scores=True, bias_dtype="bfloat16")
-    rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
+    rope = rope_parameters(hf, ARCH, 10_000.0)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         # FalconRotaryEmbedding's default init ignores partial_rotary_factor (rotary over all of d_head)
         # while the scaled types honour it and then fail in apply_rotary_pos_emb: no consistent reference.
@@ -90,7 +90,7 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=n_kv,
         d_head=d_head, d_mlp=hf.ffn_hidden_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation],
         positions=_positions(hf, d_head),
         # FalconAttention: q.k / sqrt(d_head) (inv_norm_factor). Its eager softmax runs in the activation
         # dtype; ours in float32 (identical in fp32).
@@ -183,8 +183,7 @@ def tiny_hf_configs() -> dict[str, FalconConfig]:
         "new_arch_gqa": FalconConfig(**base, new_decoder_architecture=True, num_kv_heads=2),
         "new_arch_mqa_one_norm_bias": FalconConfig(**base, new_decoder_architecture=True, num_kv_heads=1,
                                                    num_ln_in_parallel_attn=1, bias=True),
-        "rope_linear": FalconConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
-                                                             "factor": 2.0}),
+        "rope_linear": FalconConfig(**base, **rope_config(rope_type="linear", rope_theta=500.0, factor=2.0)),
         # ALiBi (falcon-rw-1b/7b: multi-head, sequential, biases) and the other layouts with it.
         "alibi_mha_sequential_bias": FalconConfig(**base, alibi=True, multi_query=False, parallel_attn=False,
                                                   bias=True),

@@ -8,8 +8,8 @@ from transformers import GemmaConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
-from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
+from hooked_attn.config import ActFn, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
 ARCH = "GemmaForCausalLM"
@@ -18,7 +18,7 @@ HANDLED_HF_FIELDS = frozenset({
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "attention_bias",
     "use_bidirectional_attention",  # read only to refuse True
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -26,8 +26,6 @@ IGNORED_HF_FIELDS = frozenset({
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
 # gelu_pytorch_tanh (all Gemma checkpoints; GemmaConfig.__post_init__ rewrites the legacy "gelu" to it)
 # is F.gelu(approximate="tanh"), which is our "gelu_new".
-ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu",
-               "swish": "silu", "relu": "relu"}
 
 
 def gemma_norm(eps: float) -> NormConfig:
@@ -51,7 +49,7 @@ def embed_scale(d_model: int) -> float:
     return d_model**0.5
 
 
-def check_activation(arch: str, field: str, value: str) -> str:
+def check_activation(arch: str, field: str, value: str) -> ActFn:
     if value not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{arch}: config field {field}={value!r} is not supported "
                                      f"(supported: {', '.join(sorted(ACTIVATIONS))})")
@@ -84,8 +82,8 @@ def config_from_hf(hf: GemmaConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
-        norm=gemma_norm(hf.rms_norm_eps), act_fn=act,  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        norm=gemma_norm(hf.rms_norm_eps), act_fn=act,
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5,  # GemmaAttention: self.scaling = self.head_dim**-0.5
         gated_mlp=True,           # GemmaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases
         embed_scale=embed_scale(hf.hidden_size),
@@ -142,8 +140,8 @@ def tiny_hf_configs() -> dict[str, GemmaConfig]:
         "untied": GemmaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
         "attention_bias": GemmaConfig(**base, num_key_value_heads=2, attention_bias=True),
         "head_dim_8": GemmaConfig(**{**base, "head_dim": 8}, num_key_value_heads=2),  # 4 * 8 = 32 = hidden_size
-        "rope_linear": GemmaConfig(**base, num_key_value_heads=2, rope_parameters={
-            "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+        "rope_linear": GemmaConfig(**base, num_key_value_heads=2,
+                                   **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
     }
 
 

@@ -10,7 +10,7 @@ from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedC
 from hooked_attn.architectures.gemma import (
     check_activation, check_causal, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig
 from hooked_attn.shapes import StateDict
 
@@ -22,7 +22,7 @@ HANDLED_HF_FIELDS = frozenset({
     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
     "sliding_window", "layer_types",
     "use_bidirectional_attention",  # read only to refuse True
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -55,11 +55,11 @@ def config_from_hf(hf: Gemma2Config) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
-        norm=norm, act_fn=act,  # type: ignore[arg-type]
+        norm=norm, act_fn=act,
         # Gemma2DecoderLayer: x + post_attention_layernorm(attn(input_layernorm(x))), then
         # x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))): all four GemmaRMSNorms.
         block_norms="sandwich", post_norm=norm,
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         # Gemma2Attention: self.scaling = query_pre_attn_scalar**-0.5 (not head_dim**-0.5; 27b uses
         # hidden_size / num_attention_heads = 144 with head_dim 128).
         attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,

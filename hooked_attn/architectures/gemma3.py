@@ -2,6 +2,8 @@
 as ``Gemma3ForCausalLM``). Mirrors transformers/models/gemma3/modeling_gemma3.py (``Gemma3ForCausalLM``):
 Gemma 2's sandwich norms and sliding windows, plus Q/K RMSNorm and separate local/global rotary bases."""
 
+from typing import Any
+
 import einops
 from torch import Tensor
 from transformers import Gemma3TextConfig
@@ -12,7 +14,7 @@ from hooked_attn.architectures.gemma import (
     check_activation, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
 )
 from hooked_attn.architectures.gemma2 import layer_windows
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, QKNorm, Rotary
 from hooked_attn.shapes import StateDict
 
@@ -25,8 +27,9 @@ HANDLED_HF_FIELDS = frozenset({
     # {"sliding_attention": {...}, "full_attention": {...}}: Gemma3TextConfig.convert_rope_params_to_dict
     # puts rope_local_base_freq into the first and rope_theta plus any rope_scaling into the second.
     "rope_parameters",
+    "rope_local_base_freq",  # transformers 4.57: the sliding layers' base (5.x: in rope_parameters)
     "use_bidirectional_attention",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     # Gemma3Attention stores it (self.attn_logit_softcapping) but never passes softcap= to the
@@ -47,7 +50,14 @@ def layer_rotaries(hf: Gemma3TextConfig, d_head: int) -> tuple[Rotary, ...]:
     of its own type: the local base (10k) on sliding layers, the global base (1M) plus any rope
     scaling (linear, factor 8, on the 4b-27b models) on full layers. Both rotate halves.
     """
-    params = dict(hf.rope_parameters or {})
+    if ROPE_PARAMETERS_LAYOUT:
+        params = dict(hf.rope_parameters or {})
+    else:
+        # transformers 4.57: Gemma3TextModel builds rotary_emb from rope_theta and rope_scaling (the
+        # full-attention layers) and rotary_emb_local from a copy of the config with rope_theta =
+        # rope_local_base_freq and no scaling (the sliding layers).
+        params = {"full_attention": rope_parameters(hf, ARCH),
+                  "sliding_attention": {"rope_type": "default", "rope_theta": hf.rope_local_base_freq}}
     per_type: dict[str, Rotary] = {}
     for layer_type in sorted(set(hf.layer_types)):
         rope = params.get(layer_type)
@@ -68,7 +78,7 @@ def config_from_hf(hf: Gemma3TextConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
-        norm=norm, act_fn=act,  # type: ignore[arg-type]
+        norm=norm, act_fn=act,
         # Gemma3DecoderLayer: the same four norms as Gemma 2 (input, post_attention, pre_feedforward,
         # post_feedforward), all GemmaRMSNorms.
         block_norms="sandwich", post_norm=norm,
@@ -121,26 +131,30 @@ def tiny_hf_configs() -> dict[str, Gemma3TextConfig]:
     # 3 layers with sliding_window_pattern=3: sliding, sliding, full (the released models use 5:1 over
     # 18-62 layers; more random layers only add fp32 noise). A window of 4 binds on the tests' 7- to
     # 16-token sequences; different local and global bases make a layer that took the wrong table fail.
-    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    def rope(**full: Any) -> dict[str, Any]:
+        """The local base 10 on sliding layers, ``full`` on full-attention ones, in the installed layout."""
+        if ROPE_PARAMETERS_LAYOUT:
+            return {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 10_000.0, **full}}}
+        return {"rope_local_base_freq": 10.0, **rope_config(**{"rope_theta": 10_000.0, **full})}
+
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3, max_position_embeddings=64,
                 num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6, sliding_window=4, query_pre_attn_scalar=64,
                 sliding_window_pattern=3)
     return {
-        "default": Gemma3TextConfig(**base, num_key_value_heads=2, rope_parameters=rope),
-        "mqa": Gemma3TextConfig(**base, num_key_value_heads=1, rope_parameters=rope),    # gemma-3-270m/1b
+        "default": Gemma3TextConfig(**base, num_key_value_heads=2, **rope()),
+        "mqa": Gemma3TextConfig(**base, num_key_value_heads=1, **rope()),    # gemma-3-270m/1b
         # Global layers with linear rope scaling (gemma-3-4b and up); explicit layer_types.
         "rope_scaling": Gemma3TextConfig(**base, num_key_value_heads=2,
                                          layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                         rope_parameters={**rope, "full_attention": {
-                                             "rope_type": "linear", "rope_theta": 10_000.0, "factor": 8.0}}),
-        "final_softcap_untied": Gemma3TextConfig(**base, num_key_value_heads=2, rope_parameters=rope,
+                                         **rope(rope_type="linear", factor=8.0)),
+        "final_softcap_untied": Gemma3TextConfig(**base, num_key_value_heads=2, **rope(),
                                                  final_logit_softcapping=8.0, tie_word_embeddings=False),
         # HF ignores attn_logit_softcapping in Gemma 3: equal logits prove we ignore it the same way.
-        "attn_softcap_unused": Gemma3TextConfig(**base, num_key_value_heads=2, rope_parameters=rope,
+        "attn_softcap_unused": Gemma3TextConfig(**base, num_key_value_heads=2, **rope(),
                                                 attn_logit_softcapping=1.0),
         # Bidirectional (EmbeddingGemma): the window of 4 becomes 4 // 2 + 1 = 3 on each side.
-        "bidirectional": Gemma3TextConfig(**base, num_key_value_heads=1, rope_parameters=rope,
+        "bidirectional": Gemma3TextConfig(**base, num_key_value_heads=1, **rope(),
                                           use_bidirectional_attention=True),
     }
 

@@ -34,7 +34,7 @@ def config_from_hf(hf: GPT2Config) -> ModelConfig:
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],
         positions=LearnedPositions(n_ctx=hf.n_positions),
         attn_scale=d_head**-0.5 if hf.scale_attn_weights else 1.0,
         attn_scale_by_inverse_layer=hf.scale_attn_by_inverse_layer_idx,

@@ -8,7 +8,8 @@ from transformers import GPTBigCodeConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import heads_in, heads_out, pop_lm_head, zeros
-from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
+from hooked_attn.architectures.parsers import ACTIVATIONS
+from hooked_attn.config import ActFn, LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
 ARCH = "GPTBigCodeForCausalLM"
@@ -30,8 +31,7 @@ IGNORED_HF_FIELDS = frozenset({
 })
 # GPTBigCodeModel.bias is the causal-mask buffer (persistent=False); old checkpoints may still carry it.
 IGNORED_HF_KEYS = ("transformer.bias",)
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu_python_tanh": "gelu_new",
-                "gelu": "gelu", "gelu_python": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACTIVATIONS: dict[str, ActFn] = {**ACTIVATIONS, "gelu_python_tanh": "gelu_new", "gelu_python": "gelu"}
 
 
 def config_from_hf(hf: GPTBigCodeConfig) -> ModelConfig:
@@ -48,7 +48,7 @@ def config_from_hf(hf: GPTBigCodeConfig) -> ModelConfig:
         n_kv_heads=1 if hf.multi_query else hf.n_head,  # GPTBigCodeAttention.kv_heads
         d_head=d_head, d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=_ACTIVATIONS[hf.activation_function],
         positions=LearnedPositions(n_ctx=hf.n_positions),
         # GPTBigCodeAttention: self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         attn_scale=d_head**-0.5 if hf.scale_attn_weights else 1.0,

@@ -52,7 +52,7 @@ def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
         d_mlp=hf.intermediate_size if hf.intermediate_size is not None else 4 * hf.hidden_size,  # GPTNeoBlock
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # GPTNeoSelfAttention._attn never scales q.k (no 1/sqrt(d_head)): the original Mesh-TF model
         # folded the scale into its initialisation. It upcasts q and k to float32 first: identical in

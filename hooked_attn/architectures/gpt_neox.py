@@ -7,8 +7,8 @@ from transformers import GPTNeoXConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import heads_out, pop_linear_mlp, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
-from hooked_attn.config import ModelConfig, NormConfig
+from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
+from hooked_attn.config import ActFn, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
 ARCH = "GPTNeoXForCausalLM"
@@ -19,7 +19,7 @@ HANDLED_HF_FIELDS = frozenset({
     # HF's config folds the checkpoint's rotary_pct / rotary_emb_base into rope_parameters
     # (configuration_gpt_neox.py, convert_rope_params_to_dict), so those two never reach to_dict().
     "rope_parameters",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout", "hidden_dropout",  # dropout: off at inference
     "classifier_dropout",                   # GPTNeoXForSequenceClassification/TokenClassification heads only
@@ -30,9 +30,8 @@ IGNORED_HF_KEYS = (
     "gpt_neox.layers.*.attention.bias", "gpt_neox.layers.*.attention.masked_bias",
     "gpt_neox.layers.*.attention.rotary_emb.inv_freq", "gpt_neox.rotary_emb.inv_freq",
 )
-_ACTIVATIONS = {
-    "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "gelu_new": "gelu_new",
-    "gelu_pytorch_tanh": "gelu_new",
+_ACTIVATIONS: dict[str, ActFn] = {
+    **ACTIVATIONS,
     # GPT-NeoX-20B: HF FastGELUActivation (activations.py) is the same tanh approximation as
     # gelu_new, with sqrt(2/pi) written out to 10 digits; the two differ by float rounding only.
     "gelu_fast": "gelu_new",
@@ -45,7 +44,7 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
                                      f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
     # GPTNeoXAttention: head_size = hidden_size // num_attention_heads; there is no head_dim field.
     d_head = hf.hidden_size // hf.num_attention_heads
-    rope = dict(hf.rope_parameters or {})
+    rope = rope_parameters(hf, ARCH)
     # Partial rotary (rotary_pct, 0.25 for Pythia): only the first int(d_head * factor) dimensions of
     # each head rotate, paired by rotate_half (GPTNeoXAttention.rotary_ndims, apply_rotary_pos_emb).
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
@@ -63,7 +62,7 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=_ACTIVATIONS[hf.hidden_act],
         positions=positions, attn_scale=d_head**-0.5,
         # GPTNeoXLayer.forward: parallel adds attn(ln1(x)) + mlp(ln2(x)) to x; sequential is the GPT-2 order.
         parallel_attn_mlp=hf.use_parallel_residual,
@@ -129,8 +128,8 @@ def tiny_hf_configs() -> dict[str, GPTNeoXConfig]:
         "no_attention_bias_relu": GPTNeoXConfig(**base, attention_bias=False, hidden_act="relu"),
         "no_rotary": GPTNeoXConfig(**base, rotary_pct=0.0),          # no positional information at all
         "no_rotary_sequential": GPTNeoXConfig(**base, rotary_pct=0.0, use_parallel_residual=False),
-        "rope_linear": GPTNeoXConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 1000.0,
-                                                              "factor": 2.0, "partial_rotary_factor": 0.5}),
+        "rope_linear": GPTNeoXConfig(**base, rotary_pct=0.5,
+                                     **rope_config(rope_type="linear", rope_theta=1000.0, factor=2.0)),
     }
 
 

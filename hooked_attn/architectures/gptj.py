@@ -40,7 +40,7 @@ def config_from_hf(hf: GPTJConfig) -> ModelConfig:
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],
         # Interleaved partial rotary: the first rotary_dim dimensions of each head rotate in adjacent
         # pairs (2i, 2i+1) (rotate_every_two, apply_rotary_pos_emb), base fixed at 10000
         # (create_sinusoidal_positions); the rest pass through.

@@ -16,7 +16,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -30,7 +30,7 @@ HANDLED_HF_FIELDS = frozenset({
     # GraniteAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -46,8 +46,8 @@ def config_from_hf(hf: GraniteConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         # GraniteAttention.__init__: `self.scaling = config.attention_multiplier` (replaces head_dim**-0.5).
         attn_scale=float(hf.attention_multiplier), gated_mlp=True,
     )

@@ -5,8 +5,8 @@ from transformers import LlamaConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
     bias_rule,
     decoder_sizes,
     pop_attention,
@@ -14,43 +14,20 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.config import ModelConfig, NormConfig, RopeScaling, Rotary
+from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
+ARCH = "LlamaForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters", "attention_bias", "mlp_bias", "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     "pretraining_tp",     # transformers 5 no longer splits the matmuls; the result does not depend on it
 })
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ROPE_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
-              "high_freq_factor", "partial_rotary_factor"}
-
-
-def rotary_from_hf(rope: dict, d_head: int, arch: str) -> Rotary:
-    """Our Rotary from HF ``rope_parameters`` (default, linear and llama3 types)."""
-    unknown = set(rope) - _ROPE_KEYS
-    kind = rope.get("rope_type", "default")
-    if unknown or kind not in ("default", "linear", "llama3"):
-        what = f"rope_type={kind!r}" if not unknown else f"keys {sorted(unknown)}"
-        raise UnsupportedConfigError(f"{arch}: rope_parameters with {what} is not supported "
-                                     "(supported rope types: default, linear, llama3)")
-    scaling = None
-    if kind == "linear":
-        scaling = RopeScaling(kind="linear", factor=float(rope["factor"]))
-    elif kind == "llama3":
-        scaling = RopeScaling(kind="llama3", factor=float(rope["factor"]),
-                              original_n_ctx=int(rope["original_max_position_embeddings"]),
-                              low_freq_factor=float(rope["low_freq_factor"]),
-                              high_freq_factor=float(rope["high_freq_factor"]))
-    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    return Rotary(n_rotary_dims=n_rot, base=float(rope["rope_theta"]), pairing="halves", scaling=scaling)
-
-
 def config_from_hf(hf: LlamaConfig) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"LlamaForCausalLM: hidden_act={hf.hidden_act!r} is not supported")
@@ -59,8 +36,8 @@ def config_from_hf(hf: LlamaConfig) -> ModelConfig:
         hf_architecture="LlamaForCausalLM",
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, "LlamaForCausalLM"),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, "LlamaForCausalLM"),
         attn_scale=d_head**-0.5, gated_mlp=True,
     )
 
@@ -98,10 +75,10 @@ def tiny_hf_configs() -> dict[str, LlamaConfig]:
         "mlp_bias": LlamaConfig(**base, num_key_value_heads=2, mlp_bias=True, attention_bias=True),
         "head_dim_16": LlamaConfig(**base, num_key_value_heads=2, head_dim=16),
         "rope_linear": LlamaConfig(**base, num_key_value_heads=2,
-                                   rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
-        "rope_llama3": LlamaConfig(**base, num_key_value_heads=2, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+                                   **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
+        "rope_llama3": LlamaConfig(**base, num_key_value_heads=2, **rope_config(
+            rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)),
     }
 
 

@@ -1,8 +1,5 @@
 """Mistral family (Mistral-7B v0.1-v0.3 and their fine-tunes). Mirrors
 transformers/models/mistral/modeling_mistral.py (``MistralForCausalLM``).
-
-Also home of two helpers the later sliding-window families share: ``full_head_rotary`` and
-``windows_from_layer_types``.
 """
 
 from torch import Tensor
@@ -18,8 +15,10 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
-from hooked_attn.config import ModelConfig, NormConfig, Rotary
+from hooked_attn.architectures.parsers import (  # full_head_rotary, windows_from_layer_types: re-exported
+    ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types,
+)
+from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
 ARCH = "MistralForCausalLM"
@@ -28,58 +27,12 @@ HANDLED_HF_FIELDS = frozenset({
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters",
     "sliding_window",  # one window for every layer, or None
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-
-
-def full_head_rotary(rope: dict | None, d_head: int, arch: str) -> Rotary:
-    """Rotary over all of ``d_head`` from HF ``rope_parameters``, for families whose rotary class
-    rotates the whole head.
-
-    Their ``compute_default_rope_parameters`` (e.g. ``MistralRotaryEmbedding``) builds frequencies
-    for the full ``head_dim`` and ignores ``partial_rotary_factor``, while the scaled rope types of
-    modeling_rope_utils.py honour it and then fail in ``apply_rotary_pos_emb``; a factor other than
-    1 is therefore refused rather than guessed.
-    """
-    rope = dict(rope or {"rope_theta": 10_000.0})
-    factor = rope.pop("partial_rotary_factor", 1.0)
-    if factor != 1.0:
-        raise UnsupportedConfigError(
-            f"{arch}: rope_parameters partial_rotary_factor={factor!r} is not supported (this family's HF "
-            "rotary embedding rotates the full head_dim for the default rope type)"
-        )
-    return rotary_from_hf(rope, d_head, arch)
-
-
-def windows_from_layer_types(
-    layer_types: list[str] | None, sliding_window: int | None, n_layers: int, arch: str
-) -> tuple[int | None, ...] | None:
-    """Per-layer windows for ``ModelConfig.attn_windows`` from HF ``layer_types``.
-
-    HF builds one mask per layer type (``causal_mask_mapping[config.layer_types[i]]``):
-    ``create_sliding_window_causal_mask`` for "sliding_attention" layers, with
-    ``config.sliding_window`` and the rule ``kv_idx > q_idx - sliding_window``
-    (masking_utils.py ``sliding_window_overlay``), the same rule as our ``attn_windows``. Returns
-    None when every layer is full attention.
-    """
-    types = list(layer_types or ["full_attention"] * n_layers)
-    if len(types) != n_layers:
-        raise UnsupportedConfigError(f"{arch}: config field layer_types has {len(types)} entries for {n_layers} layers")
-    unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
-    if unknown:
-        raise UnsupportedConfigError(f"{arch}: config field layer_types has unsupported layer types {unknown}")
-    if "sliding_attention" not in types:
-        return None
-    if sliding_window is None or sliding_window <= 0:
-        # HF's create_sliding_window_causal_mask raises for a missing window; we refuse the same config.
-        raise UnsupportedConfigError(
-            f"{arch}: config field layer_types has sliding_attention layers but sliding_window={sliding_window!r}"
-        )
-    return tuple(sliding_window if t == "sliding_attention" else None for t in types)
 
 
 def config_from_hf(hf: MistralConfig) -> ModelConfig:
@@ -98,8 +51,8 @@ def config_from_hf(hf: MistralConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=full_head_rotary(hf.rope_parameters, d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # MistralAttention: self.scaling = self.head_dim**-0.5
         # MistralModel.forward: create_sliding_window_causal_mask for every layer whenever
         # config.sliding_window is not None ("main diff with Llama").
@@ -138,9 +91,9 @@ def tiny_hf_configs() -> dict[str, MistralConfig]:
         "mha_window_1": MistralConfig(**base, num_key_value_heads=4, sliding_window=1),   # attends to itself only
         "mqa_tied": MistralConfig(**base, num_key_value_heads=1, sliding_window=6, tie_word_embeddings=True),
         "head_dim_16": MistralConfig(**base, num_key_value_heads=2, head_dim=16, sliding_window=3,
-                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-        "rope_linear": MistralConfig(**base, num_key_value_heads=2, sliding_window=5, rope_parameters={
-            "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+                                     **rope_config(rope_type="default", rope_theta=1000000.0)),
+        "rope_linear": MistralConfig(**base, num_key_value_heads=2, sliding_window=5,
+                                     **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
     }
 
 

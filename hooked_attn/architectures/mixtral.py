@@ -9,7 +9,7 @@ from transformers import MixtralConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import ACTIVATIONS, decoder_sizes, pop_attention, pop_lm_head, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, MoE, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -18,7 +18,7 @@ HANDLED_HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "sliding_window", "num_local_experts", "num_experts_per_tok",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     # MixtralSparseMoeBlock multiplies the MLP input by uniform noise only `if self.training`.
@@ -43,8 +43,8 @@ def config_from_hf(hf: MixtralConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 1e6}), d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 1e6), d_head, ARCH),
         attn_scale=d_head**-0.5, attn_windows=windows,
         gated_mlp=True, moe=MoE(n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok),
     )

@@ -15,7 +15,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -28,7 +28,7 @@ HANDLED_HF_FIELDS = frozenset({
     # OlmoAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -51,8 +51,8 @@ def config_from_hf(hf: OlmoConfig) -> ModelConfig:
         **decoder_sizes(hf, d_head),
         # OlmoLayerNorm: "LayerNorm but with no learnable weight or bias".
         norm=NormConfig(kind="layernorm", eps=_NORM_EPS, weight=False, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # OlmoAttention: self.scaling = self.head_dim**-0.5
         # OlmoAttention.forward: q, k and v clamped to [-clip_qkv, clip_qkv] right after q/k/v_proj
         # (biases included), before rotary. Weight processing skips the steps that would change what is
@@ -91,7 +91,10 @@ def tiny_hf_configs() -> dict[str, OlmoConfig]:
         "gqa": OlmoConfig(**base, num_key_value_heads=2),
         "mqa": OlmoConfig(**base, num_key_value_heads=1),
         "attention_bias": OlmoConfig(**base, num_key_value_heads=2, attention_bias=True),
-        "rope_linear": OlmoConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+        # 4.57's OlmoConfig._rope_scaling_validation accepts exactly the legacy {"type", "factor"}.
+        "rope_linear": OlmoConfig(**base, **(rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)
+                                             if ROPE_PARAMETERS_LAYOUT else
+                                             {"rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 4.0}})),
         # OLMo-1B/7B clamp q, k, v at 8; 0.5 clamps a good share of this tiny model's values (with random
         # biases, so fold_value_biases, which would move b_V past the clamp, must be skipped).
         "clip_qkv_attention_bias": OlmoConfig(**base, num_key_value_heads=2, attention_bias=True,

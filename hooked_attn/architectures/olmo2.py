@@ -10,7 +10,9 @@ from transformers import Olmo2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import (
+    ACTIVATIONS, ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf,
+)
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -22,17 +24,15 @@ HANDLED_HF_FIELDS = frozenset({
     # Olmo2Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf: Olmo2Config) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
+    if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     # Olmo2RMSNorm: x.float() * rsqrt(mean(x^2) + eps), then (weight * x) BEFORE the cast back
@@ -44,7 +44,7 @@ def config_from_hf(hf: Olmo2Config) -> ModelConfig:
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=norm,  # the final norm (model.norm); the blocks have no pre-norms
-        act_fn=_ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         # Olmo2DecoderLayer: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)).
         block_norms="output", post_norm=norm,
         # Olmo2Attention: q_norm = Olmo2RMSNorm(num_attention_heads * head_dim) on q_proj's whole output,
@@ -54,7 +54,7 @@ def config_from_hf(hf: Olmo2Config) -> ModelConfig:
         # Olmo2RotaryEmbedding returns cos/sin in float32 (no cast to x.dtype) and apply_rotary_pos_emb
         # rotates in float32 before casting q and k back; our rotary computes in the activation dtype.
         # The same in fp32; in bf16 HF rounds once where we round cos/sin and each product.
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5,  # Olmo2Attention: self.scaling = self.head_dim**-0.5
         gated_mlp=True,
     )
@@ -90,15 +90,20 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Olmo2Config) -> d
 def tiny_hf_configs() -> dict[str, Olmo2Config]:
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
                 num_attention_heads=4, rms_norm_eps=1e-6, pad_token_id=1, eos_token_id=0)
-    return {
+    variants = {
         "default": Olmo2Config(**base),                                    # MHA, untied (OLMo-2 7B/13B)
         "gqa": Olmo2Config(**base, num_key_value_heads=2),                 # k_norm over fewer heads than q_norm
         "mqa_tied": Olmo2Config(**base, num_key_value_heads=1, tie_word_embeddings=True),
         "attention_bias": Olmo2Config(**base, num_key_value_heads=2, attention_bias=True),
-        "rope_llama3": Olmo2Config(**base, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     }
+    if not ROPE_PARAMETERS_LAYOUT:
+        # 4.57's Olmo2Config._rope_scaling_validation accepts only the legacy {"type", "factor"} of the
+        # linear and dynamic types: llama3 scaling cannot be written there.
+        return variants | {"rope_linear": Olmo2Config(**base, rope_theta=500.0,
+                                                      rope_scaling={"type": "linear", "factor": 4.0})}
+    return variants | {"rope_llama3": Olmo2Config(**base, **rope_config(
+        rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))}
 
 
 ARCHITECTURE = register(Architecture(

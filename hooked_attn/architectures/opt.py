@@ -13,6 +13,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
+from hooked_attn.architectures.parsers import TRANSFORMERS_MAJOR
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -49,7 +50,7 @@ def config_from_hf(hf: OPTConfig) -> ModelConfig:
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.ffn_dim, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=_LN_EPS, weight=affine, bias=affine),
-        act_fn=ACTIVATIONS[hf.activation_function],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.activation_function],
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # OPTAttention.forward multiplies q_proj(x) (bias included) by head_dim**-0.5 before q.k and
         # then calls the attention function with scaling=1.0: the same scores as scaling q.k.
@@ -123,7 +124,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OPTConfig) -> dic
 def tiny_hf_configs() -> dict[str, OPTConfig]:
     base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=48, max_position_embeddings=32,
                 num_attention_heads=4, pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    return {
+    variants = {
         # HF's defaults: pre-LN, ReLU, biases, tied embeddings (opt-125m and every size but 350m).
         "default": OPTConfig(**base),
         # opt-350m: post-LN, no final norm, and 16-wide embeddings projected in and out.
@@ -134,6 +135,11 @@ def tiny_hf_configs() -> dict[str, OPTConfig]:
                                              layer_norm_elementwise_affine=False),
         "post_ln_untied": OPTConfig(**base, do_layer_norm_before=False, tie_word_embeddings=False),
     }
+    if TRANSFORMERS_MAJOR < 5:
+        # transformers 4.57's OPTPreTrainedModel._init_weights fills every LayerNorm's weight, and
+        # layer_norm_elementwise_affine=False leaves none: HF cannot build this model there.
+        del variants["no_final_norm_no_affine"]
+    return variants
 
 
 ARCHITECTURE = register(Architecture(

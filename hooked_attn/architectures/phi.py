@@ -13,7 +13,7 @@ from hooked_attn.architectures.common import (
     pop_linear_mlp,
     pop_lm_head,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -23,7 +23,7 @@ HANDLED_HF_FIELDS = frozenset({
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
     "rope_parameters",  # holds partial_rotary_factor (0.5 by default, PhiConfig.__post_init__)
     "qk_layernorm",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
 })
@@ -36,7 +36,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
                                      f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # PhiAttention: head_dim = hidden_size // num_attention_heads (PhiConfig has no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
-    rope = dict(hf.rope_parameters or {})
+    rope = rope_parameters(hf, ARCH)
     # Partial rotary: only the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
     # paired by rotate_half (PhiAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
@@ -58,7 +58,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         positions=rotary_from_hf(rope, d_head, ARCH) if n_rot else None, attn_scale=d_head**-0.5,
         # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
         parallel_attn_mlp=True,
@@ -110,7 +110,7 @@ def tiny_hf_configs() -> dict[str, PhiConfig]:
         "gqa": PhiConfig(**base, num_key_value_heads=2),
         "quarter_rotary_tied": PhiConfig(**base, partial_rotary_factor=0.25, tie_word_embeddings=True),
         "full_rotary_gelu": PhiConfig(**base, partial_rotary_factor=1.0, hidden_act="gelu",
-                                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+                                      **rope_config(rope_type="default", rope_theta=500.0)),
         # A LayerNorm (weight and bias) on each head's q and k, before the partial rotary.
         "qk_layernorm_gqa": PhiConfig(**base, num_key_value_heads=2, qk_layernorm=True),
         "no_rotary": PhiConfig(**base, partial_rotary_factor=0.0),      # no positional information at all

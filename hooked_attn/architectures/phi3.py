@@ -15,7 +15,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -32,7 +32,7 @@ HANDLED_HF_FIELDS = frozenset({
     # Phi3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
     # Read only by the longrope rotary (modeling_rope_utils._compute_longrope_parameters and the
@@ -55,7 +55,7 @@ IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary
 def config_from_hf(hf: Phi3Config) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    rope = dict(hf.rope_parameters or {"rope_theta": 10_000.0})
+    rope = rope_parameters(hf, ARCH, 10_000.0)
     kind = rope.get("rope_type", "default")
     if kind != "default":
         # Phi3Config.validate_rope allows default and longrope (legacy "su"/"yarn" are renamed longrope).
@@ -79,7 +79,7 @@ def config_from_hf(hf: Phi3Config) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),  # Phi3RMSNorm: LLaMA's RMSNorm
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         positions=rotary_from_hf(rope, d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Phi3Attention: self.scaling = self.head_dim**-0.5
         # Phi3Model.forward: create_sliding_window_causal_mask for every layer whenever
@@ -134,8 +134,8 @@ def tiny_hf_configs() -> dict[str, Phi3Config]:
         "mha_no_window": Phi3Config(**base),                                              # Phi-3-mini-4k layout
         "mqa_tied": Phi3Config(**base, num_key_value_heads=1, tie_word_embeddings=True, sliding_window=6),
         # Rotary on half of each head (Phi-4-mini uses 0.75), with another theta.
-        "partial_rotary": Phi3Config(**base, num_key_value_heads=2, sliding_window=5, rope_parameters={
-            "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}),
+        "partial_rotary": Phi3Config(**base, num_key_value_heads=2, sliding_window=5, **rope_config(
+            rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
         "quarter_rotary_gelu": Phi3Config(**base, num_key_value_heads=2, hidden_act="gelu_new",
                                           partial_rotary_factor=0.25),
     }

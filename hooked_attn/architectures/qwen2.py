@@ -14,7 +14,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.mistral import windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -30,7 +30,7 @@ HANDLED_HF_FIELDS = frozenset({
     # Sliding-window attention: HF decides per layer from layer_types (Qwen2Config.__post_init__ derives
     # it from use_sliding_window, sliding_window and max_window_layers; see config_from_hf).
     "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -51,8 +51,8 @@ def config_from_hf(hf: Qwen2Config) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=rotary_from_hf(dict(hf.rope_parameters or {"rope_theta": 10_000.0}), d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen2Attention: self.scaling = self.head_dim**-0.5
         attn_windows=windows,
     )
@@ -81,7 +81,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Qwen2Config) -> d
 
 def tiny_hf_configs() -> dict[str, Qwen2Config]:
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
-                num_attention_heads=4, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+                num_attention_heads=4, rms_norm_eps=1e-6, **rope_config(rope_type="default", rope_theta=1000000.0))
     return {
         "default": Qwen2Config(**base, num_key_value_heads=2),                            # GQA, untied (Qwen2-7B)
         "mha": Qwen2Config(**base, num_key_value_heads=4),

@@ -16,7 +16,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.mistral import full_head_rotary, windows_from_layer_types
+from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -29,7 +29,7 @@ HANDLED_HF_FIELDS = frozenset({
     # __post_init__ derives both from use_sliding_window and max_window_layers (sliding_window is None
     # unless use_sliding_window; layers i >= max_window_layers slide), so those two are read through them.
     "layer_types", "sliding_window", "use_sliding_window", "max_window_layers",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
@@ -49,8 +49,8 @@ def config_from_hf(hf: Qwen3Config) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=rms,
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=full_head_rotary(hf.rope_parameters, d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen3Attention: self.scaling = self.head_dim**-0.5
         # Qwen3Attention.forward: q_norm(q_proj(x).view(..., head_dim)), likewise k; both Qwen3RMSNorm over
         # head_dim with rms_norm_eps, applied before rotary ("unlike olmo, only on the head dim!").
@@ -90,7 +90,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Qwen3Config) -> d
 def tiny_hf_configs() -> dict[str, Qwen3Config]:
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
                 num_attention_heads=4, head_dim=8, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+                **rope_config(rope_type="default", rope_theta=1000000.0))
     return {
         "default": Qwen3Config(**base, num_key_value_heads=2),                            # GQA, untied (Qwen3-8B)
         "mha_tied": Qwen3Config(**base, num_key_value_heads=4, tie_word_embeddings=True),  # Qwen3-0.6B style
@@ -103,8 +103,8 @@ def tiny_hf_configs() -> dict[str, Qwen3Config]:
         "sliding_alternating": Qwen3Config(**{**base, "num_hidden_layers": 3}, num_key_value_heads=2,
                                            use_sliding_window=True, sliding_window=3,
                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-        "rope_linear": Qwen3Config(**{**base, "rope_parameters": {"rope_type": "linear", "rope_theta": 500.0,
-                                                                  "factor": 4.0}}, num_key_value_heads=2),
+        "rope_linear": Qwen3Config(**{**base, **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)},
+                                   num_key_value_heads=2),
     }
 
 

@@ -15,7 +15,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.mistral import full_head_rotary, windows_from_layer_types
+from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -31,7 +31,7 @@ HANDLED_HF_FIELDS = frozenset({
     # SmolLM3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",        # dropout: off at inference
     # SmolLM3Config.__post_init__ uses it only to fill no_rope_layers when that is None; the model reads
@@ -64,12 +64,12 @@ def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
             "use_sliding_window=False; HF's eager and flash attention disagree on such a config"
         )
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    rotary = full_head_rotary(hf.rope_parameters, d_head, ARCH)
+    rotary = full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         positions=rotary,
         # SmolLM3Attention: `self.use_rope = config.no_rope_layers[layer_idx]`; apply_rotary_pos_emb runs
         # only when it is truthy. Every layer shares one rotary table (SmolLM3Model.rotary_emb).

@@ -14,7 +14,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.llama import rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, TRANSFORMERS_MAJOR, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -24,7 +24,7 @@ HANDLED_HF_FIELDS = frozenset({
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
     # Holds partial_rotary_factor (0.25 by default, StableLmConfig.__post_init__).
     "rope_parameters", "use_qkv_bias", "qk_layernorm", "use_parallel_residual",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "hidden_dropout", "attention_dropout",  # dropout: off at inference
 })
@@ -37,7 +37,7 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
                                      f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # StableLmAttention: head_dim = hidden_size // num_attention_heads (no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
-    rope = dict(hf.rope_parameters or {})
+    rope = rope_parameters(hf, ARCH)
     # Partial rotary: the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
     # paired by rotate_half (StableLmAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
@@ -60,7 +60,7 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
+        act_fn=ACTIVATIONS[hf.hidden_act],
         positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
         gated_mlp=True,  # StableLmMLP: down(act(gate(x)) * up(x)), no biases
         # StableLmDecoderLayer.forward: parallel adds attn(ln(x)) + mlp(ln(x)) to x, one shared norm.
@@ -110,7 +110,7 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -
 def tiny_hf_configs() -> dict[str, StableLmConfig]:
     base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64)
-    return {
+    variants = {
         # HF's defaults (stablelm-3b-4e1t): sequential, rotary on a quarter of each head, no biases.
         "default": StableLmConfig(**base, num_key_value_heads=4),
         # stablelm-2-1_6b: q/k/v biases, half rotary.
@@ -122,6 +122,11 @@ def tiny_hf_configs() -> dict[str, StableLmConfig]:
         "qk_layernorm_tied_gelu": StableLmConfig(**base, num_key_value_heads=4, qk_layernorm=True,
                                                  tie_word_embeddings=True, hidden_act="gelu"),
     }
+    if TRANSFORMERS_MAJOR < 5:
+        # transformers 4.57's StableLmPreTrainedModel._init_weights zeroes every LayerNorm's bias, and the
+        # per-head q/k LayerNorms have none: HF cannot build these models there, so there is no reference.
+        return {name: cfg for name, cfg in variants.items() if not cfg.qk_layernorm}
+    return variants
 
 
 ARCHITECTURE = register(Architecture(

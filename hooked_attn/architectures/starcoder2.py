@@ -15,7 +15,7 @@ from hooked_attn.architectures.common import (
     pop_lm_head,
     zeros,
 )
-from hooked_attn.architectures.mistral import full_head_rotary
+from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -32,7 +32,7 @@ HANDLED_HF_FIELDS = frozenset({
     # them (it always builds nn.LayerNorm with norm_epsilon and the c_fc/c_proj MLP). Accepted only with
     # the values that match what it builds: anything else would describe a different model.
     "norm_type", "mlp_type", "layer_norm_epsilon",
-})
+}) | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout", "residual_dropout", "embedding_dropout",  # dropout: off at inference
 })
@@ -58,8 +58,8 @@ def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
         # Starcoder2DecoderLayer and Starcoder2Model.norm: nn.LayerNorm(eps=norm_epsilon), always with a bias
         # (use_bias only concerns the linear layers).
         norm=NormConfig(kind="layernorm", eps=hf.norm_epsilon),
-        act_fn=ACTIVATIONS[hf.hidden_act],  # type: ignore[arg-type]
-        positions=full_head_rotary(hf.rope_parameters, d_head, ARCH),
+        act_fn=ACTIVATIONS[hf.hidden_act],
+        positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5,  # Starcoder2Attention: self.scaling = self.head_dim**-0.5
         # Starcoder2MLP: c_proj(act(c_fc(x))), not gated.
         gated_mlp=False,
@@ -108,7 +108,7 @@ def tiny_hf_configs() -> dict[str, Starcoder2Config]:
         "mha_untied": Starcoder2Config(**base, num_key_value_heads=4, tie_word_embeddings=False, sliding_window=6),
         "mqa_no_bias": Starcoder2Config(**base, num_key_value_heads=1, use_bias=False, sliding_window=3),
         "gelu_rope_theta": Starcoder2Config(**base, num_key_value_heads=2, hidden_act="gelu", sliding_window=5,
-                                            rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
+                                            **rope_config(rope_type="default", rope_theta=100000.0)),
     }
 
 

@@ -1,5 +1,48 @@
-"""``transformer_lens.HookedEncoder``: hooked_attn's HookedEncoder (BERT-style encoders)."""
+"""``transformer_lens.HookedEncoder``: hooked_attn's BERT-style encoder, also built from a TransformerLens config."""
 
-from hooked_attn.encoder import HookedEncoder
+import dataclasses
+from typing import Any
+
+from hooked_attn.compat.transformer_lens.HookedTransformer import _bind, init_weights
+from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+from hooked_attn.config import ModelConfig
+from hooked_attn.encoder import HookedEncoder as _Base
+from hooked_attn.model import HookedTransformer as _Decoder
+
+# The decoder's stacked-weight and circuit properties read only ``blocks``, ``embed`` and ``unembed``,
+# which the encoder has too.
+_SHARED = ["_stack", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out",
+           "W_E", "W_U", "b_U", "QK", "OV"]
+
+
+class HookedEncoder(_Base):
+    """``HookedEncoder(cfg)`` with a TransformerLens config builds a BERT layout (bidirectional,
+    norms after each residual sum, two token types, the MLM head); hooked_attn's own signature
+    ``HookedEncoder(model_cfg, n_token_types, mlm_head)`` works too."""
+
+    def __init__(self, cfg: Any, *args: Any, tokenizer: Any = None, move_to_device: bool = True, **kwargs: Any) -> None:
+        if isinstance(cfg, ModelConfig):
+            super().__init__(cfg, *args, tokenizer=tokenizer, **kwargs)
+            return
+        cfg = HookedTransformerConfig.unwrap(cfg)
+        if cfg.d_vocab <= 0:
+            raise ValueError("HookedEncoder(cfg) needs d_vocab (or a tokenizer_name hooked_attn cannot fetch offline)")
+        compat, model_cfg = _bind(dataclasses.replace(cfg, attention_dir="bidirectional"))
+        model_cfg = model_cfg.replace(causal=False, block_norms="post_residual", embed_norm=model_cfg.norm)
+        compat.__dict__["_model_cfg"] = model_cfg
+        super().__init__(model_cfg, n_token_types=2, mlm_head=True, tokenizer=tokenizer)
+        self.cfg = compat  # type: ignore[assignment]
+        init_weights(self, compat)
+        if move_to_device and compat.device is not None:
+            self.to(compat.device)
+
+    @property
+    def W_pos(self) -> Any:
+        return self.pos_embed.W_pos
+
+
+for _name in _SHARED:
+    setattr(HookedEncoder, _name, _Decoder.__dict__[_name])
+
 
 __all__ = ["HookedEncoder"]
