@@ -43,8 +43,8 @@ def get_architecture(
     other = REGISTRY.get(hf_architecture or "")
     hint = f" ({hf_architecture} is an {other.kind}: load it with {LOADERS[other.kind]})" if other else ""
     raise UnknownArchitectureError(
-        f"architecture {hf_architecture!r} (model_type {model_type!r}) is not a supported {kind}{hint}; "
-        f"supported: {', '.join(sorted(registered))}"
+        f"architecture {hf_architecture!r} (model_type {model_type!r}) is not supported"
+        f"{' as an encoder' if kind == 'encoder' else ''}{hint}; supported: {', '.join(sorted(registered))}"
     )
 
 
