@@ -106,9 +106,13 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: its header claims {n} bytes and the "
                                   f"file has {size}; the file is truncated or not safetensors")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_refuse_duplicate_keys)
+        except _DuplicateKey as err:
+            raise CheckpointError(f"safetensors file {str(path)!r}: its header names tensor {err.args[0]!r} twice") from err
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: its header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"safetensors file {str(path)!r}: its header is not a JSON object")
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -121,14 +125,45 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
             raise CheckpointError(f"safetensors file {str(path)!r}: bad header entry for {name!r}: {entry!r} "
                                   f"({type(err).__name__}: {err})") from err
         expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected or begin < 0:
+        if end - begin != expected or begin < 0 or end < begin:
             raise CheckpointError(f"safetensors file {str(path)!r}: tensor {name!r} of shape {shape} {entry['dtype']} "
                                   f"needs {expected} bytes, its offsets {begin}..{end} give {end - begin}")
         if 8 + n + end > size:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: it is truncated (tensor {name!r} ends "
                                   f"at byte {8 + n + end}, the file has {size})")
         out[name] = (dtype, shape, 8 + n + begin, 8 + n + end)
+    _check_layout(path, out, 8 + n, size)
     return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _check_layout(path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], data_start: int,
+                  size: int) -> None:
+    """The tensors must tile the data region exactly, in order of their offsets: no overlap, no gap, nothing
+    after the last one (what the safetensors library itself requires). An overlap or a shifted offset would
+    otherwise load as another tensor's bytes."""
+    at = data_start
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else "leaves a gap before it"
+            raise CheckpointError(f"safetensors file {str(path)!r}: tensor {name!r} starts at data offset "
+                                  f"{begin - data_start}, expected {at - data_start}: it {what} (corrupt offsets)")
+        at = end
+    if at != size:
+        raise CheckpointError(f"safetensors file {str(path)!r}: the tensors end at byte {at}, but the file has "
+                              f"{size} bytes (corrupt offsets or trailing data)")
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -152,12 +187,36 @@ def read_torch_bin(folder: Path, dtype: torch.dtype | None = None) -> dict[str, 
     if not files:
         raise FileNotFoundError(f"{str(folder)!r} has no weights (.safetensors or pytorch_model.bin)")
     sd: dict[str, Tensor] = {}
+    origin: dict[str, Path] = {}
     for path in files:
         try:
             part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
             raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        if not isinstance(part, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(part).__name__}, not a state dict")
         for key, tensor in part.items():
+            if key in sd:
+                raise CheckpointError(f"{str(path)!r}: tensor {key!r} is also in {str(origin[key])!r}; "
+                                      "a key may appear in one shard only")
+            origin[key] = path
             floating = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
             sd[key] = tensor.to(dtype) if floating else tensor
     return sd
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is truncated or corrupt, naming it (the reader's own struct and reshape errors
+    do not say which file, or that it is cut short)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise CheckpointError(f"cannot read GGUF file {str(path)!r} ({path.stat().st_size} bytes): it is truncated "
+                              f"or corrupt ({type(err).__name__}: {err})") from err
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise CheckpointError(f"GGUF file {str(path)!r} is truncated: tensor {tensor.name!r} ends at byte "
+                                  f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")

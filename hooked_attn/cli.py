@@ -262,7 +262,8 @@ def _attention(args: argparse.Namespace) -> int:
         plt.close(figure)
         print(f"wrote {args.png}")
     if args.html:
-        attention_viewer(cache, str_tokens, title=f"{Path(source).name}: {args.text[:80]!r}").save(args.html)
+        attention_viewer(cache, str_tokens, title=f"{Path(source).name}: {args.text[:80]!r}", layer=layer,
+                         head=head).save(args.html)
         print(f"wrote {args.html}")
     return 0
 

@@ -24,7 +24,7 @@ from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint
 from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source
 from hooked_attn.sources import Source, TokenizerArg
-from hooked_attn.tokens import TokenizerMixin
+from hooked_attn.tokens import PADDING_MASK_ATTR, TokenizerMixin, check_attention_mask
 
 EncoderReturn = Literal["logits", "embeddings"] | None
 
@@ -123,31 +123,33 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
         if isinstance(input, (str, list)):
             input, attention_mask = self._tokenize(input, None, None)
             input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+        if attention_mask is None:  # ids that to_tokens padded carry their mask
+            attention_mask = getattr(input, PADDING_MASK_ATTR, None)
         if input.ndim != 2 or input.dtype.is_floating_point:
             raise ValueError(f"expected token ids of shape [batch pos], got {input.dtype} {tuple(input.shape)}")
         if input.shape[1] == 0:
             raise ValueError("the input has no positions: a sequence needs at least one token")
         if return_type is None:
             return_type = "logits" if hasattr(self, "unembed") else "embeddings"
+        if return_type not in ("logits", "embeddings"):
+            raise ValueError(f"return_type must be 'logits', 'embeddings' or None, got {return_type!r}")
+        if return_type == "logits" and not hasattr(self, "unembed"):
+            raise ValueError("this encoder has no masked-LM head: use return_type='embeddings'")
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, tuple(input.shape), input.device)
+        if token_type_ids is not None and token_type_ids.shape != input.shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, but the input is "
+                             f"{tuple(input.shape)}")
         batch, n_pos = input.shape
-        positions = torch.arange(n_pos, device=input.device).expand(batch, n_pos)  # HF BERT: absolute indices
+        # HF BERT: absolute positions; a padding query sees the real keys, as every other query does.
+        ctx = AttentionContext.build(batch, n_pos, input.device, attention_mask, causal=False, real_positions=False,
+                                     padding_sees_itself=False)
         token_type_ids = torch.zeros_like(input) if token_type_ids is None else token_type_ids
         resid = (self.hook_embed(self.embed(input)) + self.hook_token_type_embed(self.token_type_embed(token_type_ids))
-                 + self.hook_pos_embed(self.pos_embed(positions)))
+                 + self.hook_pos_embed(self.pos_embed(ctx.positions)))
         resid = self.embed_ln(resid)
-        attend = None
-        if attention_mask is not None:
-            if attention_mask.shape != input.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is "
-                                 f"{tuple(input.shape)}")
-            attend = attention_mask.to(input.device).bool()[:, None, None, :]
-        ctx = AttentionContext(attend=attend, positions=positions, key_positions=positions)
         for block in self.blocks:
             resid = block(resid, ctx)
         if return_type == "embeddings":
             return resid
-        if return_type == "logits":
-            if not hasattr(self, "unembed"):
-                raise ValueError("this encoder has no masked-LM head: use return_type='embeddings'")
-            return self.unembed(self.mlm_head(resid))
-        raise ValueError(f"return_type must be 'logits', 'embeddings' or None, got {return_type!r}")
+        return self.unembed(self.mlm_head(resid))

@@ -2,13 +2,20 @@
 
 A HookPoint costs one attribute check per call when nothing is attached. Hook functions take
 ``(activation, hook)`` and may return a replacement tensor of the same shape, dtype and device.
+
+Temporary hooks (``hooks()``, ``run_with_hooks``, ``run_with_cache``, ``check_finite``) belong to a
+*scope*: they fire only in the thread that attached them, and not in a model call made from inside a
+hook function (which sees only model-wide hooks and the ones it attaches itself). So two threads can
+use one model at once, and a hook may call the model without disturbing the outer call. Hooks added
+with ``add_hook`` are model-wide: they fire in every thread and every call.
 """
 
 import contextlib
 import difflib
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,18 +26,63 @@ if TYPE_CHECKING:
     from hooked_attn.cache import ActivationCache
 
 HookFn = Callable[..., Tensor | None]
-NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+NamesFilter = str | Iterable[str] | Callable[[str], bool] | None  # an iterator is read once
+# (hook name or predicate, hook function) pairs. Typed loosely on purpose: a dict or one bare pair is
+# refused by _hook_pairs with a message saying what to pass, rather than by a type checker.
+HookPairs = Iterable[Any]
 Direction = Literal["fwd", "bwd"]
+
+
+class _Scope:
+    """The owner of a group of temporary hooks (identity equality)."""
+
+
+class _ThreadScopes(threading.local):
+    """Per thread: a stack of frames, each the list of scopes active there. Calling a hook function
+    pushes an empty frame, so a model call made inside a hook sees none of the outer call's scopes."""
+
+    def __init__(self) -> None:
+        self.frames: list[list[_Scope]] = [[]]
+
+
+_SCOPES = _ThreadScopes()
+_MUTATE = threading.RLock()  # attaching and removing hooks, from any thread
+
+
+def _in_scope(scope: "_Scope | None") -> bool:
+    return scope is None or scope in _SCOPES.frames[-1]
+
+
+@contextlib.contextmanager
+def _open_scope() -> Iterator[_Scope]:
+    """A new scope, active in this thread's current frame for the body of the ``with``."""
+    scope, frame = _Scope(), _SCOPES.frames[-1]
+    frame.append(scope)
+    try:
+        yield scope
+    finally:
+        frame.remove(scope)
+
+
+def _call_isolated(fn: HookFn, x: Tensor, point: "HookPoint") -> Tensor | None:
+    """Call a hook function in a fresh frame: model calls inside it do not fire the outer scopes."""
+    _SCOPES.frames.append([])
+    try:
+        return fn(x, hook=point)
+    finally:
+        _SCOPES.frames.pop()
 
 
 @dataclass(eq=False)
 class _Hook:
-    """One attached hook function (identity equality, so each attachment is removable on its own)."""
+    """One attached hook function (identity equality, so each attachment is removable on its own).
+    ``scope`` None: model-wide; otherwise it fires only where that scope is active."""
 
     fn: HookFn
     direction: Direction
     permanent: bool
     level: int | None
+    scope: _Scope | None = None
 
     @property
     def is_permanent(self) -> bool:  # TransformerLens' LensHandle name
@@ -145,8 +197,9 @@ class HookPoint(nn.Module):
         self.ctx: dict[Any, Any] = {}
         self.fwd_hooks: list[_Hook] = []
         self.bwd_hooks: list[_Hook] = []
-        # Set by HookedRootModule.check_finite: raise if the activation (after any hooks) is not finite.
-        self.checks_finite = False
+        # Set by HookedRootModule.check_finite (one entry per scope that asked): raise if the
+        # activation (after any hooks) is not finite.
+        self.finite_checks: list[_Scope] = []
         # Whether a call does anything but return its input: hooks attached, or the finite check on.
         self._active = False
 
@@ -174,22 +227,30 @@ class HookPoint(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self(x)
 
+    @property
+    def checks_finite(self) -> bool:
+        return bool(self.finite_checks)
+
     def _run(self, x: Tensor) -> Tensor:
         for hook in tuple(self.fwd_hooks):
-            out = hook.fn(x, hook=self)
+            if not _in_scope(hook.scope):
+                continue
+            out = _call_isolated(hook.fn, x, self)
             if out is not None:
                 x = _check_replacement(str(self.name), hook.fn, "forward", x, out)
-        if self.checks_finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        checking = any(_in_scope(scope) for scope in tuple(self.finite_checks))
+        if checking and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise NonFiniteActivationError.of(str(self.name), x)
-        if self.bwd_hooks and x.requires_grad:
+        bwd = tuple(hook for hook in tuple(self.bwd_hooks) if _in_scope(hook.scope))
+        if bwd and x.requires_grad:
             # Attached to this forward's activation: fires on its backward even after removal.
-            x.register_hook(functools.partial(self._run_bwd, tuple(self.bwd_hooks)))
+            x.register_hook(functools.partial(self._run_bwd, bwd))
         return x
 
     def _run_bwd(self, hooks: tuple[_Hook, ...], grad: Tensor) -> Tensor | None:
         replaced = False
         for hook in hooks:
-            out = hook.fn(grad, hook=self)
+            out = _call_isolated(hook.fn, grad, self)
             if out is not None:
                 grad = _check_replacement(str(self.name), hook.fn, "backward", grad, out)
                 replaced = True
@@ -197,44 +258,56 @@ class HookPoint(nn.Module):
 
     def add_hook(
         self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False, level: int | None = None,
-        prepend: bool = False,
+        prepend: bool = False, scope: _Scope | None = None,
     ) -> _Hook:
-        """Attach ``fn``; returns the attachment, which ``remove`` takes."""
+        """Attach ``fn`` (model-wide unless a ``scope`` is given); returns the attachment, which ``remove`` takes."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         if not callable(fn):
             raise TypeError(f"hook for {self.name!r} must be callable, got {type(fn).__name__}")
-        hook = _Hook(fn, dir, is_permanent, level)
-        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
-        hooks.insert(0, hook) if prepend else hooks.append(hook)
-        self._update_has_hooks()
+        hook = _Hook(fn, dir, is_permanent, level, scope)
+        with _MUTATE:
+            hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+            hooks.insert(0, hook) if prepend else hooks.append(hook)
+            self._update_has_hooks()
         return hook
 
     def remove(self, hook: _Hook) -> None:
-        hooks = self.fwd_hooks if hook.direction == "fwd" else self.bwd_hooks
-        if hook in hooks:
-            hooks.remove(hook)
-        self._update_has_hooks()
+        with _MUTATE:
+            hooks = self.fwd_hooks if hook.direction == "fwd" else self.bwd_hooks
+            if hook in hooks:
+                hooks.remove(hook)
+            self._update_has_hooks()
 
     def remove_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
         level: int | None = None,
     ) -> None:
         def keep(hook: _Hook) -> bool:
+            if not _in_scope(hook.scope):  # another thread's (or an outer call's) temporary hook: its own to remove
+                return True
             return (hook.permanent and not including_permanent) or (level is not None and hook.level != level)
 
-        if dir in ("fwd", "both"):
-            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
-        if dir in ("bwd", "both"):
-            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
-        self._update_has_hooks()
+        with _MUTATE:
+            if dir in ("fwd", "both"):
+                self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+            if dir in ("bwd", "both"):
+                self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+            self._update_has_hooks()
 
-    def set_checks_finite(self, on: bool) -> None:
-        self.checks_finite = on
-        self._update_has_hooks()
+    def add_finite_check(self, scope: _Scope) -> None:
+        with _MUTATE:
+            self.finite_checks.append(scope)
+            self._update_has_hooks()
+
+    def remove_finite_check(self, scope: _Scope) -> None:
+        with _MUTATE:
+            if scope in self.finite_checks:
+                self.finite_checks.remove(scope)
+            self._update_has_hooks()
 
     def _update_has_hooks(self) -> None:
-        self._active = bool(self.fwd_hooks or self.bwd_hooks or self.checks_finite)
+        self._active = bool(self.fwd_hooks or self.bwd_hooks or self.finite_checks)
 
     def clear_context(self) -> None:
         self.ctx.clear()
@@ -250,6 +323,22 @@ class HookPoint(nn.Module):
         parts = [repr(self.name)] if self.name is not None else []
         parts += [f"{len(hooks)} {d}" for d, hooks in (("fwd", self.fwd_hooks), ("bwd", self.bwd_hooks)) if hooks]
         return f"HookPoint({', '.join(parts)})"
+
+
+def _hook_pairs(hooks: Any, what: str) -> list[tuple[Any, HookFn]]:
+    """``fwd_hooks``/``bwd_hooks`` as a list of (name or predicate, function) pairs, or a TypeError."""
+    if isinstance(hooks, dict):
+        raise TypeError(f"{what} must be a list of (name, hook) pairs, got a dict: pass list({what}.items())")
+    if (isinstance(hooks, tuple) and len(hooks) == 2 and (isinstance(hooks[0], str) or callable(hooks[0]))
+            and callable(hooks[1]) and not isinstance(hooks[0], tuple)):
+        raise TypeError(f"{what} must be a list of (name, hook) pairs, got one bare pair: pass [{what}]")
+    if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
+        raise TypeError(f"{what} must be a list of (name, hook) pairs, got {type(hooks).__name__}")
+    pairs = list(hooks)
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not callable(pair[1]):
+            raise TypeError(f"each entry of {what} must be a (name, hook function) pair, got {pair!r}")
+    return pairs  # type: ignore[return-value]
 
 
 class HookIntrospectionMixin:
@@ -314,8 +403,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             names = [names]
         if callable(names):
             return [name for name in self.hook_dict if names(name)]
-        if not isinstance(names, Iterable):
+        if not isinstance(names, Iterable) or isinstance(names, (bytes, Tensor)):
             raise TypeError(f"names_filter must be a str, a list of str or a callable, got {type(names).__name__}")
+        names = list(names)  # a generator is read once, here
         for name in names:
             if not isinstance(name, str):
                 raise TypeError(f"hook names must be str, got {type(name).__name__}: {name!r}")
@@ -367,29 +457,33 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
 
     @contextlib.contextmanager
     def hooks(
-        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
-        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        self, fwd_hooks: HookPairs = (),
+        bwd_hooks: HookPairs = (),
         reset_hooks_end: bool = True, clear_contexts: bool = False,
     ) -> Iterator["HookedRootModule"]:
         """Attach hooks for the body of a ``with`` block; they are removed on exit, also on exceptions.
 
         Every name is checked before anything is attached, so a bad name leaves the model as it was.
         """
+        resolved = [(self.resolve_hook_names(n), fn, d)
+                    for hooks, d in ((_hook_pairs(fwd_hooks, "fwd_hooks"), "fwd"), (_hook_pairs(bwd_hooks, "bwd_hooks"), "bwd"))
+                    for n, fn in hooks]
         added: list[tuple[HookPoint, _Hook]] = []
-        try:
-            resolved = [(self.resolve_hook_names(n), fn, d)
-                        for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")) for n, fn in hooks]
-            for names, fn, d in resolved:
-                for name in names:
-                    point = self.hook_dict[name]
-                    added.append((point, point.add_hook(fn, dir=d)))  # type: ignore[arg-type]
-            yield self
-        finally:
-            if reset_hooks_end:
+        with _open_scope() as scope:
+            try:
+                for names, fn, d in resolved:
+                    for name in names:
+                        point = self.hook_dict[name]
+                        added.append((point, point.add_hook(fn, dir=d, scope=scope)))  # type: ignore[arg-type]
+                yield self
+            finally:
                 for point, hook in added:
-                    point.remove(hook)
-            if clear_contexts:
-                self.clear_contexts()
+                    if reset_hooks_end:
+                        point.remove(hook)
+                    else:
+                        hook.scope = None  # kept: from now on a model-wide hook
+                if clear_contexts:
+                    self.clear_contexts()
 
     @contextlib.contextmanager
     def check_finite(self, names_filter: NamesFilter = None) -> Iterator["HookedRootModule"]:
@@ -404,18 +498,18 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             names_filter: the points to check (as in ``run_with_cache``); None checks all.
         """
         points = [self.hook_dict[n] for n in self._selected_points(names_filter)]
-        before = [(point, point.checks_finite) for point in points]
-        try:
-            for point in points:
-                point.set_checks_finite(True)
-            yield self
-        finally:
-            for point, was_on in before:
-                point.set_checks_finite(was_on)
+        with _open_scope() as scope:
+            try:
+                for point in points:
+                    point.add_finite_check(scope)
+                yield self
+            finally:
+                for point in points:
+                    point.remove_finite_check(scope)
 
     def run_with_hooks(
-        self, *model_args: Any, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
-        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (), reset_hooks_end: bool = True,
+        self, *model_args: Any, fwd_hooks: HookPairs = (),
+        bwd_hooks: HookPairs = (), reset_hooks_end: bool = True,
         clear_contexts: bool = False, check_finite: bool = False, **model_kwargs: Any,
     ) -> Any:
         """Run the model with temporary hooks. Backward hooks attach to this forward's activations,
@@ -436,6 +530,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         def save(tensor: Tensor, hook: HookPoint, suffix: str = "") -> None:
             stored = tensor.detach()
             if remove_batch_dim:
+                if stored.ndim == 0 or stored.shape[0] != 1:
+                    raise ValueError(f"remove_batch_dim=True needs a batch of 1, but {hook.name}{suffix} has shape "
+                                     f"{tuple(stored.shape)}: run one sequence, or keep the batch dim")
                 stored = stored[0]
             if device is not None or dtype is not None:
                 stored = stored.to(device=device, dtype=dtype)

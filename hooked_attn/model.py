@@ -3,6 +3,7 @@
 import copy
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -23,11 +24,12 @@ from hooked_attn.architectures.base import UnknownArchitectureError
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig, Processing
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
+from hooked_attn.generation import GenerationMixin
 from hooked_attn.saes.splice import SAESplicingMixin
 from hooked_attn.loading import DeviceArg, DtypeArg, load_weights, materialise, open_source, resolve_dtype
 from hooked_attn.processing import DEFAULT_PROCESSING, NO_PROCESSING, processing_options
 from hooked_attn.sources import Source, TokenizerArg
-from hooked_attn.tokens import PaddingSide, TokenizerMixin
+from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, check_attention_mask
 from hooked_attn.wrap.fallback import FALLBACK_HINT, WrappedHFModel, wrap_hf
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -44,17 +46,23 @@ ModelInput = str | list[str] | Tensor
 DeviceMapArg = str | Mapping[str, Any] | None
 
 
-def _check_cache_batch(cache: KVCache | None, input_shape: torch.Size) -> None:
-    """Refuse new positions whose batch differs from the sequences already in the KV cache."""
-    if cache is None or cache.n_cached == 0:
-        return
-    cached = cache.attention_mask if cache.attention_mask is not None else cache.layers[0].k
-    if cached is not None and cached.shape[0] != input_shape[0]:
-        raise ValueError(f"past_kv_cache holds a batch of {cached.shape[0]} sequences "
-                         f"({cache.n_cached} positions each), but the input is {tuple(input_shape)} [batch pos]")
+_RETURN_TYPES = ("logits", "loss", "both", None)
 
 
-class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
+@dataclass(frozen=True)
+class _ForwardRun:
+    """A forward's checked inputs: what ``_forward`` computes on."""
+
+    input: Tensor
+    tokens: Tensor | None
+    attention_mask: Tensor | None  # over the new positions
+    full_mask: Tensor | None  # over cached + new positions
+    ctx: AttentionContext
+    start: int | None
+    stop: int | None
+
+
+class HookedTransformer(GenerationMixin, SAESplicingMixin, TokenizerMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -194,22 +202,53 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
         Args:
             input: token ids ``[batch pos]``, a string, or a list of strings (tokenized, padded, and
                 masked automatically); with ``start_at_layer``, the residual stream entering that block.
+                Ids that ``to_tokens`` padded carry their padding mask, used when no
+                ``attention_mask`` is given.
             return_type: ``"logits"``, ``"loss"``, ``"both"`` (a ``(logits, loss)`` pair) or None.
             loss_per_token: return the loss at each position ``[batch pos-1]`` instead of the mean.
-            attention_mask: 1 for real tokens, 0 for padding. Padding is never attended to, and
-                positions count real tokens only, so a left-padded sequence sees the positions it
-                would alone. Given with text, it must match the tokenized shape and can only hide
-                more tokens. Shapes that disagree with the input (or with a ``past_kv_cache``'s
-                batch, or ``tokens``') raise a ValueError before anything runs.
+            attention_mask: 1 for real tokens, 0 for padding (bool, int, or float 0./1.; an additive
+                mask of 0 and large negatives is refused, naming the fix). Padding is never attended
+                to, and positions count real tokens only, so a left-padded sequence sees the
+                positions it would alone. Given with text, it must match the tokenized shape and can
+                only hide more tokens. Shapes that disagree with the input (or with a
+                ``past_kv_cache``'s batch, or ``tokens``') raise a ValueError before anything runs.
             start_at_layer: run from this block on; ``input`` is then its ``resid_pre``.
             stop_at_layer: stop before this block and return the residual stream entering it.
+                Both may be negative (counted from the end, as in Python); an empty range is refused.
             tokens: the token ids, needed for the loss when starting mid-model.
             past_kv_cache: a ``KVCache`` (``KVCache.empty(n_layers)`` to start): the input holds only
                 the new positions; their keys and values are appended to it. ``attention_mask``
-                then covers the new positions only (the cache remembers the earlier ones).
+                then covers the new positions only (the cache remembers the earlier ones). A call
+                that fails leaves the cache as it was.
         """
+        run = self._forward_inputs(input, return_type, attention_mask, prepend_bos, padding_side, start_at_layer,
+                                   stop_at_layer, tokens, past_kv_cache)
+        if past_kv_cache is None:
+            return self._forward(run, return_type, loss_per_token)
+        # A forward that stops early reads the cache and leaves it as it was: not every layer has run.
+        with past_kv_cache.step(run.full_mask, run.input.shape[1], commit=run.stop is None):
+            return self._forward(run, return_type, loss_per_token)
+
+    def _forward_inputs(
+        self, input: ModelInput, return_type: Any, attention_mask: Tensor | None, prepend_bos: bool | None,
+        padding_side: PaddingSide | None, start_at_layer: int | None, stop_at_layer: int | None,
+        tokens: Tensor | None, past_kv_cache: KVCache | None,
+    ) -> "_ForwardRun":
+        """Every argument checked, before anything runs or changes."""
+        if return_type not in _RETURN_TYPES:
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        start, stop = self._layer_range(start_at_layer, stop_at_layer)
+        if past_kv_cache is not None and not isinstance(past_kv_cache, KVCache):
+            raise TypeError(f"past_kv_cache must be a KVCache (KVCache.empty(n_layers)), got {type(past_kv_cache).__name__}")
+        if past_kv_cache is not None and start_at_layer is not None:
+            raise ValueError("past_kv_cache needs every layer from block 0 on to run: it cannot be combined with "
+                             "start_at_layer")
         if isinstance(input, (str, list)):
             input, attention_mask = self._text_to_tokens(input, attention_mask, prepend_bos, padding_side)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be token ids, text or (with start_at_layer) a residual, got {type(input).__name__}")
+        if attention_mask is None and start_at_layer is None:
+            attention_mask = getattr(input, PADDING_MASK_ATTR, None)  # ids that to_tokens padded
         if start_at_layer is None:
             if input.dtype.is_floating_point:
                 raise ValueError(f"expected token ids, got a {input.dtype} tensor (residuals need start_at_layer)")
@@ -217,7 +256,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
                 raise ValueError(f"expected token ids of shape [batch pos], got shape {tuple(input.shape)}")
             if tokens is not None and tokens.shape != input.shape:
                 raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape)}")
-            tokens = input
+            if input.dtype not in (torch.int64, torch.int32, torch.bool) and not input.dtype.is_complex:
+                input = input.long()  # uint8/int16 ids: F.embedding takes int32 and int64 only
+            tokens = input  # ids out of range are refused by Embed, before any hook fires
         elif input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"with start_at_layer, input must be a residual [batch pos d_model={self.cfg.d_model}], "
@@ -225,15 +266,34 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             )
         if input.shape[1] == 0:
             raise ValueError("the input has no positions: a sequence needs at least one token")
-        if attention_mask is not None and attention_mask.shape != input.shape[:2]:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {tuple(input.shape[:2])}"
-            )
+        if attention_mask is not None:
+            attention_mask = self._check_attention_mask(attention_mask, input.shape[:2], cached=past_kv_cache)
         if tokens is not None and tokens.shape != input.shape[:2]:
             raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape[:2])}")
-        _check_cache_batch(past_kv_cache, input.shape[:2])
-        ctx = self._attention_context(input.shape[0], input.shape[1], input.device, attention_mask, past_kv_cache)
-        if start_at_layer is None:
+        if return_type in ("loss", "both") and stop is not None:
+            raise ValueError(f"return_type={return_type!r} needs the logits, but stop_at_layer={stop_at_layer} returns "
+                             "the residual stream entering that block")
+        if return_type in ("loss", "both") and tokens is None:
+            raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
+        full_mask, n_cached = attention_mask, 0
+        if past_kv_cache is not None:
+            past_kv_cache.check_fits(self.cfg.n_layers, tuple(input.shape[:2]), (self.cfg.n_kv_heads, self.cfg.d_head))
+            n_cached = past_kv_cache.n_cached
+            # A row may still be all padding here (a chunked prefill of a left-padded batch).
+            full_mask = past_kv_cache.mask_with(attention_mask, input.shape[1], input.shape[0], input.device)
+        if isinstance(self.cfg.positions, LearnedPositions) and start_at_layer is None:
+            n_real = n_cached + input.shape[1] if full_mask is None else int(full_mask.bool().sum(-1).max())
+            if n_real > self.cfg.positions.n_ctx:
+                raise ValueError(f"position {n_real - 1} is past the model's n_ctx={self.cfg.positions.n_ctx} "
+                                 f"learned positions; use at most {self.cfg.positions.n_ctx} tokens")
+        ctx = AttentionContext.build(input.shape[0], input.shape[1], input.device, full_mask, causal=self.cfg.causal,
+                                     n_cached=n_cached, kv_cache=past_kv_cache)
+        return _ForwardRun(input, tokens, attention_mask, full_mask, ctx, start, stop)
+
+    def _forward(self, run: "_ForwardRun", return_type: ReturnType, loss_per_token: bool) -> Any:
+        """The computation, on inputs ``_forward_inputs`` has checked."""
+        input, ctx = run.input, run.ctx
+        if run.start is None:
             embed = self.embed(input)
             if self.cfg.embed_scale is not None:  # HF multiplies in the activation dtype (Gemma)
                 embed = embed * torch.tensor(self.cfg.embed_scale, dtype=embed.dtype)
@@ -244,9 +304,9 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
                 resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         else:
             resid = input
-        for block in self.blocks[start_at_layer:stop_at_layer]:
+        for block in self.blocks[run.start:run.stop]:
             resid = block(resid, ctx)
-        if stop_at_layer is not None:
+        if run.stop is not None:
             return resid
         logits = self.unembed(self.ln_final(resid) if self.cfg.final_norm else resid)
         cap = self.cfg.output_logits_soft_cap  # a TransformerLens config spells "none" as -1.0
@@ -256,16 +316,42 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             return logits
         if return_type is None:
             return None
-        if tokens is None:
-            raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
-        if attention_mask is not None:  # the logits may be on another device than the input (a device map)
-            attention_mask = attention_mask.to(logits.device)
-        loss = lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token=loss_per_token)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        assert run.tokens is not None  # checked in _forward_inputs
+        # The logits may be on another device than the input (a device map).
+        mask = None if run.attention_mask is None else run.attention_mask.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, run.tokens.to(logits.device), mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _layer_range(self, start_at_layer: int | None, stop_at_layer: int | None) -> tuple[int | None, int | None]:
+        """``start_at_layer``/``stop_at_layer`` as non-negative block indices; out of range or empty is refused."""
+        n = self.cfg.n_layers
+        out = []
+        for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if value is None:
+                out.append(None)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= n:
+                raise ValueError(f"{name} must be an int in {-n}..{n} (the model has {n} layers), got {value!r}")
+            out.append(value % n if value < 0 else value)
+        start, stop = out
+        if stop is not None and (start or 0) >= stop and not (start is None and stop == 0):
+            raise ValueError(f"start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer} select no block: "
+                             "the range is empty")
+        return start, stop
+
+    def _check_token_ids(self, tokens: Tensor) -> None:
+        if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+            raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+        if tokens.numel() and not torch.compiler.is_compiling():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.cfg.d_vocab:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is out of range: the vocabulary has ids 0..{self.cfg.d_vocab - 1}")
+
+    def _check_attention_mask(self, mask: Tensor, shape: tuple[int, ...] | torch.Size,
+                              cached: KVCache | None = None) -> Tensor:
+        """The mask as 0/1 ids on the model's device, or a ValueError naming what is wrong with it."""
+        return check_attention_mask(mask, tuple(shape), self.device, allow_empty_rows=cached is not None)
 
     def cache_memory(
         self, input: ModelInput, names_filter: NamesFilter = None, *, device: torch.device | str | None = None,
@@ -304,41 +390,6 @@ class HookedTransformer(SAESplicingMixin, TokenizerMixin, HookedRootModule):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the text tokenizes to "
                              f"{tuple(text_mask.shape)} [batch pos]")
         return tokens, text_mask * attention_mask.to(text_mask)
-
-    def generate(self, input: Any, max_new_tokens: int = 10, **kwargs: Any) -> Any:
-        """Continue ``input``; see ``hooked_attn.generation.generate`` for the options (greedy by default)."""
-        from hooked_attn.generation import generate
-
-        return generate(self, input, max_new_tokens, **kwargs)
-
-    def _attention_context(
-        self, batch: int, n_new: int, device: torch.device, attention_mask: Tensor | None, cache: KVCache | None
-    ) -> AttentionContext:
-        """Positions and the attend mask for ``n_new`` positions after any cached ones.
-
-        Positions count real tokens only (left padding does not shift them); padding keys are never
-        attended to, and a padding query attends to itself alone so its unused row stays finite.
-        """
-        n_cached = cache.n_cached if cache is not None else 0
-        if cache is not None:
-            full = cache.freeze_mask(attention_mask, n_new, batch, device)
-        else:
-            full = attention_mask
-        n_keys = n_cached + n_new
-        if full is None:
-            keys = torch.arange(n_keys, device=device).expand(batch, n_keys)
-            return AttentionContext(attend=None, positions=keys[:, n_cached:], key_positions=keys, kv_cache=cache)
-        valid = full.to(device).bool()
-        keys = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        attend = valid[:, None, :].expand(-1, n_new, -1)  # bidirectional models: every real key
-        if self.cfg.causal:
-            attend = attend & torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_cached)[None]
-        rows = torch.arange(n_new, device=device)
-        own = torch.zeros(n_new, n_keys, dtype=torch.bool, device=device)
-        own[rows, n_cached + rows] = True  # each query's own position
-        attend = attend | (own[None] & ~valid[:, n_cached:, None])
-        return AttentionContext(attend=attend[:, None], positions=keys[:, n_cached:], key_positions=keys,
-                                kv_cache=cache)
 
     def _stack(self, get: Callable[[TransformerBlock], Tensor]) -> Tensor:
         return torch.stack([get(block) for block in self.blocks])  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from hooked_attn.cache import ActivationCache
 from hooked_attn.hook_points import HookPoint
 from hooked_attn.model import HookedTransformer
+from hooked_attn.tokens import PADDING_MASK_ATTR
 from hooked_attn.utils import get_act_name
 
 Metric = Callable[[Tensor], Tensor | float]
@@ -76,6 +77,25 @@ def _auto_batch_size(model: HookedTransformer, tokens: Tensor) -> int:
     return max(1, 4096 // max(1, tokens.numel()))
 
 
+def check_clean_cache(model: HookedTransformer, clean_cache: Any, reference: ActivationCache, names: Sequence[str],
+                      what: str) -> None:
+    """Refuse a clean cache that cannot be patched into this run: made by another model, without a batch
+    axis, missing a name, or holding activations whose shape (batch, positions) differs from the run's."""
+    cache_model = getattr(clean_cache, "model", model)
+    if cache_model is not model:
+        raise ValueError(f"the clean cache was made by another model ({cache_model!r}); run the clean input through "
+                         "this model (model.run_with_cache) to patch into it")
+    if not getattr(clean_cache, "has_batch_dim", True):
+        raise ValueError("the clean cache was made with remove_batch_dim=True; patching needs the batch axis")
+    for name in names:
+        if name not in clean_cache:
+            raise KeyError(f"the clean cache has no {name!r}: cache it (names_filter) or cache everything")
+        clean, here = clean_cache[name], reference[name]
+        if clean.shape != here.shape:
+            raise ValueError(f"the clean cache's {name} has shape {tuple(clean.shape)}, but on {what} it has shape "
+                             f"{tuple(here.shape)}: the clean and corrupted runs need the same batch and positions")
+
+
 def generic_activation_patch(
     model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
     patch_setter: PatchSetter, activation_name: str, index_axis_names: Sequence[str] | None = None,
@@ -91,6 +111,13 @@ def generic_activation_patch(
         index_df: alternatively, an explicit table (pandas DataFrame or a list of tuples) of indices,
             one row per variant, columns in ``index_axis_names`` order; the result is then flat.
         batch_size: patched variants per forward (default: about 4096 token positions per forward).
+
+    A site outside the blocks (``"embed"``, ``"pos_embed"``, a full name like ``"ln_final.hook_normalized"``)
+    is the same activation whatever the layer, so every layer of the sweep gives the same value.
+
+    Raises:
+        ValueError: the clean cache comes from another model, or its activation's shape (batch,
+            positions) differs from the corrupted run's; a ``patch_setter`` returns another shape.
     """
     cfg = model.cfg
     n_pos = corrupted_tokens.shape[-1]
@@ -113,15 +140,24 @@ def generic_activation_patch(
         indices = list(itertools.product(*(range(n) for n in shape)))
     if not index_axis_names or index_axis_names[0] != "layer":
         raise ValueError("the first index axis must be 'layer'")
-    batch = corrupted_tokens.shape[0] if corrupted_tokens.ndim == 2 else 1
     tokens = corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
+    if attention_mask is None:  # ids that to_tokens padded carry their mask; the repeats below would not
+        attention_mask = getattr(corrupted_tokens, PADDING_MASK_ATTR, None)
+    batch = tokens.shape[0]
     chunk = batch_size or _auto_batch_size(model, tokens)
+    names = {layer: get_act_name(activation_name, layer) for layer in sorted({index[0] for index in indices})}
+    for layer, name in names.items():
+        if name not in model.hook_dict:
+            model._raise_unknown_hook(name)
     # A patch in layer L leaves every earlier block as in the corrupted run, so each variant runs from
     # block L on, starting from the corrupted run's resid_pre there: the same result for a fraction of
-    # the work. Variants are grouped by layer and batched, ``chunk`` per forward.
+    # the work. A site outside the blocks (hook_embed, ln_final) runs the whole forward instead.
+    # Variants are grouped by layer and batched, ``chunk`` per forward.
+    sites = set(names.values())
     with torch.no_grad():
-        _, corrupted_cache = model.run_with_cache(tokens, attention_mask=attention_mask,
-                                                  names_filter=lambda n: n.endswith("hook_resid_pre"))
+        _, corrupted_cache = model.run_with_cache(
+            tokens, attention_mask=attention_mask, names_filter=lambda n: n.endswith("hook_resid_pre") or n in sites)
+    check_clean_cache(model, clean_cache, corrupted_cache, sorted(sites), "corrupted_tokens")
     by_layer: dict[int, list[int]] = {}
     for i, index in enumerate(indices):
         by_layer.setdefault(index[0], []).append(i)
@@ -129,7 +165,7 @@ def generic_activation_patch(
             for start in range(0, len(slots), chunk)]
     results: list[float] = [0.0] * len(indices)
     for layer, slots in tqdm(work, disable=not progress or len(work) <= 1, desc=f"patching {activation_name}"):
-        name = get_act_name(activation_name, layer)
+        name = names[layer]
         clean = clean_cache[name]
 
         def hook(act: Tensor, hook: HookPoint, slots: list[int] = slots, clean: Tensor = clean) -> Tensor:
@@ -139,15 +175,24 @@ def generic_activation_patch(
                 part = act[k * batch:(k + 1) * batch]
                 patched = patch_setter(part, indices[i], clean_here)
                 if patched is not None and patched is not part:
+                    if not isinstance(patched, Tensor) or patched.shape != part.shape:
+                        got = tuple(patched.shape) if isinstance(patched, Tensor) else type(patched).__name__
+                        raise ValueError(f"patch_setter {getattr(patch_setter, '__name__', patch_setter)!r} returned "
+                                         f"{got} for {name} at index {indices[i]}, but the activation has shape "
+                                         f"{tuple(part.shape)}")
                     part.copy_(patched)
             return act
 
         n = len(slots)
-        resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"]
         mask = None if attention_mask is None else attention_mask.repeat(n, 1)
+        start = model.hook_dict[name].layer
         with torch.no_grad():
-            logits = model.run_with_hooks(resid.repeat(n, 1, 1), start_at_layer=layer, tokens=tokens.repeat(n, 1),
-                                          attention_mask=mask, fwd_hooks=[(name, hook)])
+            if start is None:
+                logits = model.run_with_hooks(tokens.repeat(n, 1), attention_mask=mask, fwd_hooks=[(name, hook)])
+            else:
+                resid = corrupted_cache[f"blocks.{start}.hook_resid_pre"]
+                logits = model.run_with_hooks(resid.repeat(n, 1, 1), start_at_layer=start, tokens=tokens.repeat(n, 1),
+                                              attention_mask=mask, fwd_hooks=[(name, hook)])
         for k, i in enumerate(slots):
             results[i] = _metric_value(patching_metric(logits[k * batch:(k + 1) * batch]))
     out = torch.tensor(results, dtype=torch.float64).reshape(shape)  # metric values, unrounded
@@ -208,6 +253,12 @@ def get_act_patch_attn_head_all_pos_every(
     return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=float("nan")) for p in parts])
 
 
+def _check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} has shape {tuple(a.shape)} and {b_name} {tuple(b.shape)}: patching needs the "
+                         "same batch and positions")
+
+
 # -- path patching ---------------------------------------------------------------------------
 
 Receiver = str | tuple[str, int]  # a hook name, or (hook name, head) for one head's q/k/v/z
@@ -231,15 +282,24 @@ def path_patch(
     def wanted(name: str) -> bool:
         return name.endswith("attn.hook_z") or (freeze_mlps and name.endswith("hook_mlp_out"))
 
+    _check_same_shape(orig_tokens, new_tokens, "orig_tokens", "new_tokens")
+    receiver_names = [r if isinstance(r, str) else r[0] for r in receivers]
+    model.resolve_hook_names(receiver_names)  # unknown names fail before anything runs
     if orig_cache is None:
         _, orig_cache = model.run_with_cache(orig_tokens, names_filter=wanted)
+    else:
+        with torch.no_grad():
+            _, reference = model.run_with_cache(orig_tokens, names_filter=wanted)
+        check_clean_cache(model, orig_cache, reference, list(reference.keys()), "orig_tokens")
     if new_cache is None:
         _, new_cache = model.run_with_cache(new_tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
+    else:
+        with torch.no_grad():
+            _, reference = model.run_with_cache(new_tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
+        check_clean_cache(model, new_cache, reference, list(reference.keys()), "new_tokens")
     senders: dict[int, list[int]] = {}
     for layer, head in sender_heads:
         senders.setdefault(layer, []).append(head)
-    receiver_names = [r if isinstance(r, str) else r[0] for r in receivers]
-    model.resolve_hook_names(receiver_names)  # unknown names fail before anything runs
 
     def freeze(act: Tensor, hook: HookPoint) -> Tensor:
         frozen = orig_cache[str(hook.name)].to(act.device, act.dtype).clone()
@@ -288,6 +348,8 @@ def path_patch_senders(
         before_attn_out = ".attn." in name or ".ln1." in name or name.endswith("hook_resid_pre")
         return layer if before_attn_out else layer + 1
 
+    _check_same_shape(orig_tokens, new_tokens, "orig_tokens", "new_tokens")
+    model.resolve_hook_names(names)
     first = max(reach(n) for n in names)
     wanted = lambda n: n.endswith("attn.hook_z") or (freeze_mlps and n.endswith("hook_mlp_out"))  # noqa: E731
     _, orig_cache = model.run_with_cache(orig_tokens, names_filter=wanted)
@@ -319,15 +381,25 @@ def attribution_patch(
     unknown = [s for s in sites if s not in _ATTRIBUTION_SITES]
     if unknown:
         raise ValueError(f"unknown attribution sites {unknown}; known: {list(_ATTRIBUTION_SITES)}")
+    _check_same_shape(clean_tokens, corrupted_tokens, "clean_tokens", "corrupted_tokens")
     names = [get_act_name(s, layer) for s in sites for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, clean = model.run_with_cache(clean_tokens, names_filter=names)
-    with torch.enable_grad():
+    leaf: list[Tensor] = []
+
+    def differentiable(embed: Tensor, hook: HookPoint) -> Tensor:
+        # The gradient is taken with respect to the activations only: a leaf here makes them
+        # differentiable even with frozen parameters, and backward(inputs=...) leaves every .grad alone.
+        leaf.append(embed.detach().requires_grad_(True))
+        return leaf[-1]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", differentiable)]):
         logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, incl_bwd="deferred")
         value = patching_metric(logits)
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise ValueError("attribution patching needs a metric that returns a scalar tensor")
-        value.backward()
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
+            raise ValueError("attribution patching needs a metric that returns a scalar tensor computed from the "
+                             "logits (differentiable)")
+        value.backward(inputs=leaf)
     out: dict[str, Tensor] = {}
     for site in sites:
         per_layer = []

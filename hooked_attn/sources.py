@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from hooked_attn.checkpoint import LazySafetensors, read_torch_bin, safetensors_files
+from hooked_attn.checkpoint import LazySafetensors, check_gguf, read_torch_bin, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def _resolve_gguf(
     # transformers dequantises GGUF tensors to ordinary float tensors while building its model.
     from transformers import AutoModelForCausalLM
 
+    if Path(where, gguf_file).is_file():  # a truncated file is named here, not by a struct or reshape error
+        check_gguf(Path(where, gguf_file))
     hf_model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch.float32,
                                                     revision=revision, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)

@@ -8,6 +8,33 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 PaddingSide = Literal["left", "right"]
+# to_tokens sets this attribute on ids it padded: the model reads it when no attention_mask is given.
+PADDING_MASK_ATTR = "hooked_attn_padding_mask"
+
+
+def check_attention_mask(mask: object, shape: tuple[int, ...], device: torch.device,
+                         allow_empty_rows: bool = False) -> Int[Tensor, "batch pos"]:
+    """An attention mask as 0/1 integers on ``device``, or a ValueError naming what is wrong.
+
+    Accepts bool, integer or floating 0/1 masks (1 = real token). An additive float mask (0 = keep,
+    large negative = pad, as HF builds internally) would read inverted, so it is refused with the fix.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor [batch pos] of 0/1, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the input is {tuple(shape)}")
+    if mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        if mask.is_floating_point() and bool((mask <= 0).all()):
+            raise ValueError("attention_mask holds 0 and negative values: it looks like an additive mask "
+                             "(0 = keep, large negative = padding). Pass 1 for real tokens and 0 for padding, "
+                             "e.g. attention_mask=(mask == 0).long()")
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got values "
+                         f"{mask.unique()[:8].tolist()}")
+    mask = mask.to(device=device, dtype=torch.long)
+    if not allow_empty_rows and mask.numel() and not bool(mask.any(-1).all()):
+        empty = (~mask.bool().any(-1)).nonzero()[:, 0].tolist()
+        raise ValueError(f"attention_mask rows {empty} have no real token (all 0); every sequence needs at least one")
+    return mask
 
 
 class TokenizerMixin:
@@ -71,9 +98,19 @@ class TokenizerMixin:
         self, input: str | list[str], prepend_bos: bool | None = None, padding_side: PaddingSide | None = None,
         move_to_device: bool = True,
     ) -> Int[Tensor, "batch pos"]:
-        """Token ids ``[batch pos]``; a list of strings is padded (right by default) to one length."""
-        tokens, _ = self._tokenize(input, prepend_bos, padding_side)
-        return tokens.to(self.device) if move_to_device else tokens  # type: ignore[attr-defined]
+        """Token ids ``[batch pos]``; a list of strings is padded (right by default) to one length.
+
+        Padded ids carry their padding mask (as the attribute ``hooked_attn_padding_mask``), which
+        the model's forward and ``generate`` use when no ``attention_mask`` is passed, so
+        ``model(model.to_tokens(prompts))`` never attends to padding. A tensor made from them
+        (sliced, concatenated, copied) does not carry it: pass ``attention_mask=`` from
+        ``model.tokenize`` then.
+        """
+        tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+        tokens = tokens.to(self.device) if move_to_device else tokens  # type: ignore[attr-defined]
+        if not bool(mask.all()):
+            setattr(tokens, PADDING_MASK_ATTR, mask.to(tokens.device))
+        return tokens
 
     def to_str_tokens(
         self, input: str | list[str] | Tensor | list[int], prepend_bos: bool | None = None,

@@ -96,6 +96,12 @@ def check_hf_config(hf: PretrainedConfig, arch: Architecture) -> None:
                 f"{arch.hf_architecture}: config field {name}={value!r} (default {defaults.get(name)!r}) is not "
                 "supported by hooked_attn's converter, and converting anyway could give a silently wrong model"
             )
+    width, heads = getattr(hf, "hidden_size", None), getattr(hf, "num_attention_heads", None)
+    if isinstance(width, int) and isinstance(heads, int) and getattr(hf, "head_dim", None) is None:
+        if heads <= 0 or width % heads:
+            raise UnsupportedConfigError(
+                f"{arch.hf_architecture}: hidden size {width} is not divisible by the {heads} attention heads "
+                "(and the config gives no head_dim), so the heads cannot split it")
 
 
 class KeyLedger:

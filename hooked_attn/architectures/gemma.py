@@ -140,7 +140,8 @@ def tiny_hf_configs() -> dict[str, GemmaConfig]:
         "untied": GemmaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
         "attention_bias": GemmaConfig(**base, num_key_value_heads=2, attention_bias=True),
         "head_dim_8": GemmaConfig(**{**base, "head_dim": 8}, num_key_value_heads=2),  # 4 * 8 = 32 = hidden_size
-        "rope_linear": GemmaConfig(**base, num_key_value_heads=2, **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
+        "rope_linear": GemmaConfig(**base, num_key_value_heads=2,
+                                   **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
     }
 
 

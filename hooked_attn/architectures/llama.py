@@ -76,7 +76,9 @@ def tiny_hf_configs() -> dict[str, LlamaConfig]:
         "head_dim_16": LlamaConfig(**base, num_key_value_heads=2, head_dim=16),
         "rope_linear": LlamaConfig(**base, num_key_value_heads=2,
                                    **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
-        "rope_llama3": LlamaConfig(**base, num_key_value_heads=2, **rope_config(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
+        "rope_llama3": LlamaConfig(**base, num_key_value_heads=2, **rope_config(
+            rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)),
     }
 
 

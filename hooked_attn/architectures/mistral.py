@@ -92,7 +92,8 @@ def tiny_hf_configs() -> dict[str, MistralConfig]:
         "mqa_tied": MistralConfig(**base, num_key_value_heads=1, sliding_window=6, tie_word_embeddings=True),
         "head_dim_16": MistralConfig(**base, num_key_value_heads=2, head_dim=16, sliding_window=3,
                                      **rope_config(rope_type="default", rope_theta=1000000.0)),
-        "rope_linear": MistralConfig(**base, num_key_value_heads=2, sliding_window=5, **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
+        "rope_linear": MistralConfig(**base, num_key_value_heads=2, sliding_window=5,
+                                     **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)),
     }
 
 

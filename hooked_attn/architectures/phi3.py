@@ -134,7 +134,8 @@ def tiny_hf_configs() -> dict[str, Phi3Config]:
         "mha_no_window": Phi3Config(**base),                                              # Phi-3-mini-4k layout
         "mqa_tied": Phi3Config(**base, num_key_value_heads=1, tie_word_embeddings=True, sliding_window=6),
         # Rotary on half of each head (Phi-4-mini uses 0.75), with another theta.
-        "partial_rotary": Phi3Config(**base, num_key_value_heads=2, sliding_window=5, **rope_config(rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
+        "partial_rotary": Phi3Config(**base, num_key_value_heads=2, sliding_window=5, **rope_config(
+            rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
         "quarter_rotary_gelu": Phi3Config(**base, num_key_value_heads=2, hidden_act="gelu_new",
                                           partial_rotary_factor=0.25),
     }

@@ -103,7 +103,8 @@ def tiny_hf_configs() -> dict[str, Qwen3Config]:
         "sliding_alternating": Qwen3Config(**{**base, "num_hidden_layers": 3}, num_key_value_heads=2,
                                            use_sliding_window=True, sliding_window=3,
                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-        "rope_linear": Qwen3Config(**{**base, **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)}, num_key_value_heads=2),
+        "rope_linear": Qwen3Config(**{**base, **rope_config(rope_type="linear", rope_theta=500.0, factor=4.0)},
+                                   num_key_value_heads=2),
     }
 
 

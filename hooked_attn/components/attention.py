@@ -26,12 +26,13 @@ AttendMask = Bool[Tensor, "#batch 1 #q_pos k_pos"]  # batch and q_pos may broadc
 
 @dataclass
 class AttentionContext:
-    """What every attention layer of one forward pass shares.
+    """What every attention layer of one forward pass shares, built once per forward by ``build``.
 
     ``attend`` is True where a query may see a key (None: plain causal, queries aligned to the last
-    keys); ``positions`` are the queries' positions, ``key_positions`` every key's (cached ones
-    too); ``rope_cache`` holds cos/sin tables computed once per forward; ``kv_cache`` receives this
-    forward's keys and values.
+    keys, or no restriction for a bidirectional model); ``positions`` are the queries' positions,
+    ``key_positions`` every key's (cached ones too); ``rope_cache`` holds cos/sin tables computed
+    once per forward; ``kv_cache`` receives this forward's keys and values. ``attend_for(window)``
+    is the one place a layer's mask is decided, made once per window and shared by every layer.
     """
 
     attend: AttendMask | None
@@ -39,6 +40,54 @@ class AttentionContext:
     key_positions: Int[Tensor, "batch k_pos"]
     rope_cache: RopeTables = field(default_factory=dict)
     kv_cache: KVCache | None = None
+    causal: bool = True
+    masks: dict[int | None, AttendMask | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, batch: int, n_new: int, device: torch.device, mask: Tensor | None, *, causal: bool, n_cached: int = 0,
+        kv_cache: KVCache | None = None, real_positions: bool = True, padding_sees_itself: bool = True,
+    ) -> "AttentionContext":
+        """Positions and the attend mask for ``n_new`` queries after ``n_cached`` cached keys.
+
+        Args:
+            mask: ``[batch n_cached+n_new]``, 1 for real tokens, 0 for padding (None: all real).
+                Padding keys are never attended to.
+            real_positions: positions count real tokens only (left padding does not shift them);
+                otherwise they are the absolute indices (BERT).
+            padding_sees_itself: a padding query also sees its own position, so a causal row with
+                nothing before it stays finite (its output is unused).
+        """
+        n_keys = n_cached + n_new
+        absolute = torch.arange(n_keys, device=device).expand(batch, n_keys)
+        if mask is None:
+            return cls(attend=None, positions=absolute[:, n_cached:], key_positions=absolute, kv_cache=kv_cache,
+                       causal=causal)
+        valid = mask.to(device).bool()
+        keys = (valid.long().cumsum(-1) - 1).clamp(min=0) if real_positions else absolute
+        attend = valid[:, None, :].expand(-1, n_new, -1)  # bidirectional: every real key
+        if causal:
+            attend = attend & torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_cached)[None]
+        if padding_sees_itself:
+            rows = torch.arange(n_new, device=device)
+            own = torch.zeros(n_new, n_keys, dtype=torch.bool, device=device)
+            own[rows, n_cached + rows] = True  # each query's own position
+            attend = attend | (own[None] & ~valid[:, n_cached:, None])
+        return cls(attend=attend[:, None], positions=keys[:, n_cached:], key_positions=keys, kv_cache=kv_cache,
+                   causal=causal)
+
+    def attend_for(self, window: int | None, q_len: int, k_len: int) -> AttendMask | None:
+        """The mask a layer with this sliding ``window`` (None: full attention) uses; None is plain
+        causal with queries aligned to the last keys (or no restriction when bidirectional)."""
+        if window not in self.masks:
+            attend = self.attend
+            device = self.positions.device
+            if attend is None and self.causal and 1 < q_len < k_len:
+                attend = causal_mask(q_len, k_len, device)  # SDPA's is_causal aligns top-left
+            if window is not None:
+                attend = sliding_window(attend, q_len, k_len, window, device, self.causal)
+            self.masks[window] = attend
+        return self.masks[window]
 
 
 class Attention(nn.Module):
@@ -103,11 +152,7 @@ class Attention(nn.Module):
             k = self.hook_rot_k(apply_rotary(k, cos, sin, self.rotary))
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.layers[self.layer].append(k, v)
-        attend = ctx.attend
-        if attend is None and self.cfg.causal and 1 < q.shape[1] < k.shape[1]:
-            attend = causal_mask(q.shape[1], k.shape[1], q.device)  # SDPA's is_causal aligns top-left
-        if self.window is not None:
-            attend = sliding_window(attend, q.shape[1], k.shape[1], self.window, q.device, self.cfg.causal)
+        attend = ctx.attend_for(self.window, q.shape[1], k.shape[1])
         bias = None
         if self.alibi is not None:
             bias = alibi_bias(self.cfg.n_heads, ctx.key_positions, torch.float32, self.alibi)

@@ -63,7 +63,7 @@ class SAESite(HookPoint):
         self.name = original.name
         # The same list and dict objects: hooks attached or removed through either object stay in step.
         self.fwd_hooks, self.bwd_hooks, self.ctx = original.fwd_hooks, original.bwd_hooks, original.ctx
-        self.checks_finite = original.checks_finite
+        self.finite_checks = original.finite_checks  # shared, like the hook lists
         self.__dict__["original"] = original  # not a submodule: the model's modules stay as they were
         self.writer: _Splice | None = None
         self.readers: list[_Splice] = []
@@ -83,7 +83,7 @@ class SAESite(HookPoint):
     def restore(self) -> HookPoint:
         original: HookPoint = self.__dict__["original"]
         original.fwd_hooks, original.bwd_hooks, original.ctx = self.fwd_hooks, self.bwd_hooks, self.ctx
-        original.checks_finite = self.checks_finite
+        original.finite_checks = self.finite_checks
         original._update_has_hooks()
         return original
 

@@ -43,9 +43,10 @@ class AttentionViewer:
 
     def __init__(
         self, patterns: Float[Tensor, "layer head q_pos k_pos"], str_tokens: Sequence[str],
-        layers: Sequence[int], title: str, top_k: int, causal: bool,
+        layers: Sequence[int], title: str, top_k: int, causal: bool, start: tuple[int, int] = (0, 0),
     ) -> None:
         self.patterns = patterns
+        self.start = start  # (index into layers, head) the page opens at
         self.str_tokens = list(str_tokens)
         self.layers = list(layers)
         self.title = title
@@ -62,6 +63,7 @@ class AttentionViewer:
             data = {
                 "tokens": self.str_tokens, "layers": self.layers, "n_heads": n_heads, "q_pos": q_pos,
                 "k_pos": k_pos, "top_k": self.top_k, "causal": self.causal,
+                "start_layer": self.start[0], "start_head": self.start[1],
                 "patterns": base64.b64encode(values.tobytes()).decode("ascii"),
             }
             page = _asset("template.html")
@@ -94,7 +96,7 @@ class AttentionViewer:
 def attention_viewer(
     patterns: Float[Tensor, "*stack q_pos k_pos"] | Mapping[str, Tensor], str_tokens: Sequence[str], *,
     layers: Sequence[int] | None = None, batch: int = 0, title: str | None = None, top_k: int = 5,
-    causal: bool = True,
+    causal: bool = True, layer: int | None = None, head: int = 0,
 ) -> AttentionViewer:
     """The interactive viewer for one sequence's attention patterns.
 
@@ -109,6 +111,7 @@ def attention_viewer(
         title: the page title; by default it quotes the text.
         top_k: how many keys the top lists show at first (the page can change it).
         causal: whether keys after a query are masked (False for an encoder).
+        layer, head: the layer number (one of ``layers``; default the first) and head the page opens at.
 
     Returns:
         An ``AttentionViewer``: ``.save(path)`` writes the page, ``.html`` is its text, and in Jupyter
@@ -133,7 +136,11 @@ def attention_viewer(
     if title is None:
         text = "".join(str_tokens)
         title = f"attention: {text[:80]!r}" + ("…" if len(text) > 80 else "")
-    return AttentionViewer(stack[:, b].detach().to(torch.float32).cpu(), str_tokens, numbers, title, top_k, causal)
+    if layer is not None and layer not in numbers:
+        raise ValueError(f"layer={layer} is not among the viewer's layers {numbers}")
+    start = (numbers.index(layer) if layer is not None else 0, index_in_range(head, stack.shape[2], "head", "heads"))
+    return AttentionViewer(stack[:, b].detach().to(torch.float32).cpu(), str_tokens, numbers, title, top_k, causal,
+                           start)
 
 
 __all__ = ["AttentionViewer", "attention_viewer"]

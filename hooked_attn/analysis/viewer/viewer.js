@@ -9,7 +9,8 @@
   var VALUES = new Float32Array(bytes.buffer);  // [layer head q_pos k_pos], little-endian float32
   if (VALUES.length !== DATA.layers.length * H * Q * K) throw new Error("hooked_attn viewer: pattern data has the wrong size");
 
-  var state = { layer: 0, head: "0", focus: K - 1, pinned: false, topk: DATA.top_k };
+  var state = { layer: DATA.start_layer || 0, head: String(DATA.start_head || 0), focus: K - 1, pinned: false,
+                topk: DATA.top_k };
   var $ = function (id) { return document.getElementById(id); };
 
   function raw4(layer, head, q, k) { return VALUES[((layer * H + head) * Q + q) * K + k]; }
@@ -198,6 +199,8 @@
   for (var h = 0; h < H; h++) heads.push([String(h), String(h)]);
   heads.push(["mean", "mean"]);
   fillSelect($("head"), heads);
+  $("layer").value = String(state.layer);  // the page opens at the layer and head asked for
+  $("head").value = state.head;
   $("topk").value = state.topk;
   $("layer").addEventListener("change", function (e) { state.layer = +e.target.value; render(); });
   $("head").addEventListener("change", function (e) { state.head = e.target.value; render(); });

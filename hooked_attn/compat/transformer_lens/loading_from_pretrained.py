@@ -25,13 +25,14 @@ def get_pretrained_model_config(model_name: str, **kwargs: Any) -> HookedTransfo
     """A TransformerLens config describing the HF model ``model_name`` (its config is read, not its weights)."""
     import transformers
 
-    from hooked_attn.architectures import REGISTRY
+    from hooked_attn.architectures import by_kind
 
     hf = transformers.AutoConfig.from_pretrained(model_name)
     arch = (hf.architectures or [type(hf).__name__])[0]
-    if arch not in REGISTRY:
-        raise ValueError(f"{arch} is not an architecture hooked_attn rebuilds; supported: {sorted(REGISTRY)}")
-    return config_from_model_config(REGISTRY[arch].config_from_hf(hf), model_name=model_name, **kwargs)
+    decoders = by_kind("decoder")  # BERT shares the registry (kind "encoder"); this config is a decoder's
+    if arch not in decoders:
+        raise ValueError(f"{arch} is not an architecture hooked_attn rebuilds; supported: {sorted(decoders)}")
+    return config_from_model_config(decoders[arch].config_from_hf(hf), model_name=model_name, **kwargs)
 
 
 def config_from_model_config(cfg: Any, model_name: str = "custom", **overrides: Any) -> HookedTransformerConfig:
