@@ -232,19 +232,26 @@ class HookPoint(nn.Module):
         return bool(self.finite_checks)
 
     def _run(self, x: Tensor) -> Tensor:
+        frames = _SCOPES.frames
+        active = frames[-1]
         for hook in tuple(self.fwd_hooks):
-            if not _in_scope(hook.scope):
-                continue
-            out = _call_isolated(hook.fn, x, self)
+            if hook.scope is not None and hook.scope not in active:
+                continue  # another thread's, or an outer call's, temporary hook
+            frames.append([])  # a model call inside the hook sees none of this call's scopes
+            try:
+                out = hook.fn(x, hook=self)
+            finally:
+                frames.pop()
             if out is not None:
                 x = _check_replacement(str(self.name), hook.fn, "forward", x, out)
-        checking = any(_in_scope(scope) for scope in tuple(self.finite_checks))
-        if checking and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise NonFiniteActivationError.of(str(self.name), x)
-        bwd = tuple(hook for hook in tuple(self.bwd_hooks) if _in_scope(hook.scope))
-        if bwd and x.requires_grad:
-            # Attached to this forward's activation: fires on its backward even after removal.
-            x.register_hook(functools.partial(self._run_bwd, bwd))
+        if self.finite_checks and any(scope in active for scope in tuple(self.finite_checks)):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise NonFiniteActivationError.of(str(self.name), x)
+        if self.bwd_hooks and x.requires_grad:
+            bwd = tuple(hook for hook in tuple(self.bwd_hooks) if hook.scope is None or hook.scope in active)
+            if bwd:
+                # Attached to this forward's activation: fires on its backward even after removal.
+                x.register_hook(functools.partial(self._run_bwd, bwd))
         return x
 
     def _run_bwd(self, hooks: tuple[_Hook, ...], grad: Tensor) -> Tensor | None:

@@ -151,3 +151,19 @@ class warnings_as_errors:
 
     def __exit__(self, *exc: object) -> None:
         self._catch.__exit__(*exc)
+
+
+def test_the_encoder_shares_the_pipeline_release_source_included():
+    from hooked_attn import HookedEncoder
+    from hooked_attn.architectures.bert import tiny_hf_configs
+
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(tiny_hf_configs()["default"]).eval()
+    copied = HookedEncoder.from_pretrained(hf, dtype="float32")
+    with pytest.raises(ValueError, match="cannot load onto device 'cuda:99'"):
+        HookedEncoder.from_pretrained(hf, release_source=True, device="cuda:99")
+    assert not any(p.is_meta for p in hf.parameters())
+    taken = HookedEncoder.from_pretrained(hf, release_source=True)
+    assert all(p.is_meta for p in hf.parameters())
+    ids = torch.arange(10)[None]
+    torch.testing.assert_close(taken(ids), copied(ids), rtol=0, atol=0)
