@@ -9,12 +9,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+from torch import Tensor
 
 from hooked_attn.architectures.base import UnknownArchitectureError
 from hooked_attn.model import HookedTransformer
@@ -214,6 +217,36 @@ def _in_range(value: int, size: int, flag: str, what: str) -> int:
     return value % size
 
 
+def _attention_on_wrapped_hf(source: str | os.PathLike, text: str, tokenizer: str | os.PathLike | None,
+                             prepend_bos: bool) -> tuple[Any, Tensor, list[str], Any, str]:
+    """``hooked-attn attention`` on a family with no converter: (model, tokens, str_tokens, pattern
+    cache, description), the HF model wrapped and run on ``text`` with its own (or ``tokenizer``'s) tokenizer.
+
+    Raises:
+        VerifyError: no tokenizer is found, or the model makes no attention call.
+    """
+    import transformers
+
+    from hooked_attn.wrap.fallback import wrap_hf
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else source)
+    except (OSError, ValueError) as err:
+        raise VerifyError(f"{source} has no tokenizer: pass --tokenizer PATH (a folder holding one)") from err
+    model = wrap_hf(source)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if prepend_bos and tok.bos_token_id is not None:
+        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
+    if not model.attention_layers:
+        raise VerifyError(f"{source}: the model made no scaled_dot_product_attention call")
+    name = type(model.module).__name__
+    description = (f"{name}, not converted: the HF model wrapped, {len(model.attention_layers)} attention layers "
+                   f"({model.attention_layers[0]}, ...)")
+    return model, ids, tok.convert_ids_to_tokens(ids[0].tolist()), cache, description
+
+
 def _attention(args: argparse.Namespace) -> int:
     from hooked_attn.analysis import attention_viewer, plot_attention, text_heatmap, top_k_table
 
@@ -227,9 +260,7 @@ def _attention(args: argparse.Namespace) -> int:
     try:
         model = HookedTransformer.from_pretrained_no_processing(source, tokenizer=args.tokenizer)
     except UnknownArchitectureError:  # a family with no converter: the HF model itself, wrapped
-        from hooked_attn.wrap.fallback import attention_cli_run
-
-        model, tokens, str_tokens, cache, description = attention_cli_run(source, args.text, args.tokenizer,
+        model, tokens, str_tokens, cache, description = _attention_on_wrapped_hf(source, args.text, args.tokenizer,
                                                                           args.prepend_bos)
         n_layers, n_heads = len(model.attention_layers), cache["pattern", 0].shape[1]
     else:

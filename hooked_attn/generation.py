@@ -6,7 +6,7 @@ left-packed token ids and a mask (nothing runs before it has passed), and ``_gen
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -15,9 +15,8 @@ from torch import Tensor
 from hooked_attn.components.kv_cache import KVCache
 from hooked_attn.tokens import PADDING_MASK_ATTR
 
-if TYPE_CHECKING:
-    from hooked_attn.model import HookedTransformer
-
+# The mixin's methods run on a HookedTransformer (model.py mixes it in); they name it ``Any`` rather than
+# import model.py, which imports this module.
 GenerateReturn = Literal["input", "str", "tokens"]
 _RETURN_TYPES = ("input", "str", "tokens")
 
@@ -139,7 +138,7 @@ class GenerationMixin:
         prepend_bos: bool | None, attention_mask: Tensor | None, return_type: Any,
     ) -> _GenerationInputs:
         """Every argument checked, and the prompt as left-packed ids and mask on the model's device."""
-        model: HookedTransformer = self  # type: ignore[assignment]
+        model: Any = self
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if return_type not in _RETURN_TYPES:
@@ -186,7 +185,7 @@ class GenerationMixin:
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor | None]:
         """The loop: one forward per new token (the new position only, with the KV cache)."""
-        model: HookedTransformer = self  # type: ignore[assignment]
+        model: Any = self
         tokens, mask, eos = inputs.tokens, inputs.mask, inputs.eos
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         cache = KVCache.empty(model.cfg.n_layers) if use_past_kv_cache else None
@@ -209,7 +208,7 @@ class GenerationMixin:
         return tokens, mask
 
 
-def generate(model: "HookedTransformer", input: str | list[str] | Tensor, max_new_tokens: int = 10,
+def generate(model: Any, input: str | list[str] | Tensor, max_new_tokens: int = 10,
              **kwargs: Any) -> Any:
     """``model.generate(input, max_new_tokens, **kwargs)``, kept for callers of the function form."""
     return model.generate(input, max_new_tokens, **kwargs)

@@ -122,33 +122,3 @@ def wrap_hf(source: str | os.PathLike | nn.Module, *, dtype: torch.dtype = torch
     if list(_attention_slots(model)):
         logger.info("%s also holds nn.MultiheadAttention modules; they are swapped as wrap() does", type(model).__name__)
     return WrappedHFModel(wrap(model))
-
-
-def attention_cli_run(source: str | os.PathLike, text: str, tokenizer: str | os.PathLike | None,
-                      prepend_bos: bool) -> tuple[WrappedHFModel, Tensor, list[str], Any, str]:
-    """``hooked-attn attention`` on a family with no converter: (model, tokens, str_tokens, pattern
-    cache, description), the HF model wrapped and run on ``text`` with its own (or ``tokenizer``'s) tokenizer.
-
-    Raises:
-        VerifyError: no tokenizer is found, or the model makes no attention call.
-    """
-    import transformers
-
-    from hooked_attn.verify import VerifyError
-
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else source)
-    except (OSError, ValueError) as err:
-        raise VerifyError(f"{source} has no tokenizer: pass --tokenizer PATH (a folder holding one)") from err
-    model = wrap_hf(source)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if prepend_bos and tok.bos_token_id is not None:
-        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
-    if not model.attention_layers:
-        raise VerifyError(f"{source}: the model made no scaled_dot_product_attention call")
-    name = type(model.module).__name__
-    description = (f"{name}, not converted: the HF model wrapped, {len(model.attention_layers)} attention layers "
-                   f"({model.attention_layers[0]}, ...)")
-    return model, ids, tok.convert_ids_to_tokens(ids[0].tolist()), cache, description
