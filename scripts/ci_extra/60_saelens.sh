@@ -3,7 +3,8 @@
 # the main env), then SAE folders round-trip both ways (scripts/saelens_interop). Prints "N passed, M failed".
 set -euo pipefail
 SAELENS_VERSION=6.54.12
-VENV=${SAELENS_VENV:-/work/venvs/saelens}
+# A fresh side venv each run, as CI's main venv is (set SAELENS_VENV=DIR to keep and reuse one while developing).
+if [ -n "${SAELENS_VENV:-}" ]; then VENV=$SAELENS_VENV; else VENV=$(mktemp -d)/saelens; trap 'rm -rf "$(dirname "$VENV")"' EXIT; fi
 if ! "$VENV/bin/python" -c "import sae_lens, pytest, sys; sys.exit(sae_lens.__version__ != '$SAELENS_VERSION')" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0            # first: the local CPU wheel
