@@ -147,8 +147,10 @@ def fetch_tests(version: str, workdir: Path) -> Path:
     sdist_dir = workdir / "sdist"
     sdist_dir.mkdir(parents=True, exist_ok=True)
     if not list(sdist_dir.glob("transformer_lens-*.tar.gz")):
+        # pip prepares the sdist's metadata, which needs its build backend (hatchling): with build
+        # isolation pip fetches that into a throwaway environment, so the venv needs nothing extra.
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--no-build-isolation", "-q", "-d", str(sdist_dir), f"transformer-lens=={version}"],
+                        "-q", "-d", str(sdist_dir), f"transformer-lens=={version}"],
                        check=True)
     sdist = next(sdist_dir.glob("transformer_lens-*.tar.gz"))
     root = workdir / "suite"

@@ -178,3 +178,24 @@ def test_training_an_attention_only_model_on_repeated_sequences_raises_the_induc
     train(model, HookedTransformerTrainConfig(num_epochs=1, batch_size=32, lr=3e-3, seed=0, print_every=None), dataset)
     after = induction_scores(model, seq_len=12, batch=8, seed=2)  # held-out sequences (another seed)
     assert before.max() < 0.2 and after.max() > 0.5, (before, after)
+
+
+def test_transformer_lens_kv_cache_drives_the_model_and_freezes(tl):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.utilities.cache import get_pos_offset
+
+    model = toy(tl, n_key_value_heads=2)
+    tokens = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(0))
+    full = model(tokens)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", batch_size=2)
+    assert cache[0].past_keys.shape == (2, 0, 2, 4) and get_pos_offset(cache, 2) == 0
+    model(tokens[:, :5], past_kv_cache=cache)
+    assert get_pos_offset(cache, 2) == 5 and cache.previous_attention_mask.shape == (2, 5)
+    cache.freeze()
+    step = model(tokens[:, 5:6], past_kv_cache=cache)
+    torch.testing.assert_close(step[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)
+    assert get_pos_offset(cache, 2) == 5  # frozen: read, not extended
+    cache.unfreeze()
+    rest = model(tokens[:, 5:], past_kv_cache=cache)
+    torch.testing.assert_close(rest, full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert get_pos_offset(cache, 2) == 7 and cache.previous_attention_mask.shape == (2, 7)

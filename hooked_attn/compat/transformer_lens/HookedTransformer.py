@@ -86,20 +86,28 @@ def init_weights(model: nn.Module, cfg: HookedTransformerConfig) -> None:
                 param.zero_()
 
 
+def _check_padding_side(side: Any) -> None:
+    if side not in ("left", "right"):
+        raise ValueError(f"default_padding_side must be 'left' or 'right', got {side!r}")
+
+
 class HookedTransformer(_Base):
     """hooked_attn's HookedTransformer under TransformerLens' constructor and method names."""
 
     def __init__(self, cfg: HookedTransformerConfig | ModelConfig | dict[str, Any], tokenizer: Any = None,
                  move_to_device: bool = True, default_padding_side: str = "right") -> None:
+        _check_padding_side(default_padding_side)
         if isinstance(cfg, dict):
             cfg = HookedTransformerConfig.unwrap(cfg)
         if isinstance(cfg, ModelConfig):
             super().__init__(cfg, tokenizer)
+            self.default_padding_side = default_padding_side  # type: ignore[assignment]
             return
         if not isinstance(cfg, HookedTransformerConfig):
             raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
         compat, model_cfg = _bind(cfg)
         super().__init__(model_cfg, tokenizer)
+        self.default_padding_side = default_padding_side  # type: ignore[assignment]
         self.cfg = compat  # type: ignore[assignment]
         self.model_cfg = model_cfg
         init_weights(self, compat)
@@ -113,10 +121,14 @@ class HookedTransformer(_Base):
     def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
         """hooked_attn's loader (see ``hooked_attn.loading.from_pretrained``), returning this class so
         TransformerLens' method signatures (``generate(verbose=...)``...) apply. ``model.cfg`` stays
-        hooked_attn's ``ModelConfig``."""
+        hooked_attn's ``ModelConfig``. ``default_padding_side`` is TransformerLens' (the side
+        ``to_tokens`` pads a batch on when no ``padding_side`` is given)."""
+        padding_side = kwargs.pop("default_padding_side", "right")
+        _check_padding_side(padding_side)
         model = _Base.from_pretrained(model_name_or_path, **kwargs)
         if type(model) is _Base:  # not a wrapped HF model (fallback="wrap")
             model.__class__ = cls  # the same model; this subclass only adds TransformerLens' method signatures
+        model.default_padding_side = padding_side
         return model  # type: ignore[return-value]
 
     @classmethod

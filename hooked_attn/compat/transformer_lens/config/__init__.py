@@ -1,5 +1,6 @@
 """``transformer_lens.config``: the model config."""
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+from hooked_attn.compat.transformer_lens.config.transformer_lens_config import TransformerLensConfig
 
-__all__ = ["HookedTransformerConfig"]
+__all__ = ["HookedTransformerConfig", "TransformerLensConfig"]
