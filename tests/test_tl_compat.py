@@ -199,3 +199,41 @@ def test_transformer_lens_kv_cache_drives_the_model_and_freezes(tl):
     rest = model(tokens[:, 5:], past_kv_cache=cache)
     torch.testing.assert_close(rest, full[:, 5:], atol=1e-5, rtol=1e-5)
     assert get_pos_offset(cache, 2) == 7 and cache.previous_attention_mask.shape == (2, 7)
+
+
+def test_activation_cache_batch_axis_rules(tl):
+    model = toy(tl)
+    _, cache = model.run_with_cache(torch.zeros(3, 5, dtype=torch.long))
+    assert type(cache).__name__ == "ActivationCache" and cache.batch_size() == 3
+    sliced = cache.apply_slice_to_batch_dim((1, 3))
+    assert sliced["blocks.0.hook_resid_pre"].shape == (2, 5, 16) and sliced.has_batch_dim
+    torch.testing.assert_close(sliced["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_pattern"][1:3])
+    one = cache.apply_slice_to_batch_dim(2)
+    assert not one.has_batch_dim and one["blocks.0.hook_resid_pre"].shape == (5, 16)
+    with pytest.raises(ValueError, match="batch size 3"):
+        cache.remove_batch_dim()
+    mixed = tl.ActivationCache({"a": torch.ones(1, 5, 4), "b": torch.ones(1, 5), "bias": torch.ones(5, 5)}, None)
+    mixed.remove_batch_dim()
+    assert (mixed["a"].shape, mixed["b"].shape, mixed["bias"].shape) == ((5, 4), (5,), (5, 5))
+
+
+def test_standalone_mlps_follow_transformer_lens_equations(tl):
+    from transformer_lens.components import GatedMLP, LayerNorm, MLP
+
+    cfg = dict(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_mlp=16, act_fn="solu_ln", seed=0)
+    mlp = MLP(cfg)
+    assert isinstance(mlp.ln, LayerNorm) and mlp.ln.w.shape == (16,)
+    x = torch.randn(2, 3, 8)
+    pre = x @ mlp.W_in + mlp.b_in
+    mid = pre * pre.softmax(-1)
+    normed = (mid - mid.mean(-1, keepdim=True)) / (mid.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(mlp(x), normed @ mlp.W_out + mlp.b_out, atol=1e-5, rtol=1e-5)
+    gated = GatedMLP(cfg | {"act_fn": "silu"})
+    with torch.no_grad():
+        gated.b_in.fill_(0.5)
+    expected = (torch.nn.functional.silu(x @ gated.W_gate) * (x @ gated.W_in) + 0.5) @ gated.W_out + gated.b_out
+    torch.testing.assert_close(gated(x), expected)
+    with pytest.raises(ValueError, match="d_mlp"):
+        bad = tl.HookedTransformerConfig(**cfg)
+        bad.d_mlp = None
+        MLP(bad)

@@ -159,6 +159,14 @@ class HookedTransformer(_Base):
         resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, None, attention_mask
 
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """hooked_attn's ``run_with_cache``; the cache is TransformerLens' ActivationCache subclass
+        (``apply_slice_to_batch_dim``, TransformerLens' batch-axis rules)."""
+        from hooked_attn.compat.transformer_lens.ActivationCache import as_transformer_lens
+
+        out, cache = super().run_with_cache(*model_args, **kwargs)
+        return out, as_transformer_lens(cache)
+
     def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
                  eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,

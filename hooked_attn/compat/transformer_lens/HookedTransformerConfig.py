@@ -14,7 +14,7 @@ import torch
 
 from hooked_attn.config import Alibi, LearnedPositions, ModelConfig, NormConfig, Rotary
 
-SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu_ln")
+SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln")
 _ACT = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "silu": "silu"}
 _NORMS = {
     "LN": NormConfig(kind="layernorm", eps=1e-5),
@@ -153,7 +153,8 @@ class HookedTransformerConfig:
     def to_model_config(self) -> ModelConfig:
         """hooked_attn's ModelConfig for this config; raises ValueError for options it does not build."""
         unsupported = {
-            "act_fn in ('solu_ln', 'gelu_fast')": self.act_fn in ("solu_ln", "gelu_fast") and not self.attn_only,
+            "act_fn in ('solu', 'solu_ln', 'gelu_fast')": (
+                self.act_fn in ("solu", "solu_ln", "gelu_fast") and not self.attn_only),
             "positional_embedding_type='shortformer'": self.positional_embedding_type == "shortformer",
             "d_vocab_out != d_vocab": self.d_vocab_out != self.d_vocab,
             "final_rms": self.final_rms and self.normalization_type not in ("RMS", "RMSPre"),

@@ -8,7 +8,6 @@ from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTr
 from hooked_attn.components.attention import Attention as _Attention
 from hooked_attn.components.block import TransformerBlock as _Block
 from hooked_attn.components.embed import Embed as _Embed, PosEmbed as _PosEmbed
-from hooked_attn.components.mlp import MLP as _MLP
 from hooked_attn.components.norms import Norm
 from hooked_attn.components.unembed import Unembed as _Unembed
 from hooked_attn.config import ModelConfig, NormConfig
@@ -20,33 +19,45 @@ def _model_cfg(cfg: Any) -> ModelConfig:
     return HookedTransformerConfig.unwrap(cfg).to_model_config()
 
 
-def _norm(kind: str, weight: bool, cfg: Any, length: int | None) -> Norm:
-    tl = cfg if isinstance(cfg, ModelConfig) else HookedTransformerConfig.unwrap(cfg)
-    eps = tl.norm.eps if isinstance(tl, ModelConfig) else tl.eps
-    norm = Norm(NormConfig(kind=kind, eps=eps, weight=weight, bias=weight and kind == "layernorm"),  # type: ignore[arg-type]
-                length or tl.d_model)
-    with torch.no_grad():
-        if norm.w is not None:
-            norm.w.fill_(1.0)
-        if norm.b is not None:
-            norm.b.zero_()
-    return norm
+class _TLNorm(Norm):
+    """A hooked_attn Norm built from a TransformerLens config (weights 1, biases 0, as TL initialises)."""
+
+    _tl_kind = "layernorm"
+    _tl_weight = True
+
+    def __init__(self, cfg: Any, length: int | None = None) -> None:
+        tl = cfg if isinstance(cfg, ModelConfig) else HookedTransformerConfig.unwrap(cfg)
+        eps = tl.norm.eps if isinstance(tl, ModelConfig) else tl.eps
+        weight = self._tl_weight
+        super().__init__(NormConfig(kind=self._tl_kind, eps=eps, weight=weight,  # type: ignore[arg-type]
+                                    bias=weight and self._tl_kind == "layernorm"), length or tl.d_model)
+        with torch.no_grad():
+            if self.w is not None:
+                self.w.fill_(1.0)
+            if self.b is not None:
+                self.b.zero_()
 
 
-def LayerNorm(cfg: Any, length: int | None = None) -> Norm:  # noqa: N802  (TransformerLens' class name)
-    return _norm("layernorm", True, cfg, length)
+class LayerNorm(_TLNorm):
+    _tl_kind, _tl_weight = "layernorm", True
 
 
-def LayerNormPre(cfg: Any) -> Norm:  # noqa: N802
-    return _norm("layernorm", False, cfg, None)
+class LayerNormPre(_TLNorm):
+    _tl_kind, _tl_weight = "layernorm", False
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
 
 
-def RMSNorm(cfg: Any, length: int | None = None) -> Norm:  # noqa: N802
-    return _norm("rmsnorm", True, cfg, length)
+class RMSNorm(_TLNorm):
+    _tl_kind, _tl_weight = "rmsnorm", True
 
 
-def RMSNormPre(cfg: Any) -> Norm:  # noqa: N802
-    return _norm("rmsnorm", False, cfg, None)
+class RMSNormPre(_TLNorm):
+    _tl_kind, _tl_weight = "rmsnorm", False
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
 
 
 class Embed(_Embed):
@@ -65,17 +76,6 @@ class Unembed(_Unembed):
         super().__init__(_model_cfg(cfg))
 
 
-class MLP(_MLP):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(_model_cfg(cfg))
-
-
-class GatedMLP(_MLP):
-    def __init__(self, cfg: Any) -> None:
-        mc = _model_cfg(cfg)
-        super().__init__(mc.replace(gated_mlp=True))
-
-
 class Attention(_Attention):
     def __init__(self, cfg: Any, attn_type: str = "global", layer_id: int | None = None) -> None:
         super().__init__(_model_cfg(cfg), layer_id or 0)
@@ -85,6 +85,9 @@ class TransformerBlock(_Block):
     def __init__(self, cfg: Any, block_index: int) -> None:
         super().__init__(_model_cfg(cfg), block_index)
 
+
+from hooked_attn.compat.transformer_lens.components.mlps.gated_mlp import GatedMLP  # noqa: E402
+from hooked_attn.compat.transformer_lens.components.mlps.mlp import MLP  # noqa: E402
 
 __all__ = ["Attention", "Embed", "GatedMLP", "LayerNorm", "LayerNormPre", "MLP", "PosEmbed", "RMSNorm",
            "RMSNormPre", "TransformerBlock", "Unembed"]

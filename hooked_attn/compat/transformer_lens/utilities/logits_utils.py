@@ -45,7 +45,10 @@ def sample_logits(final_logits: Float[Tensor, "batch d_vocab"], top_k: int | Non
 def logits_to_df(logits: Float[Tensor, " d_vocab"], tokenizer: Any = None, top_k: int | None = None) -> Any:
     """A pandas table of tokens by descending probability: index, (string,) logit, log-prob, probability."""
     import pandas as pd
+    from jaxtyping import TypeCheckError
 
+    if logits.ndim != 1:  # the annotation's shape, checked as a runtime type checker would
+        raise TypeCheckError(f"logits_to_df: logits must be [d_vocab] (one position), got shape {tuple(logits.shape)}")
     order = logits.argsort(descending=True)[:top_k]
     log_probs = logits.float().log_softmax(-1)
     table: dict[str, Any] = {"token_index": order.tolist()}

@@ -34,4 +34,20 @@ def get_tokens_with_bos_removed(tokenizer: Any, tokens: Int[Tensor, "batch pos"]
     return tokens[keep].reshape(tokens.shape[0], tokens.shape[1] - 1)
 
 
-__all__ = ["get_input_with_manually_prepended_bos", "get_tokens_with_bos_removed"]
+def get_tokenizer_with_bos(tokenizer: Any) -> Any:
+    """A tokenizer that adds a BOS token: ``tokenizer`` itself when its ``add_bos_token`` is on,
+    else the same tokenizer reloaded (``AutoTokenizer.from_pretrained(name_or_path, add_bos_token=True)``)
+    with its ``padding_side`` kept."""
+    if getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        raise ValueError(f"{type(tokenizer).__name__} has no name_or_path to reload it with add_bos_token=True")
+    reloaded = AutoTokenizer.from_pretrained(name, add_bos_token=True)
+    reloaded.padding_side = tokenizer.padding_side
+    return reloaded
+
+
+__all__ = ["get_input_with_manually_prepended_bos", "get_tokenizer_with_bos", "get_tokens_with_bos_removed"]
