@@ -237,3 +237,31 @@ def test_standalone_mlps_follow_transformer_lens_equations(tl):
         bad = tl.HookedTransformerConfig(**cfg)
         bad.d_mlp = None
         MLP(bad)
+
+
+def test_next_sentence_prediction_wraps_an_encoder_with_pooler_and_head(tl):
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=6, d_vocab=11, act_fn="gelu", seed=0)
+    encoder = tl.HookedEncoder(cfg)
+    nsp = tl.BertNextSentencePrediction(encoder)
+    tokens, types = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="no pooler"):
+        nsp(tokens, token_type_ids=types)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        nsp(tokens)
+    encoder.pooler = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    encoder.nsp_head = torch.nn.Linear(8, 2)
+    logits = nsp(tokens, token_type_ids=types)
+    resid = encoder(tokens, return_type="embeddings", token_type_ids=types)
+    torch.testing.assert_close(logits, encoder.nsp_head(encoder.pooler(resid)))
+    out, cache = nsp.run_with_cache(tokens, token_type_ids=types)
+    torch.testing.assert_close(out, logits)
+    assert cache.model is nsp and "blocks.0.hook_resid_post" in cache and "forward" not in vars(encoder)
+
+
+def test_abstract_attention_alibi_helpers(tl):
+    from transformer_lens.components import AbstractAttention
+
+    bias = AbstractAttention.create_alibi_bias(4, 3, "cpu")
+    slopes = hooked_attn.components.alibi.alibi_slopes(4)
+    assert bias.shape == (4, 3, 3) and torch.equal(torch.triu(bias), torch.zeros_like(bias))
+    torch.testing.assert_close(bias[:, 2, 0], -2 * slopes)

@@ -36,6 +36,12 @@ class HookedEncoder(_Base):
         if move_to_device and compat.device is not None:
             self.to(compat.device)
 
+    def encoder_output(self, tokens: Any, token_type_ids: Any = None, one_zero_attention_mask: Any = None) -> Any:
+        """The final residual stream ``[batch pos d_model]`` (before any head), TransformerLens' name."""
+        # the class's forward: BertNextSentencePrediction.run_with_cache swaps the instance's for its own
+        return _Base.forward(self, tokens, return_type="embeddings", token_type_ids=token_type_ids,
+                             attention_mask=one_zero_attention_mask)
+
     @property
     def W_pos(self) -> Any:
         return self.pos_embed.W_pos

@@ -4,13 +4,14 @@ from hooked_attn.compat.transformer_lens import (  # noqa: F401  (submodules Tra
     components, evals, head_detector, hook_points, loading_from_pretrained, patching, train, utils,
 )
 from hooked_attn.compat.transformer_lens.ActivationCache import ActivationCache
+from hooked_attn.compat.transformer_lens.BertNextSentencePrediction import BertNextSentencePrediction
 from hooked_attn.compat.transformer_lens.FactoredMatrix import FactoredMatrix
 from hooked_attn.compat.transformer_lens.HookedEncoder import HookedEncoder
 from hooked_attn.compat.transformer_lens.HookedTransformer import HookedTransformer
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.compat.transformer_lens.hook_points import HookPoint
 
-__all__ = ["ActivationCache", "FactoredMatrix", "HookPoint", "HookedEncoder", "HookedTransformer",
+__all__ = ["ActivationCache", "BertNextSentencePrediction", "FactoredMatrix", "HookPoint", "HookedEncoder", "HookedTransformer",
            "HookedTransformerConfig", "components", "evals", "head_detector", "hook_points",
            "loading_from_pretrained", "patching", "train", "utils"]
 __version__ = "3.9.0+hooked_attn"
