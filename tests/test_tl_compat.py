@@ -265,3 +265,14 @@ def test_abstract_attention_alibi_helpers(tl):
     slopes = hooked_attn.components.alibi.alibi_slopes(4)
     assert bias.shape == (4, 3, 3) and torch.equal(torch.triu(bias), torch.zeros_like(bias))
     torch.testing.assert_close(bias[:, 2, 0], -2 * slopes)
+
+
+def test_d_vocab_comes_from_the_tokenizer_when_not_given(tl):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"a": 0, "b": 6, "c": 2, "[UNK]": 3}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")))
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, act_fn="relu")
+    model = tl.HookedTransformer(cfg, tokenizer=tokenizer)
+    assert (cfg.d_vocab, cfg.d_vocab_out) == (7, 7) and model.W_U.shape == (8, 7)

@@ -105,6 +105,16 @@ class HookedTransformer(_Base):
             return
         if not isinstance(cfg, HookedTransformerConfig):
             raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
+        if cfg.d_vocab <= 0 and (tokenizer is not None or cfg.tokenizer_name):
+            # TransformerLens: the vocabulary size comes from the tokenizer (loaded by name if need be),
+            # written into the caller's config as TransformerLens does.
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+            cfg.d_vocab = max(tokenizer.get_vocab().values()) + 1
+            if cfg.d_vocab_out <= 0:
+                cfg.d_vocab_out = cfg.d_vocab
         compat, model_cfg = _bind(cfg)
         super().__init__(model_cfg, tokenizer)
         self.default_padding_side = default_padding_side  # type: ignore[assignment]
