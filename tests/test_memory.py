@@ -180,7 +180,15 @@ def test_keep_freed_memory_lets_repeated_caches_reuse_pages(tmp_path):
         kept, n = out.stdout.split()
         return kept, int(n)
 
-    (_, default), (kept, keeping) = faults("default"), faults("keep")
+    # glibc's own default moves its mmap and trim thresholds with the allocation history (its "dynamic
+    # threshold"), which thread timing on a loaded machine changes: some default runs keep their pages
+    # by luck. The baseline is the most faults of up to three default runs; the kept run must always be low.
+    default = 0
+    for _ in range(3):
+        default = max(default, faults("default")[1])
+        if default > 10_000:
+            break
+    kept, keeping = faults("keep")
     assert kept == "True"
     assert default > 10_000, default
     assert keeping < default / 5, (keeping, default)

@@ -51,10 +51,15 @@ def test_two_gloo_processes_match_one(tmp_path):
          str(tmp_path / "store_2")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    # The ranks run with one thread each; the reference must too, or the kernels sum in another order
+    # (the suite may run with more threads) and "identical" would compare two roundings.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         sweep, harvest = run_job(tmp_path / "store_1")  # one process, no process group, while the ranks run
         _, stderr = ranks.communicate(timeout=300)
     finally:
+        torch.set_num_threads(threads)
         if ranks.poll() is None:
             ranks.kill()
     assert ranks.returncode == 0, stderr[-4000:]
