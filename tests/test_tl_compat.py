@@ -276,3 +276,8 @@ def test_d_vocab_comes_from_the_tokenizer_when_not_given(tl):
     cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, act_fn="relu")
     model = tl.HookedTransformer(cfg, tokenizer=tokenizer)
     assert (cfg.d_vocab, cfg.d_vocab_out) == (7, 7) and model.W_U.shape == (8, 7)
+    enc_cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, act_fn="gelu")
+    with pytest.raises(ValueError, match="Must provide a tokenizer"):
+        tl.HookedEncoder(enc_cfg)
+    encoder = tl.HookedEncoder(enc_cfg, tokenizer=tokenizer)
+    assert enc_cfg.d_vocab == 7 and encoder.W_E.shape == (7, 8)

@@ -15,6 +15,10 @@ _SHARED = ["_stack", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_
            "W_E", "W_U", "b_U", "QK", "OV"]
 
 
+class _ConfigError(ValueError, AssertionError):
+    """A config HookedEncoder cannot build from (a ValueError, and the AssertionError TransformerLens raises)."""
+
+
 class HookedEncoder(_Base):
     """``HookedEncoder(cfg)`` with a TransformerLens config builds a BERT layout (bidirectional,
     norms after each residual sum, two token types, the MLM head); hooked_attn's own signature
@@ -25,8 +29,17 @@ class HookedEncoder(_Base):
             super().__init__(cfg, *args, tokenizer=tokenizer, **kwargs)
             return
         cfg = HookedTransformerConfig.unwrap(cfg)
+        if tokenizer is None and cfg.tokenizer_name:  # TransformerLens loads the named tokenizer
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
         if cfg.d_vocab <= 0:
-            raise ValueError("HookedEncoder(cfg) needs d_vocab (or a tokenizer_name hooked_attn cannot fetch offline)")
+            if tokenizer is None:
+                raise _ConfigError("Must provide a tokenizer if d_vocab is not provided: HookedEncoder(cfg) "
+                                   "needs cfg.d_vocab, cfg.tokenizer_name or tokenizer=")
+            cfg.d_vocab = max(tokenizer.get_vocab().values()) + 1
+            if cfg.d_vocab_out <= 0:
+                cfg.d_vocab_out = cfg.d_vocab
         compat, model_cfg = _bind(dataclasses.replace(cfg, attention_dir="bidirectional"))
         model_cfg = model_cfg.replace(causal=False, block_norms="post_residual", embed_norm=model_cfg.norm)
         compat.__dict__["_model_cfg"] = model_cfg
