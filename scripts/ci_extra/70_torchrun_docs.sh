@@ -20,7 +20,7 @@ status=0
 log="$work/log"
 PYTHONPATH="$PWD" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$PY" -m torch.distributed.run --standalone \
   --nproc-per-node 2 "$work/sweep.py" >"$log" 2>&1 || status=$?
-done_ranks=$(grep -c "rank done" "$log" || true)
+done_ranks=$(grep -o "rank done" "$log" | wc -l)
 if [ "$status" -eq 0 ] && [ "$done_ranks" -eq 2 ]; then
   echo "torchrun docs/scale.md sweep.py on 2 gloo processes: 1 passed, 0 failed"
 else
