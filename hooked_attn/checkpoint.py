@@ -87,6 +87,12 @@ class LazySafetensors(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._where)
 
+    def meta(self, key: str) -> Tensor:
+        """A ``meta`` tensor with the shape and dtype ``self[key]`` has; nothing is read."""
+        _, dtype, shape, _, _ = self._where[key]
+        target = self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
+        return torch.empty(shape, dtype=target, device="meta")
+
     def nbytes(self, key: str) -> int:
         """Bytes of ``key`` as stored in the file."""
         _, _, _, start, end = self._where[key]

@@ -147,6 +147,20 @@ def materialise(build: Callable[[LoadedWeights], M], loaded: LoadedWeights) -> M
     with torch.device("meta"):
         model = build(loaded)
     params = dict(model.named_parameters())
+    check_fits(params, sd)
+    for name, meta in params.items():
+        tensor = as_parameter(sd.pop(name), meta, loaded.dtype, loaded.device, loaded.foreign)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_parameter(leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
+    return model
+
+
+def check_fits(params: Mapping[str, Tensor], sd: Mapping[str, Tensor]) -> None:
+    """Refuse weights ``sd`` that are not exactly the parameters ``params`` (names and shapes).
+
+    Raises:
+        StateDictError: a name missing or left over, or a shape.
+    """
     missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
     if missing or unexpected:
         raise StateDictError(f"converted weights do not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
@@ -154,16 +168,15 @@ def materialise(build: Callable[[LoadedWeights], M], loaded: LoadedWeights) -> M
         if sd[name].shape != meta.shape:
             raise StateDictError(f"converted weight {name!r} has shape {tuple(sd[name].shape)}, the model needs "
                                  f"{tuple(meta.shape)}")
-    for name, meta in params.items():
-        tensor = sd.pop(name)
-        adopt = (tensor.dtype == loaded.dtype and tensor.device == loaded.device and _layout_fits(tensor, meta)
-                 and _ptr(tensor) not in loaded.foreign)
-        if not adopt:
-            fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=loaded.dtype, device=loaded.device)
-            tensor = fresh.copy_(tensor)
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner).register_parameter(leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
-    return model
+
+
+def as_parameter(tensor: Tensor, meta: Tensor, dtype: torch.dtype, device: torch.device,
+                 foreign: frozenset[int]) -> Tensor:
+    """``tensor`` as the data of the parameter ``meta``: itself when it already has the dtype, device and
+    memory layout and is not ``foreign``, else copied into a fresh tensor laid out like ``meta``."""
+    if tensor.dtype == dtype and tensor.device == device and _layout_fits(tensor, meta) and _ptr(tensor) not in foreign:
+        return tensor
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=dtype, device=device).copy_(tensor)
 
 
 def resolve_dtype(dtype: DtypeArg, source: object = None) -> torch.dtype:

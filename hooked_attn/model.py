@@ -155,12 +155,11 @@ class HookedTransformer(GenerationMixin, SAESplicingMixin, TokenizerMixin, Hooke
             with torch.device("meta"):
                 meta = cls(opened.cfg).to(opened.dtype)
             plan = plan_for_model(meta, device_map, max_memory, opened.dtype, offload_folder)
-        model = materialise(lambda w: cls(w.cfg, tokenizer=w.tokenizer), load_weights(opened, steps))
-        if plan is not None:
-            from hooked_attn.scale.dispatch import place
+        if plan is not None:  # each block read, converted and processed on its own device (or written to disk)
+            from hooked_attn.scale.streaming import load_placed
 
-            model = place(model, plan, offload_folder)
-        return model
+            return load_placed(lambda cfg, tok: cls(cfg, tokenizer=tok), opened, steps, plan, offload_folder)
+        return materialise(lambda w: cls(w.cfg, tokenizer=w.tokenizer), load_weights(opened, steps))
 
     @classmethod
     def from_pretrained_no_processing(

@@ -127,6 +127,13 @@ class _Prefixed(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._inner)
 
+    def meta(self, key: str) -> torch.Tensor:
+        """A ``meta`` tensor shaped like ``self[key]``, read from nothing when the inner mapping can say."""
+        inner = key[len(self._prefix):] if key.startswith(self._prefix) else key
+        if hasattr(self._inner, "meta"):
+            return self._inner.meta(inner)
+        return torch.empty_like(self[key], device="meta")
+
 
 def _with_base_prefix(sd: Mapping[str, torch.Tensor], arch_name: str | None) -> Mapping[str, torch.Tensor]:
     """Add the task model's base-model prefix when no key has it (a checkpoint saved from the base model)."""

@@ -47,6 +47,7 @@ class TokenizerMixin:
 
     tokenizer: PreTrainedTokenizerBase | None
     default_padding_side: PaddingSide = "right"
+    default_prepend_bos: bool | None = None  # what prepend_bos=None means; None: as the tokenizer does
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
@@ -64,6 +65,7 @@ class TokenizerMixin:
             raise ValueError("expected a string or a non-empty list of strings to tokenize")
         ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
         bos = tok.bos_token_id
+        prepend_bos = self.default_prepend_bos if prepend_bos is None else prepend_bos
         if prepend_bos is True:
             if bos is None:
                 raise ValueError("prepend_bos=True, but this tokenizer has no BOS token")

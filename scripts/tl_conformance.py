@@ -88,6 +88,15 @@ HUB_PATTERNS = re.compile(
     r"fetching it from the HuggingFace hub failed|is not a local folder or file"
 )
 
+# A test that loads one of TransformerLens' own-format checkpoints (solu-1l, attn-only-2l...): it needs the
+# hub, and hooked_attn (which reads HF checkpoints only) refuses it by name, so it would fail with the hub too.
+NATIVE_PATTERN = re.compile(r"is a TransformerLens-format checkpoint")
+
+
+def outcome_of(text: str) -> str:
+    return "tl-format" if NATIVE_PATTERN.search(text) else "needs-hub" if HUB_PATTERNS.search(text) else "failed"
+
+
 # Failing in-scope tests whose reason is known, by nodeid glob: (kind, reason).
 # kind is "deliberate" (documented difference, see docs/transformerlens.md) or "gap".
 _CONVERSION = ("deliberate", "TransformerLens 3.x's hook conversion / alias machinery (TransformerBridge); "
@@ -144,6 +153,25 @@ DIFFERENCES = [
     "  BERT loader builds the masked-LM model only; without them `forward` raises a `ValueError` saying so.",
     "- `components.Attention` / `AbstractAttention` are hooked_attn's attention (forward `(x, AttentionContext)`),",
     "  not TransformerLens' `(query_input, key_input, value_input)` with its `mask` / `IGNORE` buffers.",
+    "- Model names: an HF repository id, a local folder, or one of TransformerLens' short names for an HF",
+    "  checkpoint (`loading_from_pretrained.MODEL_ALIASES`: `gpt2-small`, `pythia-70m`, `tiny-stories-33M`...).",
+    "  TransformerLens' own-format checkpoints (`solu-*`, `gelu-*`, `attn-only-*`, `othello-gpt`,",
+    "  `redwood_attn_2l`) are refused by name with a ValueError. `OFFICIAL_MODEL_NAMES` lists the HF",
+    "  checkpoints of the families hooked_attn rebuilds, not TransformerLens' whole table.",
+    "- `from_pretrained(default_prepend_bos=None)` (the default) tokenizes as the model's tokenizer does;",
+    "  `True` / `False` add / remove the BOS token when `to_tokens` gets no `prepend_bos`. TransformerLens'",
+    "  default is `True` for every model.",
+    "- `SVDInterpreter.get_singular_vectors` returns `[d_vocab 1 num_vectors]`: the right singular vectors",
+    "  of a head's `W_V W_O` (\"OV\") or of `W_out`, the left ones of `W_in`, each times `W_U`. Its",
+    "  TransformerLens tests use `solu-2l`, a TransformerLens-format checkpoint, so their expected numbers",
+    "  are not checked here.",
+    "- `utils.tokenize_and_concatenate` tokenizes document by document (no token is cut in two), joins",
+    "  them with EOS and drops each batch's last partial row; a batch too short for one row gives one row",
+    "  padded with the pad token (EOS when there is none), never an id outside the vocabulary.",
+    "- `evals.ioi_eval` reads each prompt at the first token where the two names differ (after their shared",
+    "  leading tokens), so multi-token names work; TransformerLens-style templates (`[A]`, `[B]`, `[OBJECT]`)",
+    "  and this layer's `{IO}` / `{S}` templates are both accepted. `mmlu_eval` is zero-shot: the answer is",
+    "  the letter ` A`..` D` with the largest next-token logit.",
     "",
 ]
 
@@ -198,7 +226,7 @@ def classify(junit: Path, root: Path) -> dict[str, list[dict[str, str]]]:
             file = name.replace(".", "/") + ".py"
             problem = next(iter(case.findall("failure") + case.findall("error")), None)
             text = "" if problem is None else (problem.text or "")
-            outcome = "needs-hub" if HUB_PATTERNS.search(text) else "failed"
+            outcome = outcome_of(text)
             last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["import failed"]
             n_tests = max(1, len(re.findall(r"^\s*(?:async )?def test_", (root / file).read_text(), re.M)))
             per_file[file] += [{"nodeid": f"{file}::(import, test {i + 1} of {n_tests})", "outcome": outcome,
@@ -219,7 +247,7 @@ def classify(junit: Path, root: Path) -> dict[str, list[dict[str, str]]]:
         skipped = case.find("skipped")
         if problem is not None:
             text = (problem.get("message") or "") + "\n" + (problem.text or "")
-            outcome = "needs-hub" if HUB_PATTERNS.search(text) else "failed"
+            outcome = outcome_of(text)
             message = (problem.get("message") or (problem.text or "").strip().splitlines()[-1:] or [""])
             message = message if isinstance(message, str) else message[0]
         elif skipped is not None:
@@ -266,7 +294,8 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
     for file in sorted(per_file):
         counts = Counter(r["outcome"] for r in per_file[file])
         totals.update(counts)
-        rows.append(f"| `{file}` | {counts['passed']} | {counts['failed']} | {counts['needs-hub']} | {counts['skipped']} |")
+        rows.append(f"| `{file}` | {counts['passed']} | {counts['failed']} | {counts['needs-hub']} | "
+                    f"{counts['tl-format']} | {counts['skipped']} |")
         for r in per_file[file]:
             if r["outcome"] == "failed":
                 kind, reason = known_reason(r["nodeid"]) or ("gap", r["message"] or "(no message)")
@@ -304,8 +333,14 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
         f"**In scope, no download: {totals['passed']} of {offline} pass ({rate:.1f}%).** "
         f"{totals['needs-hub']} need the hub, {totals['skipped']} skipped.",
         "",
-        "| test file | passed | failed | needs the hub | skipped |",
-        "|---|---|---|---|---|",
+        f"A further {totals['tl-format']} tests load one of TransformerLens' own-format checkpoints from the hub",
+        "(`solu-1l`, `attn-only-2l`, `othello-gpt`, ...: TransformerLens state dicts, not HF models).",
+        "hooked_attn reads HF checkpoints only and refuses these names with a ValueError, so these tests",
+        "would fail with the hub too; they are counted here (column *TL-format checkpoint*), not in the",
+        "no-download rate, because every one of them needs a download.",
+        "",
+        "| test file | passed | failed | needs the hub | TL-format checkpoint | skipped |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
         "### Failing in-scope tests",
@@ -327,7 +362,7 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
     lines += kept_sections(out)
     out.write_text("\n".join(lines))
     return {"passed": totals["passed"], "failed": totals["failed"], "needs_hub": totals["needs-hub"],
-            "skipped": totals["skipped"]}
+            "tl_format": totals["tl-format"], "skipped": totals["skipped"]}
 
 
 def main() -> int:
@@ -354,7 +389,7 @@ def main() -> int:
     command = "python scripts/tl_conformance.py" + (f" --version {args.version}" if args.version != "3.9.0" else "")
     totals = write_page(args.out, args.version, per_file, oos, command)
     print(f"{totals['passed']} passed, {totals['failed']} failed, {totals['needs_hub']} need the hub, "
-          f"{totals['skipped']} skipped (in scope)")
+          f"{totals['tl_format']} need a TransformerLens-format checkpoint, {totals['skipped']} skipped (in scope)")
     if args.min_passed_file is not None:
         recorded = int(args.min_passed_file.read_text().split()[0])
         if totals["passed"] < recorded:

@@ -198,16 +198,3 @@ def plan_for_model(
                          "offload_folder= to keep them there")
     return plan
 
-
-def place(model: nn.Module, plan: Mapping[str, Device], offload_folder: str | Path | None) -> nn.Module:
-    """Dispatch a loaded (processed) model by ``plan``; units going to "disk" are written to
-    ``offload_folder`` first, once, and their weights then leave memory."""
-    from hooked_attn.scale.offload import save_offloaded
-
-    units = placement_units(model)  # processing may have emptied some (a folded ln_final)
-    plan = {unit: d for unit, d in plan.items() if unit in units}
-    disk = [unit for unit, d in plan.items() if d == "disk"]
-    if disk:
-        assert offload_folder is not None  # plan_for_model checked it
-        save_offloaded(model, offload_folder, units=disk)
-    return dispatch(model, plan, offload_folder=offload_folder)

@@ -58,8 +58,6 @@ def save_offloaded(model: nn.Module, folder: str | Path, units: list[str] | None
 
     Units already written there are written again. Weights on the ``meta`` device cannot be saved.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
     chosen = placement_units(model) if units is None else units
@@ -70,25 +68,39 @@ def save_offloaded(model: nn.Module, folder: str | Path, units: list[str] | None
         on_meta = [n for n, p in _unit_params(model, unit).items() if p.device.type == "meta"]
         if on_meta:
             raise ValueError(f"cannot save {unit!r}: its weights {on_meta[:3]} are on the meta device (not loaded)")
+    entries = {}
+    for unit in chosen:
+        entries |= write_unit(folder, unit, _unit_params(model, unit))
+    write_manifest(folder, cfg, entries, getattr(model, "tokenizer", None))
+    return folder
+
+
+def write_unit(folder: str | Path, unit: str, params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Write one unit's weights to ``folder/<unit>.safetensors``; return their manifest entries (for
+    ``write_manifest``). Each weight is stored in its storage order and read back with the same view."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # A per-head weight (W_Q [head d_model d_head]) is a view of a fused storage layout; the file
+    # holds that storage, and reading it back applies the same view, so the forward runs as in memory.
+    layouts = {name: _storage_order(p) for name, p in params.items()}
+    save_file({n: p.detach().permute(layouts[n]).to("cpu").contiguous() for n, p in params.items()},
+              folder / f"{unit}.safetensors")
+    return {name: {"file": f"{unit}.safetensors", "dtype": str(p.dtype).removeprefix("torch."),
+                   "shape": list(p.shape), "view": _inverse(layouts[name])} for name, p in params.items()}
+
+
+def write_manifest(folder: str | Path, cfg: ModelConfig, entries: Mapping[str, Any], tokenizer: Any = None) -> None:
+    """Write (or update) the folder's manifest with the config and ``entries`` of ``write_unit``, and the
+    tokenizer when there is one. Entries of weights already in the manifest are replaced."""
+    folder = Path(folder)
     manifest_path = folder / MANIFEST
     weights = json.loads(manifest_path.read_text())["weights"] if manifest_path.is_file() else {}
-    for unit in chosen:
-        params = _unit_params(model, unit)
-        # A per-head weight (W_Q [head d_model d_head]) is a view of a fused storage layout; the file
-        # holds that storage, and reading it back applies the same view, so the forward runs as in memory.
-        layouts = {name: _storage_order(p) for name, p in params.items()}
-        save_file({n: p.detach().permute(layouts[n]).to("cpu").contiguous() for n, p in params.items()},
-                  folder / f"{unit}.safetensors")
-        for name, p in params.items():
-            weights[name] = {"file": f"{unit}.safetensors", "dtype": str(p.dtype).removeprefix("torch."),
-                             "shape": list(p.shape), "view": _inverse(layouts[name])}
-    manifest = {"config": _encode(cfg), "weights": weights}
+    manifest = {"config": _encode(cfg), "weights": {**weights, **entries}}
     manifest_path.write_text(json.dumps(manifest, indent=1))
-    tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / TOKENIZER)
-    return folder
 
 
 def _storage_order(t: torch.Tensor) -> list[int]:

@@ -147,15 +147,35 @@ class HookedTransformer(_Base):
         TransformerLens' method signatures (``generate(verbose=...)``...) apply. ``model.cfg`` stays
         hooked_attn's ``ModelConfig``. ``default_padding_side`` is TransformerLens' (the side
         ``to_tokens`` pads a batch on when no ``padding_side`` is given)."""
-        padding_side = kwargs.pop("default_padding_side", "right")
-        _check_padding_side(padding_side)
-        model = super().from_pretrained(model_name_or_path, **kwargs)  # built by cls(cfg, tokenizer=...), as TL does
-        model.default_padding_side = padding_side
-        return model  # type: ignore[return-value]
+        return cls._load(_Base.from_pretrained, model_name_or_path, kwargs)
 
     @classmethod
     def from_pretrained_no_processing(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        return super().from_pretrained_no_processing(model_name_or_path, **kwargs)  # type: ignore[return-value]
+        return cls._load(_Base.from_pretrained_no_processing, model_name_or_path, kwargs)
+
+    @classmethod
+    def _load(cls, load: Any, name: Any, kwargs: dict[str, Any]) -> "HookedTransformer":
+        """TransformerLens' loading arguments on top of hooked_attn's: short names (``"gpt2-small"``),
+        ``torch_dtype``, ``default_padding_side`` and ``default_prepend_bos`` (what ``to_tokens`` does
+        when no ``prepend_bos`` is given; None, hooked_attn's default, follows the tokenizer)."""
+        from hooked_attn.compat.transformer_lens.loading_from_pretrained import check_not_native, get_official_model_name
+
+        padding_side = kwargs.pop("default_padding_side", "right")
+        _check_padding_side(padding_side)
+        prepend_bos = kwargs.pop("default_prepend_bos", None)
+        if prepend_bos not in (None, True, False):
+            raise ValueError(f"default_prepend_bos must be True, False or None, got {prepend_bos!r}")
+        if "torch_dtype" in kwargs:
+            if kwargs.get("dtype") is not None:
+                raise ValueError("give dtype= or torch_dtype=, not both")
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        check_not_native(name)
+        # hooked_attn's loader bound to cls, so it builds cls(cfg, tokenizer=...): a subclass's own __init__
+        # runs, as in TransformerLens (SAELens' HookedSAETransformer adds its hooks there).
+        model = load.__func__(cls, get_official_model_name(name) if isinstance(name, str) else name, **kwargs)
+        model.default_padding_side = padding_side
+        model.default_prepend_bos = prepend_bos
+        return model  # type: ignore[return-value]
 
     @property
     def n_params_total(self) -> int:

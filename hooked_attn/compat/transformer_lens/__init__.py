@@ -10,8 +10,9 @@ from hooked_attn.compat.transformer_lens.HookedEncoder import HookedEncoder
 from hooked_attn.compat.transformer_lens.HookedTransformer import HookedTransformer
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.compat.transformer_lens.hook_points import HookPoint
+from hooked_attn.compat.transformer_lens.SVDInterpreter import SVDInterpreter
 
 __all__ = ["ActivationCache", "BertNextSentencePrediction", "FactoredMatrix", "HookPoint", "HookedEncoder", "HookedTransformer",
-           "HookedTransformerConfig", "components", "evals", "head_detector", "hook_points",
+           "HookedTransformerConfig", "SVDInterpreter", "components", "evals", "head_detector", "hook_points",
            "loading_from_pretrained", "patching", "train", "utils"]
 __version__ = "3.9.0+hooked_attn"

@@ -1,12 +1,65 @@
 """``transformer_lens.loading_from_pretrained``: loading goes through hooked_attn's loader.
 
-TransformerLens' alias table (``"gpt2-small"`` for ``"gpt2"``) is its own; here a model is named by its
-HF repository id or a local folder.
+A model is named by its HF repository id, a local folder, or one of TransformerLens' short names
+for a checkpoint hooked_attn rebuilds (``"gpt2-small"`` for ``"gpt2"``; see ``MODEL_ALIASES``).
+TransformerLens' own-format checkpoints (``solu-2l``, ``attn-only-2l``, ``othello-gpt``...) are not
+HF checkpoints; loading one raises a ValueError saying so.
 """
 
 from typing import Any
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+
+
+def _series(org: str, stem: str, sizes: str, suffixes: tuple[str, ...] = ("",)) -> list[str]:
+    return [f"{org}/{stem}{size}{suffix}" for size in sizes.split() for suffix in suffixes]
+
+
+# HF checkpoints of the families hooked_attn rebuilds, by the repository id TransformerLens lists them under.
+OFFICIAL_MODEL_NAMES: list[str] = [
+    "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
+    *_series("facebook", "opt-", "125m 350m 1.3b 2.7b 6.7b 13b 30b 66b"),
+    *_series("EleutherAI", "gpt-neo-", "125M 1.3B 2.7B"), "EleutherAI/gpt-j-6B", "EleutherAI/gpt-neox-20b",
+    *_series("EleutherAI", "pythia-", "14m 31m 70m 160m 410m 1b 1.4b 2.8b 6.9b 12b", ("", "-deduped")),
+    *_series("roneneldan", "TinyStories-", "1M 3M 8M 28M 33M Instruct-1M Instruct-3M Instruct-8M Instruct-28M "
+             "Instruct-33M 1Layer-21M 2Layers-33M Instuct-1Layer-21M Instruct-2Layers-33M"),
+    *_series("bigscience", "bloom-", "560m 1b1 1b7 3b 7b1"),
+    "microsoft/phi-1", "microsoft/phi-1_5", "microsoft/phi-2", "microsoft/Phi-3-mini-4k-instruct",
+    *_series("google", "gemma-", "2b 7b 2b-it 7b-it 2-2b 2-9b 2-2b-it 2-9b-it 3-270m 3-270m-it"),
+    *_series("meta-llama", "Llama-", "2-7b-hf 2-13b-hf 3.2-1B 3.2-3B 3.1-8B 3.2-1B-Instruct"),
+    "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1",
+    *_series("Qwen", "Qwen2", "-0.5B -1.5B .5-0.5B .5-1.5B .5-3B .5-7B"), *_series("Qwen", "Qwen3-", "0.6B 1.7B 4B"),
+    *_series("HuggingFaceTB", "SmolLM2-", "135M 360M 1.7B 135M-Instruct"),
+    *_series("stanford-crfm", "", "alias-gpt2-small-x21 battlestar-gpt2-small-x49 caprica-gpt2-small-x81"),
+]
+
+# TransformerLens' short names -> repository id (matched case-insensitively).
+MODEL_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2", "opt-125m": "facebook/opt-125m", "opt-1.3b": "facebook/opt-1.3b",
+    "gpt-neo-125M": "EleutherAI/gpt-neo-125M", "gpt-j-6B": "EleutherAI/gpt-j-6B",
+    "gpt-neox-20b": "EleutherAI/gpt-neox-20b", "pythia": "EleutherAI/pythia-70m",
+    "stanford-gpt2-small-a": "stanford-crfm/alias-gpt2-small-x21", "bloom-560m": "bigscience/bloom-560m",
+    "phi-1": "microsoft/phi-1", "phi-2": "microsoft/phi-2", "gemma-2b": "google/gemma-2b",
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in "14m 31m 70m 160m 410m 1b 1.4b 2.8b 6.9b 12b".split()},
+    **{f"tiny-stories-{s}": f"roneneldan/TinyStories-{s}" for s in "1M 3M 8M 28M 33M".split()},
+}
+
+# TransformerLens' own checkpoint format (not HF): hooked_attn cannot read these.
+TRANSFORMER_LENS_NATIVE = ("solu-", "gelu-", "attn-only-", "othello-gpt", "redwood_attn_2l")
+
+
+def get_official_model_name(model_name: str) -> str:
+    """The repository id for a TransformerLens short name; any other name (an HF id, a local folder)
+    is returned unchanged, for hooked_attn loads any HF checkpoint of a family it rebuilds."""
+    lowered = {alias.lower(): repo for alias, repo in MODEL_ALIASES.items()}
+    return lowered.get(model_name.lower(), model_name)
+
+
+def check_not_native(model_name: Any) -> None:
+    """Refuse TransformerLens' own-format checkpoints by name, before anything is fetched."""
+    if isinstance(model_name, str) and model_name.lower().startswith(TRANSFORMER_LENS_NATIVE):
+        raise ValueError(f"{model_name!r} is a TransformerLens-format checkpoint (its own state dict, not an HF "
+                         "model); hooked_attn loads HF checkpoints only")
 
 
 def from_pretrained(model_name_or_path: Any, **kwargs: Any) -> Any:
@@ -16,23 +69,38 @@ def from_pretrained(model_name_or_path: Any, **kwargs: Any) -> Any:
     return HookedTransformer.from_pretrained(model_name_or_path, **kwargs)
 
 
-def get_official_model_name(model_name: str) -> str:
-    """The name hooked_attn loads: the HF repository id or folder, unchanged (no alias table)."""
-    return model_name
-
-
 def get_pretrained_model_config(model_name: str, **kwargs: Any) -> HookedTransformerConfig:
     """A TransformerLens config describing the HF model ``model_name`` (its config is read, not its weights)."""
     import transformers
 
     from hooked_attn.architectures import by_kind
 
-    hf = transformers.AutoConfig.from_pretrained(model_name)
+    check_not_native(model_name)
+    hf = transformers.AutoConfig.from_pretrained(get_official_model_name(model_name))
     arch = (hf.architectures or [type(hf).__name__])[0]
     decoders = by_kind("decoder")  # BERT shares the registry (kind "encoder"); this config is a decoder's
     if arch not in decoders:
         raise ValueError(f"{arch} is not an architecture hooked_attn rebuilds; supported: {sorted(decoders)}")
     return config_from_model_config(decoders[arch].config_from_hf(hf), model_name=model_name, **kwargs)
+
+
+class BasicConfig:
+    """TransformerLens' ``get_basic_config`` answer: the model's shape fields only."""
+
+    def __init__(self, cfg: HookedTransformerConfig) -> None:
+        self.d_model, self.d_vocab, self.n_ctx, self.d_head = cfg.d_model, cfg.d_vocab, cfg.n_ctx, cfg.d_head
+        self.d_mlp, self.n_heads, self.n_layers = cfg.d_mlp, cfg.n_heads, cfg.n_layers
+        self.layer_norm_eps, self.init_range, self.act_fn = cfg.eps, cfg.initializer_range, cfg.act_fn
+        self.normalization_type, self.positional_embedding_type = cfg.normalization_type, cfg.positional_embedding_type
+        self.original_architecture = cfg.original_architecture
+
+    def __repr__(self) -> str:
+        return f"BasicConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def get_basic_config(model_name: str, **kwargs: Any) -> BasicConfig:
+    """The shape of the HF model ``model_name`` (``d_model``, ``n_layers``, ``layer_norm_eps``...)."""
+    return BasicConfig(get_pretrained_model_config(model_name, **kwargs))
 
 
 def config_from_model_config(cfg: Any, model_name: str = "custom", **overrides: Any) -> HookedTransformerConfig:
@@ -55,4 +123,5 @@ def config_from_model_config(cfg: Any, model_name: str = "custom", **overrides: 
     return HookedTransformerConfig(**(fields | overrides))
 
 
-__all__ = ["config_from_model_config", "from_pretrained", "get_official_model_name", "get_pretrained_model_config"]
+__all__ = ["MODEL_ALIASES", "OFFICIAL_MODEL_NAMES", "config_from_model_config", "from_pretrained", "get_basic_config",
+           "get_official_model_name", "get_pretrained_model_config"]

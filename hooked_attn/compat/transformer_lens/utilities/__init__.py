@@ -186,8 +186,63 @@ def get_offset_position_ids(past_kv_pos_offset: int, attention_mask: Tensor) -> 
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_kv_pos_offset:]
 
 
+def clear_huggingface_cache() -> None:
+    """Delete the HuggingFace hub cache folder (every downloaded model and dataset), as TransformerLens'
+    acceptance tests do between models to save disk."""
+    import shutil
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    shutil.rmtree(HF_HUB_CACHE, ignore_errors=True)
+
+
+def tokenize_and_concatenate(dataset: Any, tokenizer: Any, streaming: bool = False, max_length: int = 1024,
+                             column_name: str = "text", add_bos_token: bool = True, num_proc: int | None = 10,
+                             set_format: bool = True) -> Any:
+    """A ``datasets`` dataset of text turned into rows of ``max_length`` token ids (column ``tokens``).
+
+    Each batch of documents is tokenized document by document (so no token is ever cut in two), joined
+    with the EOS token, and cut into rows; with ``add_bos_token`` each row is BOS + ``max_length - 1``
+    ids. The tokens left over at the end of a batch are dropped, unless the batch fills no row at all:
+    then it gives one row, padded with the tokenizer's pad token (its EOS when it has none), so every id
+    is in the vocabulary. ``set_format`` returns torch tensors; ``streaming`` (or an iterable dataset)
+    maps lazily, without ``num_proc``.
+    """
+    if add_bos_token and tokenizer.bos_token_id is None:
+        raise ValueError(f"add_bos_token=True, but {type(tokenizer).__name__} has no BOS token")
+    per_row = max_length - 1 if add_bos_token else max_length
+    if per_row < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a token")
+    sep = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+
+    def to_rows(batch: Any) -> dict[str, list[list[int]]]:  # a datasets LazyBatch (a mapping of columns)
+        ids: list[int] = []
+        for i, text in enumerate(batch[column_name]):
+            if i and sep is not None:
+                ids.append(sep)
+            ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if not ids:
+            return {"tokens": []}
+        if len(ids) < per_row:
+            if pad is None:
+                raise ValueError(f"a batch of {len(ids)} tokens fills no row of {per_row} and the tokenizer has "
+                                 "neither a pad nor an EOS token to pad it with")
+            ids = ids + [pad] * (per_row - len(ids))
+        rows = [ids[start:start + per_row] for start in range(0, len(ids) - per_row + 1, per_row)]
+        if add_bos_token:
+            rows = [[tokenizer.bos_token_id, *row] for row in rows]
+        return {"tokens": rows}
+
+    columns = list(dataset.column_names) if getattr(dataset, "column_names", None) else [column_name]
+    lazy = streaming or not hasattr(dataset, "__len__")
+    extra = {} if lazy or num_proc is None else {"num_proc": num_proc}
+    out = dataset.map(to_rows, batched=True, remove_columns=columns, **extra)
+    return out.with_format("torch") if set_format else out
+
+
 __all__ = [
-    "Slice", "calc_fan_in_and_fan_out", "filter_dict_by_prefix", "gelu_fast", "gelu_new", "get_act_name", "get_attention_mask", "get_corner",
+    "Slice", "clear_huggingface_cache", "tokenize_and_concatenate", "calc_fan_in_and_fan_out", "filter_dict_by_prefix", "gelu_fast", "gelu_new", "get_act_name", "get_attention_mask", "get_corner",
     "get_device", "get_offset_position_ids", "init_kaiming_normal_", "init_kaiming_uniform_",
     "init_xavier_normal_", "init_xavier_uniform_", "is_library_available", "is_lower_triangular", "is_square",
     "lm_accuracy", "lm_cross_entropy_loss", "override_or_use_default_value", "remove_batch_dim", "sample_logits",
