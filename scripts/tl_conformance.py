@@ -151,8 +151,13 @@ DIFFERENCES = [
     "  as they are. Refusals raise `CacheBatchError`, a `ValueError` and an `AssertionError`.",
     "- `BertNextSentencePrediction` needs `model.pooler` and `model.nsp_head` set by the caller: hooked_attn's",
     "  BERT loader builds the masked-LM model only; without them `forward` raises a `ValueError` saying so.",
-    "- `components.Attention` / `AbstractAttention` are hooked_attn's attention (forward `(x, AttentionContext)`),",
-    "  not TransformerLens' `(query_input, key_input, value_input)` with its `mask` / `IGNORE` buffers.",
+    "- `components.Attention` / `GroupedQueryAttention` / `AbstractAttention` are stand-alone modules with",
+    "  TransformerLens' surface (`forward(query_input, key_input, value_input, past_kv_cache_entry=...)`,",
+    "  `apply_causal_mask`, `apply_rotary`, an empty `mask` buffer, `_W_K`/`_W_V` for grouped-query",
+    "  attention); their parameters start at zero rather than uninitialised. hooked_attn's models use",
+    "  hooked_attn's attention; a test checks both give the same output (MHA, GQA, rotary, ALiBi, KV cache).",
+    "  `use_logn_attn`, `use_dynamic_ntk_rope` and `rotary_base_local` work in these modules only: a",
+    "  HookedTransformer built from such a config raises a ValueError naming the option.",
     "- Model names: an HF repository id, a local folder, or one of TransformerLens' short names for an HF",
     "  checkpoint (`loading_from_pretrained.MODEL_ALIASES`: `gpt2-small`, `pythia-70m`, `tiny-stories-33M`...).",
     "  TransformerLens' own-format checkpoints (`solu-*`, `gelu-*`, `attn-only-*`, `othello-gpt`,",
@@ -284,6 +289,7 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
             if r["outcome"] == "failed":
                 kind, reason = known_reason(r["nodeid"]) or ("gap", r["message"] or "(no message)")
                 reason = reason.replace(str(REPO) + "/", "")  # paths relative to the repository, not this machine's
+                reason = re.sub(r" at 0x[0-9a-f]+", "", reason)  # object addresses change from run to run
                 failures.append(f"| `{r['nodeid']}` | {kind} | {reason.replace('|', '/').replace(chr(10), ' ')} |")
     offline = totals["passed"] + totals["failed"]
     rate = 100.0 * totals["passed"] / offline if offline else 0.0

@@ -96,3 +96,56 @@ def test_svd_interpreter_finds_a_rank_one_direction(tl):
         svd.get_singular_vectors("OV", layer_index=0)
     with pytest.raises(AssertionError, match="Layer index must be between 0 and 1 but got 2"):
         svd.get_singular_vectors("w_in", layer_index=2)
+
+
+@pytest.mark.parametrize("options", [
+    dict(attn_scores_soft_cap=3.0),
+    dict(positional_embedding_type="rotary", n_key_value_heads=2),
+    dict(positional_embedding_type="rotary", rotary_dim=2, rotary_adjacent_pairs=True),
+    dict(positional_embedding_type="alibi"),
+], ids=["mha-softcap", "rotary-gqa", "partial-rotary-adjacent", "alibi"])
+def test_standalone_attention_computes_what_the_model_computes(tl, options):
+    from transformer_lens.cache import TransformerLensKeyValueCacheEntry
+    from transformer_lens.components import Attention, GroupedQueryAttention
+
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_ctx=16, d_vocab=13, attn_only=True,
+                                     seed=0, **options)
+    model = tl.HookedTransformer(cfg)
+    tokens = torch.randint(0, 13, (2, 9))
+    _, cache = model.run_with_cache(tokens)
+    weights = {k: v for k, v in model.blocks[0].attn.state_dict().items()}
+    if cfg.n_key_value_heads:
+        attn = GroupedQueryAttention(cfg)
+        weights = {("_" + k if k[2] in "KV" else k): v for k, v in weights.items()}
+    else:
+        attn = Attention(cfg)
+    attn.load_state_dict(weights | {k: v for k, v in attn.state_dict().items() if k not in weights})
+    x = cache["blocks.0.ln1.hook_normalized"]  # LN weights are 1 and biases 0 at init: the attention input
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, x, x), cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=1e-5)
+        entry = TransformerLensKeyValueCacheEntry.init_cache_entry(cfg, "cpu", batch_size=2)
+        first = attn(x[:, :5], x[:, :5], x[:, :5], past_kv_cache_entry=entry)
+        rest = attn(x[:, 5:], x[:, 5:], x[:, 5:], past_kv_cache_entry=entry)
+    torch.testing.assert_close(torch.cat([first, rest], 1), cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=1e-5)
+
+
+def test_standalone_attention_masks_rebuilds_rotary_tables_and_refuses_bad_input(tl):
+    from transformer_lens.components import Attention
+
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4096, act_fn="relu",
+                                     positional_embedding_type="rotary", window_size=2)
+    attn = Attention(cfg, attn_type="local")
+    assert attn.mask.shape == (0, 0) and attn.rotary_sin.shape == (2048, 4)
+    legacy = attn.state_dict() | {"mask": torch.ones(4096, 4096, dtype=torch.bool)}
+    attn.load_state_dict(legacy)  # TransformerLens' full mask from an old checkpoint: accepted, not kept
+    assert attn.mask.shape == (0, 0)
+    masked = attn.apply_causal_mask(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=2,
+                                    attention_mask=torch.tensor([[1, 0, 1, 1]]))
+    assert torch.isfinite(masked[0, 0]).tolist() == [[False, False, True, False], [False, False, True, True]]
+    attn.apply_rotary(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=2048)
+    assert attn.rotary_sin.shape == (4096, 4)  # doubled (up to n_ctx), not grown by one row
+    with pytest.raises(ValueError, match="need 5 keys, got 4"):
+        attn.apply_causal_mask(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=3)
+    with pytest.raises(ValueError, match="use_logn_attn"):
+        tl.HookedTransformer(tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=8, d_vocab=5,
+                                                        act_fn="relu", use_logn_attn=True, train_seq_length=4))

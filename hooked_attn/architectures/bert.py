@@ -11,7 +11,7 @@ from transformers import BertConfig
 
 from hooked_attn.architectures import by_kind, register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import heads_in, heads_out
+from hooked_attn.architectures.common import heads_in, heads_out, pop_lm_head
 from hooked_attn.architectures.parsers import ACTIVATIONS
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -85,8 +85,10 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BertConfig) -> di
         out["mlm_head.b"] = src.pop(f"{h}.transform.dense.bias", (m,))
         out["mlm_head.ln.w"] = src.pop(f"{h}.transform.LayerNorm.weight", (m,))
         out["mlm_head.ln.b"] = src.pop(f"{h}.transform.LayerNorm.bias", (m,))
-        decoder = src.pop_optional(f"{h}.decoder.weight", (v, m))
-        out["unembed.W_U"] = (out["embed.W_E"] if decoder is None else decoder).T
+        # The decoder is tied to the word embeddings (tie_word_embeddings, the default): a tied checkpoint
+        # may omit it; an untied one must carry it.
+        decoder = pop_lm_head(src, out["embed.W_E"], hf.tie_word_embeddings, keys=(f"{h}.decoder.weight",))
+        out["unembed.W_U"] = decoder.T
         # HF ties cls.predictions.decoder.bias to cls.predictions.bias: one vector under two names.
         bias = src.pop(f"{h}.bias", (v,))
         src.pop_optional(f"{h}.decoder.bias", (v,))

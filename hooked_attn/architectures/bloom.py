@@ -1,12 +1,13 @@
 """BLOOM family (bigscience/bloom, bloom-560m ... bloomz). Mirrors transformers/models/bloom/modeling_bloom.py."""
 
-import einops
 from torch import Tensor
 from transformers import BloomConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import heads_out, pop_linear_mlp, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    FALCON_FRAME, convert_decoder, heads_out, pop_linear_mlp, pop_norm, pop_norms, qkv_per_head,
+)
 from hooked_attn.config import Alibi, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -65,38 +66,26 @@ def config_from_hf(hf: BloomConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BloomConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, d, m, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("transformer.word_embeddings.weight", (v, m))
-    out = {"embed.W_E": w_e,
-           "embed_ln.w": src.pop("transformer.word_embeddings_layernorm.weight", (m,)),
-           "embed_ln.b": src.pop("transformer.word_embeddings_layernorm.bias", (m,))}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    h, d, m = cfg.n_heads, cfg.d_head, cfg.d_model
+
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, bias=True)
         # BLOOM fuses QKV per head: BloomAttention._reshape views the output as (head, 3, d_head), so
         # rows are ordered (head, qkv, d_head) like GPT-NeoX, unlike GPT-2's (qkv, head, d_head).
-        w_q, w_k, w_v = einops.rearrange(src.pop(f"{hf_i}.self_attention.query_key_value.weight", (3 * m, m)),
-                                         "(head qkv d_head) d_model -> qkv head d_model d_head", qkv=3, head=h)
-        b_q, b_k, b_v = einops.rearrange(src.pop(f"{hf_i}.self_attention.query_key_value.bias", (3 * m,)),
-                                         "(head qkv d_head) -> qkv head d_head", qkv=3, head=h)
-        for site, w, b in (("Q", w_q, b_q), ("K", w_k, b_k), ("V", w_v, b_v)):
-            out[f"{ours}.attn.W_{site}"] = w
-            out[f"{ours}.attn.b_{site}"] = b
+        out |= qkv_per_head(src.pop(f"{hf_i}.self_attention.query_key_value.weight", (3 * m, m)),
+                            src.pop(f"{hf_i}.self_attention.query_key_value.bias", (3 * m,)), ours, h)
         # nn.Linear weights are [out, in]; dense reads the merged (head d_head) axis (_merge_heads).
         out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.self_attention.dense.weight", (m, h * d)), d)
         out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.self_attention.dense.bias", (m,))
-        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
+
+    def embed_norm(src: KeyLedger, w_e: Tensor) -> dict[str, Tensor]:
+        # word_embeddings_layernorm: a LayerNorm right after the lookup (BloomModel.forward).
+        return pop_norm(src, "transformer.word_embeddings_layernorm", "embed_ln", m, bias=True)
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(lm_head, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, **FALCON_FRAME,
+                           extra=embed_norm, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, BloomConfig]:

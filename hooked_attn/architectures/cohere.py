@@ -10,7 +10,9 @@ from transformers import CohereConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    SHARED_NORM, bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys,
+)
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
@@ -27,7 +29,7 @@ HANDLED_HF_FIELDS = frozenset({
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: CohereConfig) -> ModelConfig:
@@ -69,36 +71,29 @@ def config_from_hf(hf: CohereConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: CohereConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # ONE norm per block, input_layernorm, read by both attention and MLP. Our parallel block gives
         # attention ln1 and the MLP ln2, both reading resid_pre, so the same weight goes into both:
         # identical outputs, and weight processing folds each copy into its own reader (as gptj.py).
-        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln1.w"], out[f"{ours}.ln2.w"] = ln_w, ln_w
         # The interleaved rotary pairs act within each head's d_head, so no row permutation is needed.
         # All four projections have bias=config.attention_bias; with none, a stray bias key is refused.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
+        out = pop_llama_layer(src, hf_i, ours, cfg, w_e, norms=SHARED_NORM,
+                              attn_bias=bias_rule(hf.attention_bias))
         if hf.use_qk_norm:
             # CohereLayerNorm(hidden_size=(heads, head_dim)): the gains are already [head d_head].
-            out[f"{ours}.attn.q_norm.w"] = src.pop(f"{hf_i}.self_attn.q_norm.weight", (h, d))
-            out[f"{ours}.attn.k_norm.w"] = src.pop(f"{hf_i}.self_attn.k_norm.weight", (kv, d))
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))  # CohereLayerNorm: weight only
-    # CohereForCausalLM._tied_weights_keys: a tied checkpoint (the default) may omit lm_head.weight.
-    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
+            for name, n in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
+                out[f"{ours}.attn.{name}.w"] = src.pop(f"{hf_i}.self_attn.{name}.weight", (n, cfg.d_head))
+        return out
+
+    # CohereLayerNorm (the final norm too): weight only. CohereForCausalLM._tied_weights_keys: a tied
+    # checkpoint (the default) may omit lm_head.weight.
+    out = convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
     # CohereForCausalLM.forward: logits = lm_head(h) * logit_scale. Folded into W_U (in at least fp32,
     # then cast by the loader), so (h W) s becomes h (W s): bit-identical when logit_scale is a power of
     # two (Command-R's 0.0625) and a few ulps apart otherwise (Command-R+'s 0.8333). W_U is then a scaled copy,
     # no longer tied to W_E.
-    scale = float(hf.logit_scale)
-    out["unembed.W_U"] = lm_head.T.to(torch.promote_types(lm_head.dtype, torch.float32)) * scale
-    out["unembed.b_U"] = zeros(w_e, v)  # lm_head: bias=False
-    src.finish(ignore=IGNORED_HF_KEYS)
+    w_u = out["unembed.W_U"]
+    out["unembed.W_U"] = w_u.to(torch.promote_types(w_u.dtype, torch.float32)) * float(hf.logit_scale)
     return out
 
 

@@ -1,5 +1,7 @@
-"""Small helpers the family converters share: HF ``nn.Linear`` projections into our per-head layout,
-the gated MLP (with or without biases), the lm_head-or-tied unembedding, and the activation-name table.
+"""Small helpers the family converters share: the converter frame (embedding, layers, final norm,
+unembedding, finish), norms, HF ``nn.Linear`` projections into our per-head layout, the per-head fused
+QKV split, the gated MLP (with or without biases), the lm_head-or-tied unembedding, the rotary buffer
+keys, and the activation-name table.
 
 Every helper pops its keys through the family's :class:`KeyLedger`, so the ledger still accounts for
 every HF key, and every shape check names the HF key. Layout quirks (fused projections, odd biases,
@@ -7,6 +9,7 @@ scalings) stay in the family modules, next to the HF source they mirror.
 """
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
 import einops
@@ -17,6 +20,7 @@ from torch import Tensor
 from hooked_attn.architectures.base import KeyLedger
 from hooked_attn.architectures.parsers import ACTIVATIONS  # noqa: F401  (re-exported: the families import it from here)
 from hooked_attn.config import ModelConfig
+from hooked_attn.shapes import StateDict
 
 
 
@@ -127,12 +131,142 @@ def pop_linear_mlp(
 
 
 def pop_lm_head(
-    src: KeyLedger, embed: Float[Tensor, "d_vocab d_model"], tied: bool, key: str = "lm_head.weight"
+    src: KeyLedger, embed: Float[Tensor, "d_vocab d_model"], tied: bool,
+    keys: Iterable[str] = ("lm_head.weight",),
 ) -> Float[Tensor, "d_vocab d_model"]:
-    """The lm_head weight, or the token embedding when the config ties them and the key is absent."""
-    lm_head = src.pop_optional(key, tuple(embed.shape))
-    if lm_head is None:
-        if not tied:
-            src.pop(key)  # raises: untied weights must be present
-        lm_head = embed
-    return lm_head
+    """The lm_head weight (under the first of ``keys`` present), or the token embedding when the config
+    ties them and the checkpoint omits it.
+
+    A tied config whose checkpoint *stores* an lm_head different from the embedding gets the stored one,
+    as transformers 5 loads it: ``PreTrainedModel.tie_weights`` (modeling_utils.py) finds both keys in the
+    checkpoint with different values, warns, and does NOT tie them.
+    """
+    keys = tuple(keys)
+    for key in keys:
+        lm_head = src.pop_optional(key, tuple(embed.shape))
+        if lm_head is not None:
+            return lm_head
+    if not tied:
+        src.pop(keys[0])  # raises: untied weights must be present
+    return embed
+
+
+def pop_unembed(
+    src: KeyLedger, embed: Float[Tensor, "d_vocab d_model"], tied: bool, *,
+    keys: Iterable[str] = ("lm_head.weight",), bias: str | None = None,
+) -> dict[str, Tensor]:
+    """``unembed.W_U`` from :func:`pop_lm_head` and ``unembed.b_U``: the bias at ``bias`` (never tied,
+    always present when named), else zeros (an lm_head with bias=False)."""
+    lm_head = pop_lm_head(src, embed, tied, keys)
+    b_u = zeros(embed, embed.shape[0]) if bias is None else src.pop(bias, (embed.shape[0],))
+    return {"unembed.W_U": lm_head.T, "unembed.b_U": b_u}
+
+
+def pop_norm(src: KeyLedger, hf_norm: str, ours: str, width: int, *, bias: bool = False) -> dict[str, Tensor]:
+    """``{ours}.w`` (and ``{ours}.b`` with ``bias``) from ``{hf_norm}.weight`` (and ``.bias``)."""
+    out = {f"{ours}.w": src.pop(f"{hf_norm}.weight", (width,))}
+    if bias:
+        out[f"{ours}.b"] = src.pop(f"{hf_norm}.bias", (width,))
+    return out
+
+
+LLAMA_NORMS: Mapping[str, str] = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+"""LLaMA's block norms: ours -> the HF module under the layer (post_attention_layernorm: the pre-MLP norm)."""
+
+
+SHARED_NORM: Mapping[str, str] = {"ln1": "input_layernorm", "ln2": "input_layernorm"}
+"""A parallel block's ONE norm, read by attention and MLP: ours gives the same weights to ln1 and ln2."""
+
+GPT2_NORMS: Mapping[str, str] = {"ln1": "ln_1", "ln2": "ln_2"}
+"""GPT-2's block norms (also GPT-Neo and BigCode)."""
+
+GPT2_FRAME: Mapping[str, Any] = {"embed": "transformer.wte.weight", "layers": "transformer.h",
+                                 "final_norm": "transformer.ln_f", "norm_bias": True}
+""":func:`convert_decoder`'s keys for GPT-2's layout (also GPT-Neo, GPT-J and BigCode)."""
+
+FALCON_FRAME: Mapping[str, Any] = {"embed": "transformer.word_embeddings.weight", "layers": "transformer.h",
+                                   "final_norm": "transformer.ln_f", "norm_bias": True}
+""":func:`convert_decoder`'s keys for BLOOM's layout (also Falcon's)."""
+
+
+def pop_learned_positions(
+    cfg: ModelConfig, key: str = "transformer.wpe.weight"
+) -> Callable[[KeyLedger, Tensor], dict[str, Tensor]]:
+    """For :func:`convert_decoder`'s ``extra``: ``pos_embed.W_pos`` [n_ctx d_model] from ``key``."""
+    return lambda src, w_e: {"pos_embed.W_pos": src.pop(key, (cfg.n_ctx, cfg.d_model))}
+
+
+def pop_norms(
+    src: KeyLedger, hf_layer: str, ours: str, width: int, names: Mapping[str, str] = LLAMA_NORMS, *,
+    bias: bool = False,
+) -> dict[str, Tensor]:
+    """The block norms ``names`` maps (our ``ln1``/``ln2``/``ln1_post``/``ln2_post`` -> the HF module
+    under ``hf_layer``). One HF norm named for two of ours (a parallel block's single norm) gives both
+    the same tensors; the ledger counts it once."""
+    out: dict[str, Tensor] = {}
+    for our_norm, hf_norm in names.items():
+        out |= pop_norm(src, f"{hf_layer}.{hf_norm}", f"{ours}.{our_norm}", width, bias=bias)
+    return out
+
+
+def pop_llama_layer(
+    src: KeyLedger, hf_layer: str, ours: str, cfg: ModelConfig, like: Tensor, *,
+    norms: Mapping[str, str] = LLAMA_NORMS, attn_bias: BiasRule = "none", o_bias: BiasRule | None = None,
+    mlp_bias: BiasRule = "none",
+) -> dict[str, Tensor]:
+    """One LLaMA-shaped decoder layer: RMS norms without bias (``names`` as in :func:`pop_norms`),
+    q/k/v/o_proj under ``self_attn`` (:func:`pop_attention`) and gate/up/down_proj under ``mlp``."""
+    return (pop_norms(src, hf_layer, ours, cfg.d_model, norms)
+            | pop_attention(src, f"{hf_layer}.self_attn", ours, cfg, like, bias=attn_bias, o_bias=o_bias)
+            | pop_gated_mlp(src, f"{hf_layer}.mlp", ours, cfg, like, bias=mlp_bias))
+
+
+def qkv_per_head(
+    w: Float[Tensor, "n_qkv d_model"], b: Float[Tensor, " n_qkv"], ours: str, n_heads: int
+) -> dict[str, Tensor]:
+    """W/b_Q, K, V under ``{ours}.attn`` from a fused nn.Linear whose rows are ordered
+    (head, qkv, d_head): each head's query, key and value rows together (GPT-NeoX, BLOOM, multi-head
+    Falcon and BigCode), unlike GPT-2's (qkv, head, d_head)."""
+    w_sites = einops.rearrange(w, "(head qkv d_head) d_model -> qkv head d_model d_head", qkv=3, head=n_heads)
+    b_sites = einops.rearrange(b, "(head qkv d_head) -> qkv head d_head", qkv=3, head=n_heads)
+    out = {}
+    for j, site in enumerate("QKV"):
+        out[f"{ours}.attn.W_{site}"] = w_sites[j]
+        out[f"{ours}.attn.b_{site}"] = b_sites[j]
+    return out
+
+
+def rotary_buffer_keys(prefix: str = "model", attn: str = "layers.*.self_attn") -> tuple[str, str]:
+    """The rotary ``inv_freq`` buffers, per layer and per model: non-persistent (rebuilt from the config),
+    but older checkpoints still carry them. Globs for :meth:`KeyLedger.finish`."""
+    return (f"{prefix}.{attn}.rotary_emb.inv_freq", f"{prefix}.rotary_emb.inv_freq")
+
+
+LayerConverter = Callable[[KeyLedger, str, str, Tensor], dict[str, Tensor]]
+"""``(src, hf_layer, ours, w_e) -> weights``: one decoder layer, ``hf_layer`` the HF prefix
+(``model.layers.3``), ``ours`` ours (``blocks.3``), ``w_e`` the token embedding (for dtype/device)."""
+
+
+def convert_decoder(
+    hf_sd: StateDict, cfg: ModelConfig, arch: str, layer: LayerConverter, *, tied: bool,
+    embed: str = "model.embed_tokens.weight", layers: str = "model.layers",
+    final_norm: str | None = "model.norm", norm_bias: bool = False,
+    lm_head: Iterable[str] = ("lm_head.weight",), lm_head_bias: str | None = None,
+    extra: Callable[[KeyLedger, Tensor], dict[str, Tensor]] | None = None, ignore: Iterable[str] = (),
+) -> dict[str, Tensor]:
+    """The converter frame: ``embed.W_E`` from ``embed``; ``extra(src, w_e)`` (positions, an embedding
+    norm); ``layer`` for each of ``layers.{i}``; ``ln_final`` from ``final_norm`` (None: a norm without
+    parameters); the unembedding (:func:`pop_unembed`); then every HF key not matched by ``ignore`` must
+    have been used (:meth:`KeyLedger.finish`)."""
+    src = KeyLedger(hf_sd, arch)
+    w_e = src.pop(embed, (cfg.d_vocab, cfg.d_model))
+    out = {"embed.W_E": w_e}
+    if extra is not None:
+        out |= extra(src, w_e)
+    for i in range(cfg.n_layers):
+        out |= layer(src, f"{layers}.{i}", f"blocks.{i}", w_e)
+    if final_norm is not None:
+        out |= pop_norm(src, final_norm, "ln_final", cfg.d_model, bias=norm_bias)
+    out |= pop_unembed(src, w_e, tied, keys=lm_head, bias=lm_head_bias)
+    src.finish(ignore=ignore)
+    return out

@@ -7,7 +7,10 @@ from transformers import FalconConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    ACTIVATIONS, FALCON_FRAME, LLAMA_NORMS, SHARED_NORM, bias_rule, convert_decoder, heads_out, pop_bias,
+    pop_norms,
+)
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import Alibi, ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
@@ -121,53 +124,42 @@ def _split_qkv(w: Tensor, hf: FalconConfig, cfg: ModelConfig) -> tuple[Tensor, T
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: FalconConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
-    w_e = src.pop("transformer.word_embeddings.weight", (v, m))
-    out = {"embed.W_E": w_e}
+    h, kv, d, m, f = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
     _, parallel, n_ln = _layout(hf)
+    if parallel and n_ln == 1:
+        # ONE norm, input_layernorm, read by attention and MLP (FalconDecoderLayer.forward). Our
+        # parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
+        # weights go into both: identical outputs, and weight processing folds each copy into its reader.
+        norms = SHARED_NORM
+    elif parallel:
+        norms = {"ln1": "ln_attn", "ln2": "ln_mlp"}  # new_decoder_architecture's two parallel norms
+    else:
+        norms = LLAMA_NORMS
+    # bias=False drops every FalconLinear bias: query_key_value, dense and both MLP projections.
+    bias = bias_rule(hf.bias)
 
-    def bias(key: str, n: int) -> Tensor:
-        # bias=False drops every FalconLinear bias: query_key_value, dense and both MLP projections.
-        b = src.pop(key, (n,)) if hf.bias else None
-        return zeros(w_e, n) if b is None else b
-
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
-        if parallel and n_ln == 1:
-            # ONE norm, input_layernorm, read by attention and MLP (FalconDecoderLayer.forward). Our
-            # parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
-            # weights go into both: identical outputs, and weight processing folds each copy into its reader.
-            names = ("input_layernorm", "input_layernorm")
-        elif parallel:
-            names = ("ln_attn", "ln_mlp")  # new_decoder_architecture's two parallel norms
-        else:
-            names = ("input_layernorm", "post_attention_layernorm")
-        for hf_ln, our_ln in zip(names, ("ln1", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, norms, bias=True)
         # FalconLinear computes x @ W.T (+ b): weights are nn.Linear's [out, in].
         n_rows = (h + 2 * kv) * d
         w_q, w_k, w_v = _split_qkv(src.pop(f"{hf_i}.self_attention.query_key_value.weight", (n_rows, m)), hf, cfg)
-        b_q, b_k, b_v = _split_qkv(bias(f"{hf_i}.self_attention.query_key_value.bias", n_rows), hf, cfg)
+        b_qkv = pop_bias(src, f"{hf_i}.self_attention.query_key_value.bias", (n_rows,), w_e, bias)
+        b_q, b_k, b_v = _split_qkv(b_qkv, hf, cfg)
         for site, w, b in (("Q", w_q, b_q), ("K", w_k, b_k), ("V", w_v, b_v)):
             out[f"{ours}.attn.W_{site}"] = einops.rearrange(w, "head d_head d_model -> head d_model d_head")
             out[f"{ours}.attn.b_{site}"] = b
-        w_o = src.pop(f"{hf_i}.self_attention.dense.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = einops.rearrange(w_o, "d_model (head d_head) -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = bias(f"{hf_i}.self_attention.dense.bias", m)
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.dense_h_to_4h.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = bias(f"{hf_i}.mlp.dense_h_to_4h.bias", f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.dense_4h_to_h.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = bias(f"{hf_i}.mlp.dense_4h_to_h.bias", m)
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.self_attention.dense.weight", (m, h * d)), d)
+        out[f"{ours}.attn.b_O"] = pop_bias(src, f"{hf_i}.self_attention.dense.bias", (m,), w_e, bias)
+        return out | {
+            f"{ours}.mlp.W_in": src.pop(f"{hf_i}.mlp.dense_h_to_4h.weight", (f, m)).T,
+            f"{ours}.mlp.b_in": pop_bias(src, f"{hf_i}.mlp.dense_h_to_4h.bias", (f,), w_e, bias),
+            f"{ours}.mlp.W_out": src.pop(f"{hf_i}.mlp.dense_4h_to_h.weight", (m, f)).T,
+            f"{ours}.mlp.b_out": pop_bias(src, f"{hf_i}.mlp.dense_4h_to_h.bias", (m,), w_e, bias),
+        }
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(lm_head, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, **FALCON_FRAME,
+                           ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, FalconConfig]:

@@ -2,12 +2,16 @@
 (``GemmaForCausalLM``); also holds the Gemma layout helpers that gemma2.py and gemma3.py reuse."""
 
 
+from collections.abc import Mapping
+
 from torch import Tensor
 from transformers import GemmaConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    LLAMA_NORMS, bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys,
+)
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ActFn, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -23,7 +27,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 # gelu_pytorch_tanh (all Gemma checkpoints; GemmaConfig.__post_init__ rewrites the legacy "gelu" to it)
 # is F.gelu(approximate="tanh"), which is our "gelu_new".
 
@@ -90,43 +94,34 @@ def config_from_hf(hf: GemmaConfig) -> ModelConfig:
     )
 
 
-def convert_attention_and_mlp(
-    src: KeyLedger, hf_i: str, ours: str, cfg: ModelConfig, attention_bias: bool, like: Tensor
+SANDWICH_NORMS = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
+                  "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+"""Gemma 2 and 3's four block norms (ours -> HF): a norm before and after attention and the MLP."""
+
+
+def pop_gemma_layer(
+    src: KeyLedger, hf_i: str, ours: str, cfg: ModelConfig, attention_bias: bool, like: Tensor,
+    norms: Mapping[str, str],
 ) -> dict[str, Tensor]:
-    """The q/k/v/o projections and the gated MLP of one Gemma (1, 2 or 3) decoder layer; the zero
-    biases the family lacks take ``like``'s dtype and device."""
+    """The ``norms`` (ours -> HF), the q/k/v/o projections and the gated MLP of one Gemma (1, 2 or 3)
+    decoder layer; the zero biases the family lacks take ``like``'s dtype and device."""
     # d_head = config.head_dim, which need not be hidden_size // num_attention_heads. All four
     # projections have bias=config.attention_bias; with none, a stray bias key is refused.
-    out = pop_attention(src, f"{hf_i}.self_attn", ours, cfg, like, bias=bias_rule(attention_bias))
     # GemmaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-    return out | pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, like)
-
-
-def convert_unembed(src: KeyLedger, w_e: Tensor, cfg: ModelConfig, tied: bool) -> dict[str, Tensor]:
-    """``W_U`` from ``lm_head.weight``, or, in a tied checkpoint that omits it, from the token embedding.
-
-    The tie is to ``embed_tokens.weight`` itself, the *unscaled* table (the sqrt(d_model) factor is
-    applied in GemmaTextScaledWordEmbedding.forward, not stored), so ``W_U = W_E^T`` exactly.
-    """
-    return {"unembed.W_U": pop_lm_head(src, w_e, tied).T, "unembed.b_U": zeros(w_e, cfg.d_vocab)}  # bias=False
+    return pop_llama_layer(src, hf_i, ours, cfg, like, norms=norms, attn_bias=bias_rule(attention_bias))
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GemmaConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m = cfg.d_model
-    # The unscaled table: hook_embed sees it times embed_scale, as HF's inputs_embeds.
-    w_e = src.pop("model.embed_tokens.weight", (cfg.d_vocab, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        # GemmaRMSNorm weights are stored as w, applied as (1 + w) (gemma_norm).
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))  # the pre-MLP norm
-        out |= convert_attention_and_mlp(src, hf_i, ours, cfg, hf.attention_bias, like=w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out |= convert_unembed(src, w_e, cfg, hf.tie_word_embeddings)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        # GemmaRMSNorm weights are stored as w, applied as (1 + w) (gemma_norm); post_attention_layernorm
+        # is the pre-MLP norm here (LLAMA_NORMS).
+        return pop_gemma_layer(src, hf_i, ours, cfg, hf.attention_bias, w_e, LLAMA_NORMS)
+
+    # embed.W_E is the unscaled table: hook_embed sees it times embed_scale, as HF's inputs_embeds.
+    # The tie is to embed_tokens.weight itself, the *unscaled* table (the sqrt(d_model) factor is
+    # applied in GemmaTextScaledWordEmbedding.forward, not stored), so W_U = W_E^T exactly; a tied
+    # checkpoint may omit lm_head.weight (bias=False).
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GemmaConfig]:

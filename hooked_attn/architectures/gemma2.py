@@ -7,8 +7,9 @@ from transformers import Gemma2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import convert_decoder, rotary_buffer_keys
 from hooked_attn.architectures.gemma import (
-    check_activation, check_causal, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
+    check_activation, check_causal, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig
@@ -26,7 +27,7 @@ HANDLED_HF_FIELDS = frozenset({
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def layer_windows(arch: str, layer_types: list[str], sliding_window: int | None) -> tuple[int | None, ...]:
@@ -75,23 +76,13 @@ def config_from_hf(hf: Gemma2Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Gemma2Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m = cfg.d_model
-    w_e = src.pop("model.embed_tokens.weight", (cfg.d_vocab, m))  # unscaled; embed_scale applies in forward
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Naming trap: in Gemma 2, post_attention_layernorm is the norm ON the attention output (our
         # ln1_post), not the pre-MLP norm it is in LLaMA/Gemma; the pre-MLP norm is pre_feedforward_layernorm.
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln1_post.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.pre_feedforward_layernorm.weight", (m,))
-        out[f"{ours}.ln2_post.w"] = src.pop(f"{hf_i}.post_feedforward_layernorm.weight", (m,))
-        out |= convert_attention_and_mlp(src, hf_i, ours, cfg, hf.attention_bias, like=w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out |= convert_unembed(src, w_e, cfg, hf.tie_word_embeddings)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+        return pop_gemma_layer(src, hf_i, ours, cfg, hf.attention_bias, w_e, SANDWICH_NORMS)
+
+    # W_E unscaled (embed_scale applies in forward); the tie as in gemma.py.
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Gemma2Config]:

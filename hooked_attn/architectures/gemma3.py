@@ -10,8 +10,9 @@ from transformers import Gemma3TextConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.common import convert_decoder
 from hooked_attn.architectures.gemma import (
-    check_activation, convert_attention_and_mlp, convert_unembed, embed_scale, gemma_norm,
+    check_activation, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
 from hooked_attn.architectures.gemma2 import layer_windows
 from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
@@ -103,28 +104,19 @@ def config_from_hf(hf: Gemma3TextConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Gemma3TextConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, d = cfg.d_model, cfg.d_head
-    w_e = src.pop("model.embed_tokens.weight", (cfg.d_vocab, m))  # unscaled; embed_scale applies in forward
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # As in Gemma 2, post_attention_layernorm is the norm on the attention output (ln1_post) and
         # pre_feedforward_layernorm the pre-MLP norm (ln2).
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln1_post.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.pre_feedforward_layernorm.weight", (m,))
-        out[f"{ours}.ln2_post.w"] = src.pop(f"{hf_i}.post_feedforward_layernorm.weight", (m,))
+        out = pop_gemma_layer(src, hf_i, ours, cfg, hf.attention_bias, w_e, SANDWICH_NORMS)
         # HF's q_norm/k_norm hold one [d_head] gain shared by every head; ours are per head
         # [head d_head] (QKNorm's layout, which also fits OLMo-2 and Cohere), so it is repeated.
         for name, n in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
-            w = src.pop(f"{hf_i}.self_attn.{name}.weight", (d,))
+            w = src.pop(f"{hf_i}.self_attn.{name}.weight", (cfg.d_head,))
             out[f"{ours}.attn.{name}.w"] = einops.repeat(w, "d_head -> head d_head", head=n)
-        out |= convert_attention_and_mlp(src, hf_i, ours, cfg, hf.attention_bias, like=w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out |= convert_unembed(src, w_e, cfg, hf.tie_word_embeddings)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+        return out
+
+    # W_E unscaled (embed_scale applies in forward); the tie as in gemma.py.
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Gemma3TextConfig]:

@@ -6,7 +6,9 @@ from transformers import GPT2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import ACTIVATIONS, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    ACTIVATIONS, GPT2_FRAME, GPT2_NORMS, convert_decoder, pop_learned_positions, pop_norms,
+)
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -42,15 +44,10 @@ def config_from_hf(hf: GPT2Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPT2Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, "GPT2LMHeadModel")
-    d, m, v, f = cfg.d_head, cfg.d_model, cfg.d_vocab, cfg.d_mlp
-    out = {"embed.W_E": src.pop("transformer.wte.weight", (v, m)),
-           "pos_embed.W_pos": src.pop("transformer.wpe.weight", (cfg.n_ctx, m))}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    d, m, f = cfg.d_head, cfg.d_model, cfg.d_mlp
+
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, GPT2_NORMS, bias=True)
         # Conv1D stores weights as [in, out] (x @ W), the transpose of nn.Linear; columns are
         # (qkv, head, d_head): all of Q, then all of K, then all of V.
         w_qkv = einops.rearrange(src.pop(f"{hf_i}.attn.c_attn.weight", (m, 3 * m)),
@@ -62,21 +59,20 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPT2Config) -> di
             # on its own, processing may overwrite it and the model adopts it, with no further copy.
             out[f"{ours}.attn.W_{site}"] = w_qkv[j].transpose(1, 2).contiguous().transpose(1, 2)
             out[f"{ours}.attn.b_{site}"] = b_qkv[j]
-        out[f"{ours}.attn.W_O"] = einops.rearrange(src.pop(f"{hf_i}.attn.c_proj.weight", (m, m)),
-                                                   "(head d_head) d_model -> head d_head d_model", d_head=d)
-        out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.attn.c_proj.bias", (m,))
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (m, f))
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.c_fc.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (f, m))
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.c_proj.bias", (m,))
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        return out | {
+            f"{ours}.attn.W_O": einops.rearrange(src.pop(f"{hf_i}.attn.c_proj.weight", (m, m)),
+                                                 "(head d_head) d_model -> head d_head d_model", d_head=d),
+            f"{ours}.attn.b_O": src.pop(f"{hf_i}.attn.c_proj.bias", (m,)),
+            # Conv1D again: the MLP weights are already our [in, out].
+            f"{ours}.mlp.W_in": src.pop(f"{hf_i}.mlp.c_fc.weight", (m, f)),
+            f"{ours}.mlp.b_in": src.pop(f"{hf_i}.mlp.c_fc.bias", (f,)),
+            f"{ours}.mlp.W_out": src.pop(f"{hf_i}.mlp.c_proj.weight", (f, m)),
+            f"{ours}.mlp.b_out": src.pop(f"{hf_i}.mlp.c_proj.bias", (m,)),
+        }
+
     # A tied checkpoint may omit lm_head.weight; it is then the token embedding.
-    lm_head = pop_lm_head(src, out["embed.W_E"], hf.tie_word_embeddings)
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(lm_head, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, "GPT2LMHeadModel", layer, tied=hf.tie_word_embeddings, **GPT2_FRAME,
+                           extra=pop_learned_positions(cfg), ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GPT2Config]:

@@ -7,7 +7,10 @@ from transformers import GPTBigCodeConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import heads_in, heads_out, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    GPT2_FRAME, GPT2_NORMS, convert_decoder, heads_in, heads_out, pop_learned_positions, pop_linear_mlp,
+    pop_norms, qkv_per_head,
+)
 from hooked_attn.architectures.parsers import ACTIVATIONS
 from hooked_attn.config import ActFn, LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -56,16 +59,11 @@ def config_from_hf(hf: GPTBigCodeConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTBigCodeConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
-    w_e = src.pop("transformer.wte.weight", (v, m))
-    out = {"embed.W_E": w_e, "pos_embed.W_pos": src.pop("transformer.wpe.weight", (cfg.n_ctx, m))}
+    h, kv, d, m, f = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
     n_qkv = (h + 2 * kv) * d
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, GPT2_NORMS, bias=True)
         # c_attn is an nn.Linear (weight [out, in]), not GPT-2's Conv1D. Its output rows are laid out
         # differently in the two attention modes (GPTBigCodeAttention.forward):
         w_qkv = src.pop(f"{hf_i}.attn.c_attn.weight", (n_qkv, m))
@@ -81,27 +79,15 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTBigCodeConfig)
         else:
             # `.view(*hidden_states.shape[:2], self.num_heads, 3 * self.head_dim).split(3 * [self.head_dim],
             # dim=3)`: per head, its q, k and v (NeoX's order), unlike GPT-2's (qkv head d_head).
-            w_sites = einops.rearrange(w_qkv, "(head qkv d_head) d_model -> qkv head d_model d_head", qkv=3, d_head=d)
-            b_sites = einops.rearrange(b_qkv, "(head qkv d_head) -> qkv head d_head", qkv=3, d_head=d)
-            for j, site in enumerate("QKV"):
-                out[f"{ours}.attn.W_{site}"] = w_sites[j]
-                out[f"{ours}.attn.b_{site}"] = b_sites[j]
-        w_o = src.pop(f"{hf_i}.attn.c_proj.weight", (m, h * d))
-        out[f"{ours}.attn.W_O"] = heads_out(w_o, d)
+            out |= qkv_per_head(w_qkv, b_qkv, ours, h)
+        out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.attn.c_proj.weight", (m, h * d)), d)
         out[f"{ours}.attn.b_O"] = src.pop(f"{hf_i}.attn.c_proj.bias", (m,))
         # GPTBigCodeMLP: c_fc and c_proj are nn.Linear too, so transpose to our [in, out].
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = src.pop(f"{hf_i}.mlp.c_fc.bias", (f,))
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = src.pop(f"{hf_i}.mlp.c_proj.bias", (m,))
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("c_fc", "c_proj"))
+
     # GPTBigCodeForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(lm_head, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, **GPT2_FRAME,
+                           extra=pop_learned_positions(cfg), ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GPTBigCodeConfig]:

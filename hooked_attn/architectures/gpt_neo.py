@@ -5,7 +5,10 @@ from transformers import GPTNeoConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import ACTIVATIONS, pop_attention, pop_linear_mlp, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    ACTIVATIONS, GPT2_FRAME, GPT2_NORMS, convert_decoder, pop_attention, pop_learned_positions,
+    pop_linear_mlp, pop_norms,
+)
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -65,28 +68,18 @@ def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("transformer.wte.weight", (v, m))
-    out = {"embed.W_E": w_e, "pos_embed.W_pos": src.pop("transformer.wpe.weight", (cfg.n_ctx, m))}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, cfg.d_model, GPT2_NORMS, bias=True)
         # The attention sits one level deeper than GPT-2's (GPTNeoAttention wraps GPTNeoSelfAttention
         # as .attention). q/k/v are separate nn.Linear [out, in] with bias=False; out_proj has a bias.
         out |= pop_attention(src, f"{hf_i}.attn.attention", ours, cfg, w_e, o_bias="required",
                              names=("q_proj", "k_proj", "v_proj", "out_proj"))
         # GPTNeoMLP uses nn.Linear (not GPT-2's Conv1D): weights are [out, in].
-        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("c_fc", "c_proj"))
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("c_fc", "c_proj"))
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, **GPT2_FRAME,
+                           extra=pop_learned_positions(cfg), ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GPTNeoConfig]:

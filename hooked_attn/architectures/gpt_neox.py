@@ -1,12 +1,13 @@
 """GPT-NeoX family (Pythia, GPT-NeoX-20B). Mirrors transformers/models/gpt_neox/modeling_gpt_neox.py."""
 
-import einops
 from torch import Tensor
 from transformers import GPTNeoXConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import heads_out, pop_linear_mlp, zeros
+from hooked_attn.architectures.common import (
+    bias_rule, convert_decoder, heads_out, pop_bias, pop_linear_mlp, pop_norms, qkv_per_head,
+)
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ActFn, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -70,49 +71,29 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTNeoXConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, d, m, v = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("gpt_neox.embed_in.weight", (v, m))
-    out = {"embed.W_E": w_e}
+    h, d, m = cfg.n_heads, cfg.d_head, cfg.d_model
+    # attention_bias=False drops both query_key_value.bias and dense.bias (GPTNeoXAttention.__init__).
+    bias = bias_rule(hf.attention_bias)
 
-    def bias_or_zeros(key: str, shape: tuple[int, ...]) -> Tensor:
-        # attention_bias=False drops both query_key_value.bias and dense.bias (GPTNeoXAttention.__init__).
-        b = src.pop(key, shape) if hf.attention_bias else None
-        return zeros(w_e, *shape) if b is None else b
-
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"gpt_neox.layers.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, bias=True)
         # NeoX fuses QKV per head: GPTNeoXAttention.forward views the output as (head, 3 * d_head) and
         # chunks the last axis, so rows are ordered (head, qkv, d_head), unlike GPT-2's (qkv, head, d_head).
-        w_q, w_k, w_v = einops.rearrange(src.pop(f"{hf_i}.attention.query_key_value.weight", (3 * m, m)),
-                                         "(head qkv d_head) d_model -> qkv head d_model d_head", qkv=3, head=h)
-        b_q, b_k, b_v = einops.rearrange(bias_or_zeros(f"{hf_i}.attention.query_key_value.bias", (3 * m,)),
-                                         "(head qkv d_head) -> qkv head d_head", qkv=3, head=h)
-        for site, w, b in (("Q", w_q, b_q), ("K", w_k, b_k), ("V", w_v, b_v)):
-            out[f"{ours}.attn.W_{site}"] = w
-            out[f"{ours}.attn.b_{site}"] = b
+        w_qkv = src.pop(f"{hf_i}.attention.query_key_value.weight", (3 * m, m))
+        b_qkv = pop_bias(src, f"{hf_i}.attention.query_key_value.bias", (3 * m,), w_e, bias)
+        out |= qkv_per_head(w_qkv, b_qkv, ours, h)
         # nn.Linear weights are [out, in]; dense reads the merged (head d_head) axis.
         out[f"{ours}.attn.W_O"] = heads_out(src.pop(f"{hf_i}.attention.dense.weight", (m, h * d)), d)
-        out[f"{ours}.attn.b_O"] = bias_or_zeros(f"{hf_i}.attention.dense.bias", (m,))
-        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
-    out["ln_final.w"] = src.pop("gpt_neox.final_layer_norm.weight", (m,))
-    out["ln_final.b"] = src.pop("gpt_neox.final_layer_norm.bias", (m,))
+        out[f"{ours}.attn.b_O"] = pop_bias(src, f"{hf_i}.attention.dense.bias", (m,), w_e, bias)
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("dense_h_to_4h", "dense_4h_to_h"))
+
     # Hub checkpoints (Pythia) name the unembedding embed_out; transformers renames it to lm_head on
     # load (conversion_mapping.py). A tied checkpoint may omit it: it is then the token embedding.
-    lm_head = src.pop_optional("lm_head.weight", (v, m))
-    if lm_head is None:
-        lm_head = src.pop_optional("embed_out.weight", (v, m))
-    if lm_head is None:
-        if not hf.tie_word_embeddings:
-            src.pop("lm_head.weight")  # raises: untied weights must be present
-        lm_head = w_e
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(lm_head, v)  # lm_head has bias=False
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    # lm_head has bias=False.
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings,
+                           embed="gpt_neox.embed_in.weight", layers="gpt_neox.layers",
+                           final_norm="gpt_neox.final_layer_norm", norm_bias=True,
+                           lm_head=("lm_head.weight", "embed_out.weight"), ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GPTNeoXConfig]:

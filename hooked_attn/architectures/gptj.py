@@ -5,7 +5,9 @@ from transformers import GPTJConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import ACTIVATIONS, pop_attention, pop_linear_mlp, pop_lm_head
+from hooked_attn.architectures.common import (
+    ACTIVATIONS, GPT2_FRAME, convert_decoder, pop_attention, pop_linear_mlp, pop_norms,
+)
 from hooked_attn.config import ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
 
@@ -54,30 +56,19 @@ def config_from_hf(hf: GPTJConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GPTJConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("transformer.wte.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"transformer.h.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # GPT-J has ONE norm per block, ln_1, read by both attention and MLP (GPTJBlock.forward). Our
         # parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
         # weights go into both: identical outputs, and weight processing folds each copy into its reader.
-        ln_w = src.pop(f"{hf_i}.ln_1.weight", (m,))
-        ln_b = src.pop(f"{hf_i}.ln_1.bias", (m,))
-        for our_ln in ("ln1", "ln2"):
-            out[f"{ours}.{our_ln}.w"], out[f"{ours}.{our_ln}.b"] = ln_w, ln_b
+        out = pop_norms(src, hf_i, ours, cfg.d_model, {"ln1": "ln_1", "ln2": "ln_1"}, bias=True)
         # Separate q/k/v/out projections, all bias=False (GPTJAttention.__init__).
         out |= pop_attention(src, f"{hf_i}.attn", ours, cfg, w_e, names=("q_proj", "k_proj", "v_proj", "out_proj"))
-        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc_in", "fc_out"))
-    out["ln_final.w"] = src.pop("transformer.ln_f.weight", (m,))
-    out["ln_final.b"] = src.pop("transformer.ln_f.bias", (m,))
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc_in", "fc_out"))
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head.bias is
     # never tied and always present (GPTJForCausalLM: nn.Linear(n_embd, vocab_size) with bias).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = src.pop("lm_head.bias", (v,))
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, **GPT2_FRAME,
+                           lm_head_bias="lm_head.bias", ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, GPTJConfig]:

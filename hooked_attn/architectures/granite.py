@@ -8,13 +8,7 @@ from transformers import GraniteConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -35,7 +29,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: GraniteConfig) -> ModelConfig:
@@ -59,39 +53,28 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: GraniteConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
     residual = float(hf.residual_multiplier)
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    # GraniteModel.forward: `inputs_embeds = inputs_embeds * self.embedding_multiplier`.
-    out = {"embed.W_E": _scaled(w_e, float(hf.embedding_multiplier))}
 
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # GraniteAttention: all four projections have bias=config.attention_bias; zeros otherwise. When
         # the config has none, a stray bias key is left over and finish() refuses it.
-        attn = pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
+        # GraniteMLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with bias=config.mlp_bias.
+        out = pop_llama_layer(src, hf_i, ours, cfg, w_e, attn_bias=bias_rule(hf.attention_bias),
+                              mlp_bias=bias_rule(hf.mlp_bias))
         # GraniteDecoderLayer.forward: `hidden_states = residual + hidden_states * self.residual_multiplier`
-        # after self_attn, whose output is o_proj(...) bias included: scale W_O and b_O.
-        for key in (f"{ours}.attn.W_O", f"{ours}.attn.b_O"):
-            attn[key] = _scaled(attn[key], residual)
-        out |= attn
-        # GraniteMLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with bias=config.mlp_bias;
-        # the same residual_multiplier line after the MLP scales down_proj's output, bias included.
-        mlp = pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
-        for key in (f"{ours}.mlp.W_out", f"{ours}.mlp.b_out"):
-            mlp[key] = _scaled(mlp[key], residual)
-        out |= mlp
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        # after self_attn, whose output is o_proj(...) bias included: scale W_O and b_O; the same line
+        # after the MLP scales down_proj's output, bias included.
+        for key in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):
+            out[f"{ours}.{key}"] = _scaled(out[f"{ours}.{key}"], residual)
+        return out
+
     # GraniteForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight; it is then the
     # raw embedding matrix, before embedding_multiplier (that multiplies activations, not the weight).
-    lm_head = pop_lm_head(src, w_e, hf.tie_word_embeddings)
+    out = convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
+    # GraniteModel.forward: `inputs_embeds = inputs_embeds * self.embedding_multiplier`.
+    out["embed.W_E"] = _scaled(out["embed.W_E"], float(hf.embedding_multiplier))
     # GraniteForCausalLM.forward: `logits = logits / self.config.logits_scaling` (lm_head has no bias).
-    out["unembed.W_U"] = _scaled(lm_head.T, 1.0 / float(hf.logits_scaling))
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
+    out["unembed.W_U"] = _scaled(out["unembed.W_U"], 1.0 / float(hf.logits_scaling))
     return out
 
 

@@ -7,12 +7,7 @@ from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.common import (
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -27,7 +22,6 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     "pretraining_tp",     # transformers 5 no longer splits the matmuls; the result does not depend on it
 })
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
 def config_from_hf(hf: LlamaConfig) -> ModelConfig:
     if hf.hidden_act not in ACTIVATIONS:
         raise UnsupportedConfigError(f"LlamaForCausalLM: hidden_act={hf.hidden_act!r} is not supported")
@@ -43,23 +37,14 @@ def config_from_hf(hf: LlamaConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: LlamaConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, "LlamaForCausalLM")
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Biases are present only with attention_bias; zeros otherwise (our layout always has biases).
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="optional")
         # LlamaMLP: down_proj(act(gate_proj(x)) * up_proj(x)); all three have bias=config.mlp_bias.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+        return pop_llama_layer(src, hf_i, ours, cfg, w_e, attn_bias="optional",
+                               mlp_bias=bias_rule(hf.mlp_bias))
+
+    # A tied checkpoint may omit lm_head.weight (bias=False): W_U is then the token embedding.
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=rotary_buffer_keys())
 
 
 def tiny_hf_configs() -> dict[str, LlamaConfig]:

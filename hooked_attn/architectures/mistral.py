@@ -8,12 +8,7 @@ from transformers import MistralConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import (  # full_head_rotary, windows_from_layer_types: re-exported
     ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types,
@@ -32,7 +27,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: MistralConfig) -> ModelConfig:
@@ -61,24 +56,13 @@ def config_from_hf(hf: MistralConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: MistralConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        # MistralAttention: q/k/v/o_proj all have bias=False.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e)
-        # MistralMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        # MistralAttention: q/k/v/o_proj all have bias=False. MistralMLP: down_proj(act(gate_proj(x)) *
+        # up_proj(x)), no biases.
+        return pop_llama_layer(src, hf_i, ours, cfg, w_e)
+
     # MistralForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, MistralConfig]:

@@ -8,7 +8,9 @@ from transformers import MixtralConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import ACTIVATIONS, decoder_sizes, pop_attention, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    ACTIVATIONS, convert_decoder, decoder_sizes, pop_attention, pop_norms, rotary_buffer_keys,
+)
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, MoE, NormConfig
 from hooked_attn.shapes import StateDict
@@ -28,7 +30,7 @@ IGNORED_HF_FIELDS = frozenset({
     # at blocks.{i}.mlp.hook_router_logits.
     "output_router_logits", "router_aux_loss_coef",
 })
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: MixtralConfig) -> ModelConfig:
@@ -80,22 +82,13 @@ def _experts(src: KeyLedger, hf_i: str, cfg: ModelConfig) -> dict[str, Tensor]:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: MixtralConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # MixtralAttention: q/k/v/o_proj have no bias.
+        out = pop_norms(src, hf_i, ours, cfg.d_model)
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e)
-        out |= {f"{ours}.mlp.{k}": t for k, t in _experts(src, hf_i, cfg).items()}
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+        return out | {f"{ours}.mlp.{k}": t for k, t in _experts(src, hf_i, cfg).items()}
+
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, MixtralConfig]:

@@ -7,13 +7,7 @@ from transformers import OlmoConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -33,7 +27,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 # OlmoLayerNorm.forward: F.layer_norm(x.float(), ..., None, None, eps=1e-5), a constant, not a config field.
 _NORM_EPS = 1e-5
 
@@ -62,24 +56,16 @@ def config_from_hf(hf: OlmoConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OlmoConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # input_layernorm / post_attention_layernorm / norm are OlmoLayerNorm: no parameters, no keys.
         # OlmoAttention: all four projections have bias=config.attention_bias; zeros otherwise. When the
         # config has none, a stray bias key is left over and finish() refuses it.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
         # OlmoMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
+        return pop_llama_layer(src, hf_i, ours, cfg, w_e, norms={}, attn_bias=bias_rule(hf.attention_bias))
+
     # OlmoForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, final_norm=None,
+                           ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, OlmoConfig]:

@@ -9,7 +9,7 @@ from transformers import Olmo2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import bias_rule, pop_attention, pop_gated_mlp, pop_lm_head, zeros
+from hooked_attn.architectures.common import bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys
 from hooked_attn.architectures.parsers import (
     ACTIVATIONS, ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf,
 )
@@ -28,7 +28,7 @@ HANDLED_HF_FIELDS = frozenset({
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Olmo2Config) -> ModelConfig:
@@ -61,30 +61,21 @@ def config_from_hf(hf: Olmo2Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Olmo2Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Naming trap: post_attention_layernorm normalises the attention OUTPUT here (our ln1_post), not
         # the MLP input as in LLaMA; there is no input_layernorm.
-        out[f"{ours}.ln1_post.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-        out[f"{ours}.ln2_post.w"] = src.pop(f"{hf_i}.post_feedforward_layernorm.weight", (m,))
+        norms = {"ln1_post": "post_attention_layernorm", "ln2_post": "post_feedforward_layernorm"}
         # All four projections have bias=config.attention_bias; with none, a stray bias key is refused.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
-        # q_norm/k_norm gains cover the flat (head d_head) projection: the same order as the projection rows.
-        for name, n in (("q_norm", h), ("k_norm", kv)):
-            w = src.pop(f"{hf_i}.self_attn.{name}.weight", (n * d,))
-            out[f"{ours}.attn.{name}.w"] = einops.rearrange(w, "(head d_head) -> head d_head", d_head=d)
         # Olmo2MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        out = pop_llama_layer(src, hf_i, ours, cfg, w_e, norms=norms, attn_bias=bias_rule(hf.attention_bias))
+        # q_norm/k_norm gains cover the flat (head d_head) projection: the same order as the projection rows.
+        for name, n in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
+            w = src.pop(f"{hf_i}.self_attn.{name}.weight", (n * cfg.d_head,))
+            out[f"{ours}.attn.{name}.w"] = einops.rearrange(w, "(head d_head) -> head d_head", head=n)
+        return out
+
     # Olmo2ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Olmo2Config]:

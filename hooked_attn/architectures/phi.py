@@ -7,11 +7,7 @@ from transformers import PhiConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    decoder_sizes,
-    pop_attention,
-    pop_linear_mlp,
-    pop_lm_head,
+    ACTIVATIONS, SHARED_NORM, convert_decoder, decoder_sizes, pop_attention, pop_linear_mlp, pop_norms,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -67,19 +63,11 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Phi has ONE norm per block, input_layernorm, read by both attention and MLP (PhiDecoderLayer).
         # Our parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
         # weights go into both: identical outputs, and weight processing folds each copy into its reader.
-        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        ln_b = src.pop(f"{hf_i}.input_layernorm.bias", (m,))
-        for our_ln in ("ln1", "ln2"):
-            out[f"{ours}.{our_ln}.w"], out[f"{ours}.{our_ln}.b"] = ln_w, ln_b
+        out = pop_norms(src, hf_i, ours, cfg.d_model, SHARED_NORM, bias=True)
         # Separate q/k/v projections and a dense output projection, all with bias.
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="required",
                              names=("q_proj", "k_proj", "v_proj", "dense"))
@@ -91,15 +79,13 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: PhiConfig) -> dic
                     t = src.pop(f"{hf_i}.self_attn.{hf_norm}.{param}", (cfg.d_head,))
                     t = einops.repeat(t, "d_head -> head d_head", head=n)
                     out[f"{ours}.attn.{site}_norm.{ours_param}"] = t
-        out |= pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc1", "fc2"))
-    out["ln_final.w"] = src.pop("model.final_layernorm.weight", (m,))
-    out["ln_final.b"] = src.pop("model.final_layernorm.bias", (m,))
+        return out | pop_linear_mlp(src, f"{hf_i}.mlp", ours, cfg, ("fc1", "fc2"))
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head.bias is
     # never tied and always present (PhiForCausalLM: nn.Linear(..., bias=True)).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = src.pop("lm_head.bias", (v,))
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings,
+                           final_norm="model.final_layernorm", norm_bias=True, lm_head_bias="lm_head.bias",
+                           ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, PhiConfig]:

@@ -8,11 +8,7 @@ from transformers import Phi3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    decoder_sizes,
-    heads_in,
-    heads_out,
-    pop_lm_head,
+    ACTIVATIONS, convert_decoder, decoder_sizes, heads_in, heads_out, pop_norms, rotary_buffer_keys,
     zeros,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
@@ -49,7 +45,7 @@ IGNORED_HF_FIELDS = frozenset({
     "auto_map",
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Phi3Config) -> ModelConfig:
@@ -89,14 +85,10 @@ def config_from_hf(hf: Phi3Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, f, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    h, kv, d, m, f = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m)
         # Fused qkv_proj (bias=False): Phi3Attention.forward slices its output as
         # [:h*d] queries, [h*d : h*d + kv*d] keys, the rest values, each (head d_head). With GQA the
         # three blocks differ in size, so split by size first, then unflatten heads.
@@ -110,18 +102,15 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Phi3Config) -> di
         # the first d_mlp rows are the gate and the last d_mlp rows the up projection;
         # down_proj(up * act(gate)).
         w_gate, w_up = src.pop(f"{hf_i}.mlp.gate_up_proj.weight", (2 * f, m)).chunk(2, dim=0)
-        out[f"{ours}.mlp.W_gate"] = w_gate.T
-        out[f"{ours}.mlp.b_gate"] = zeros(w_e, f)
-        out[f"{ours}.mlp.W_in"] = w_up.T
-        out[f"{ours}.mlp.b_in"] = zeros(w_e, f)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = zeros(w_e, m)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        return out | {
+            f"{ours}.mlp.W_gate": w_gate.T, f"{ours}.mlp.b_gate": zeros(w_e, f),
+            f"{ours}.mlp.W_in": w_up.T, f"{ours}.mlp.b_in": zeros(w_e, f),
+            f"{ours}.mlp.W_out": src.pop(f"{hf_i}.mlp.down_proj.weight", (m, f)).T,
+            f"{ours}.mlp.b_out": zeros(w_e, m),
+        }
+
     # Phi3ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Phi3Config]:

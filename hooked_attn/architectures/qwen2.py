@@ -7,12 +7,7 @@ from transformers import Qwen2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.mistral import windows_from_layer_types
@@ -35,7 +30,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Qwen2Config) -> ModelConfig:
@@ -59,24 +54,13 @@ def config_from_hf(hf: Qwen2Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Qwen2Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Qwen2Attention: q/k/v_proj always have a bias (bias=True), o_proj never (bias=False).
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias="required", o_bias="none")
         # Qwen2MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        return pop_llama_layer(src, hf_i, ours, cfg, w_e, attn_bias="required", o_bias="none")
+
     # Qwen2ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight.
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Qwen2Config]:

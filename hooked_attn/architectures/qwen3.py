@@ -8,13 +8,7 @@ from transformers import Qwen3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -34,7 +28,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Qwen3Config) -> ModelConfig:
@@ -60,31 +54,20 @@ def config_from_hf(hf: Qwen3Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Qwen3Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # Qwen3Attention: all four projections have bias=config.attention_bias; zeros otherwise. When the
         # config has none, a stray bias key is left over and finish() refuses it.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
+        # Qwen3MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
+        out = pop_llama_layer(src, hf_i, ours, cfg, w_e, attn_bias=bias_rule(hf.attention_bias))
         # q_norm / k_norm hold ONE gain [head_dim] shared by every head (Qwen3RMSNorm(self.head_dim));
         # our per-head layout stores [head d_head], so the gain is repeated over heads.
-        for norm, n in (("q_norm", h), ("k_norm", kv)):
-            gain = src.pop(f"{hf_i}.self_attn.{norm}.weight", (d,))
+        for norm, n in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
+            gain = src.pop(f"{hf_i}.self_attn.{norm}.weight", (cfg.d_head,))
             out[f"{ours}.attn.{norm}.w"] = einops.repeat(gain, "d_head -> head d_head", head=n).contiguous()
-        # Qwen3MLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        return out
+
     # Qwen3ForCausalLM._tied_weights_keys: a tied checkpoint may omit lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Qwen3Config]:

@@ -7,13 +7,7 @@ from transformers import SmolLM3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
@@ -43,7 +37,7 @@ IGNORED_HF_FIELDS = frozenset({
     "max_window_layers", "pretraining_tp",
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
@@ -80,28 +74,17 @@ def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: SmolLM3Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, v = cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.ln1.w"] = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
         # SmolLM3Attention: all four projections have bias=config.attention_bias; zeros otherwise. When
         # the config has none, a stray bias key is left over and finish() refuses it. NoPE layers have
-        # the same keys.
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.attention_bias))
-        # SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with bias=config.mlp_bias.
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e, bias=bias_rule(hf.mlp_bias))
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
+        # the same keys. SmolLM3MLP: down_proj(act(gate_proj(x)) * up_proj(x)), all three with
+        # bias=config.mlp_bias.
+        return pop_llama_layer(src, hf_i, ours, cfg, w_e, attn_bias=bias_rule(hf.attention_bias),
+                               mlp_bias=bias_rule(hf.mlp_bias))
+
     # SmolLM3ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
     # lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, SmolLM3Config]:

@@ -7,12 +7,8 @@ from transformers import StableLmConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    pop_attention,
-    pop_gated_mlp,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, LLAMA_NORMS, SHARED_NORM, bias_rule, convert_decoder, pop_attention, pop_gated_mlp,
+    pop_norms,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, TRANSFORMERS_MAJOR, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -70,41 +66,28 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: StableLmConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    h, kv, d, m, v = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        ln_w = src.pop(f"{hf_i}.input_layernorm.weight", (m,))
-        ln_b = src.pop(f"{hf_i}.input_layernorm.bias", (m,))
-        out[f"{ours}.ln1.w"], out[f"{ours}.ln1.b"] = ln_w, ln_b
-        if cfg.parallel_attn_mlp:
-            # ONE norm, input_layernorm, read by attention and MLP (post_attention_layernorm is None).
-            # Our parallel block gives attention ln1 and the MLP ln2, both reading resid_pre, so the same
-            # weights go into both: identical outputs, and weight processing folds each copy into its reader.
-            out[f"{ours}.ln2.w"], out[f"{ours}.ln2.b"] = ln_w, ln_b
-        else:
-            out[f"{ours}.ln2.w"] = src.pop(f"{hf_i}.post_attention_layernorm.weight", (m,))
-            out[f"{ours}.ln2.b"] = src.pop(f"{hf_i}.post_attention_layernorm.bias", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        # With use_parallel_residual: ONE norm, input_layernorm, read by attention and MLP
+        # (post_attention_layernorm is None). Our parallel block gives attention ln1 and the MLP ln2, both
+        # reading resid_pre, so the same weights go into both: identical outputs, and weight processing
+        # folds each copy into its reader.
+        norms = SHARED_NORM if cfg.parallel_attn_mlp else LLAMA_NORMS
+        out = pop_norms(src, hf_i, ours, cfg.d_model, norms, bias=True)
         # Separate q/k/v projections; biases only with use_qkv_bias; o_proj never has one
         # (StableLmAttention.__init__).
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias_rule(hf.use_qkv_bias), o_bias="none")
         if cfg.qk_norm is not None:
             # q_layernorm.norms.{head} / k_layernorm.norms.{head}: one [d_head] weight per (K/V) head,
             # stacked into our per-head gains [head d_head].
-            for site, hf_norm, n in (("q", "q_layernorm", h), ("k", "k_layernorm", kv)):
+            for site, hf_norm, n in (("q", "q_layernorm", cfg.n_heads), ("k", "k_layernorm", cfg.n_kv_heads)):
                 out[f"{ours}.attn.{site}_norm.w"] = torch.stack(
-                    [src.pop(f"{hf_i}.self_attn.{hf_norm}.norms.{j}.weight", (d,)) for j in range(n)]
+                    [src.pop(f"{hf_i}.self_attn.{hf_norm}.norms.{j}.weight", (cfg.d_head,)) for j in range(n)]
                 )
-        out |= pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out["ln_final.b"] = src.pop("model.norm.bias", (m,))
+        return out | pop_gated_mlp(src, f"{hf_i}.mlp", ours, cfg, w_e)
+
     # A tied checkpoint may omit lm_head.weight (it is then the token embedding); lm_head has no bias.
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, norm_bias=True,
+                           ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, StableLmConfig]:

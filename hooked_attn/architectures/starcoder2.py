@@ -7,13 +7,8 @@ from transformers import Starcoder2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    decoder_sizes,
-    pop_attention,
-    pop_bias,
-    pop_lm_head,
-    zeros,
+    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_attention, pop_bias, pop_norms,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters
 from hooked_attn.config import ModelConfig, NormConfig
@@ -37,7 +32,7 @@ IGNORED_HF_FIELDS = frozenset({
     "attention_dropout", "residual_dropout", "embedding_dropout",  # dropout: off at inference
 })
 # Rotary frequencies are a non-persistent buffer; old checkpoints may still carry them.
-IGNORED_HF_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
@@ -70,32 +65,25 @@ def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: Starcoder2Config) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    f, m, v = cfg.d_mlp, cfg.d_model, cfg.d_vocab
-    w_e = src.pop("model.embed_tokens.weight", (v, m))
-    out = {"embed.W_E": w_e}
     # q/k/v/o_proj, c_fc and c_proj all have bias=config.use_bias; zeros otherwise. When the config has
     # none, a stray bias key is left over and finish() refuses it.
     bias = bias_rule(hf.use_bias)
+    f, m = cfg.d_mlp, cfg.d_model
 
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"model.layers.{i}", f"blocks.{i}"
-        for hf_ln, our_ln in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
-            out[f"{ours}.{our_ln}.w"] = src.pop(f"{hf_i}.{hf_ln}.weight", (m,))
-            out[f"{ours}.{our_ln}.b"] = src.pop(f"{hf_i}.{hf_ln}.bias", (m,))
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        out = pop_norms(src, hf_i, ours, m, bias=True)
         out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias)
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = pop_bias(src, f"{hf_i}.mlp.c_fc.bias", (f,), w_e, bias)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = pop_bias(src, f"{hf_i}.mlp.c_proj.bias", (m,), w_e, bias)
-    out["ln_final.w"] = src.pop("model.norm.weight", (m,))
-    out["ln_final.b"] = src.pop("model.norm.bias", (m,))
+        return out | {
+            f"{ours}.mlp.W_in": src.pop(f"{hf_i}.mlp.c_fc.weight", (f, m)).T,
+            f"{ours}.mlp.b_in": pop_bias(src, f"{hf_i}.mlp.c_fc.bias", (f,), w_e, bias),
+            f"{ours}.mlp.W_out": src.pop(f"{hf_i}.mlp.c_proj.weight", (m, f)).T,
+            f"{ours}.mlp.b_out": pop_bias(src, f"{hf_i}.mlp.c_proj.bias", (m,), w_e, bias),
+        }
+
     # Starcoder2ForCausalLM._tied_weights_keys: tied by default, and a tied checkpoint may omit
     # lm_head.weight (bias=False).
-    out["unembed.W_U"] = pop_lm_head(src, w_e, hf.tie_word_embeddings).T
-    out["unembed.b_U"] = zeros(w_e, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, norm_bias=True,
+                           ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, Starcoder2Config]:

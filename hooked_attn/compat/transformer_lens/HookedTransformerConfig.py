@@ -89,6 +89,10 @@ class HookedTransformerConfig:
     output_logits_soft_cap: float = -1.0
     use_qk_norm: bool = False
     clip_qkv: float | None = None
+    rotary_base_local: float | None = None
+    use_logn_attn: bool = False
+    use_dynamic_ntk_rope: bool = False
+    train_seq_length: int | None = None
     dtype_str: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -159,6 +163,8 @@ class HookedTransformerConfig:
             "d_vocab_out != d_vocab": self.d_vocab_out != self.d_vocab,
             "final_rms": self.final_rms and self.normalization_type not in ("RMS", "RMSPre"),
             "use_qk_norm": self.use_qk_norm,
+            "rotary_base_local": self.rotary_base_local is not None,
+            "use_logn_attn / use_dynamic_ntk_rope": self.use_logn_attn or self.use_dynamic_ntk_rope,
             "num_experts": self.num_experts is not None,
             "normalization_type=None": self.normalization_type is None,
             "use_split_qkv_input / use_attn_in / use_hook_mlp_in": (

@@ -3,11 +3,8 @@
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
-from hooked_attn.components.alibi import alibi_slopes
-from hooked_attn.components.attention import Attention as _Attention
 from hooked_attn.components.block import TransformerBlock as _Block
 from hooked_attn.components.embed import Embed as _Embed, PosEmbed as _PosEmbed
 from hooked_attn.components.norms import Norm
@@ -78,42 +75,16 @@ class Unembed(_Unembed):
         super().__init__(_model_cfg(cfg))
 
 
-class AbstractAttention(_Attention):
-    """hooked_attn's attention built from a TransformerLens config, with TransformerLens' ALiBi helpers.
-    Its ``forward`` is hooked_attn's ``(x, AttentionContext)``, not TransformerLens' (query, key, value)."""
-
-    def __init__(self, cfg: Any, attn_type: str = "global", layer_id: int | None = None) -> None:
-        super().__init__(_model_cfg(cfg), layer_id or 0)
-
-    @staticmethod
-    def create_alibi_slope(n_ctx: int, device: torch.device | str | None = None) -> Tensor:
-        """``[query key]``: ``min(key - query, 0)``, the distance back from each query (0 ahead of it)."""
-        pos = torch.arange(n_ctx, device=device, dtype=torch.float32)
-        return (pos[None, :] - pos[:, None]).clamp(max=0)
-
-    @staticmethod
-    def create_alibi_multipliers(n_heads: int, device: torch.device | str | None = None) -> Tensor:
-        """Each head's ALiBi slope (hooked_attn's ``alibi_slopes``, as HF builds them)."""
-        return alibi_slopes(n_heads).to(device)
-
-    @staticmethod
-    def create_alibi_bias(n_heads: int, n_ctx: int, device: torch.device | str | None = None) -> Tensor:
-        """``[head query key]``: each head's slope times ``create_alibi_slope``."""
-        slope = AbstractAttention.create_alibi_slope(n_ctx, device)
-        return AbstractAttention.create_alibi_multipliers(n_heads, device)[:, None, None] * slope
-
-
-class Attention(AbstractAttention):
-    pass
-
-
 class TransformerBlock(_Block):
     def __init__(self, cfg: Any, block_index: int) -> None:
         super().__init__(_model_cfg(cfg), block_index)
 
 
+from hooked_attn.compat.transformer_lens.components.abstract_attention import AbstractAttention  # noqa: E402
+from hooked_attn.compat.transformer_lens.components.attention import Attention  # noqa: E402
+from hooked_attn.compat.transformer_lens.components.grouped_query_attention import GroupedQueryAttention  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.gated_mlp import GatedMLP  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.mlp import MLP  # noqa: E402
 
-__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "LayerNorm", "LayerNormPre", "MLP", "PosEmbed", "RMSNorm",
+__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "GroupedQueryAttention", "LayerNorm", "LayerNormPre", "MLP", "PosEmbed", "RMSNorm",
            "RMSNormPre", "TransformerBlock", "Unembed"]
