@@ -105,13 +105,14 @@ class HookedTransformer(_Base):
             return
         if not isinstance(cfg, HookedTransformerConfig):
             raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
-        if cfg.d_vocab <= 0 and (tokenizer is not None or cfg.tokenizer_name):
-            # TransformerLens: the vocabulary size comes from the tokenizer (loaded by name if need be),
-            # written into the caller's config as TransformerLens does.
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        cfg.refuse_unsupported()  # before anything is loaded
+        if tokenizer is None and cfg.tokenizer_name:  # TransformerLens loads the tokenizer the config names
+            from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+        if cfg.d_vocab <= 0 and tokenizer is not None:
+            # TransformerLens: the vocabulary size comes from the tokenizer, written into the caller's
+            # config as TransformerLens does.
             cfg.d_vocab = max(tokenizer.get_vocab().values()) + 1
             if cfg.d_vocab_out <= 0:
                 cfg.d_vocab_out = cfg.d_vocab
