@@ -282,6 +282,22 @@ def known_reason(nodeid: str) -> tuple[str, str] | None:
     return None
 
 
+# Sections of the page that another script writes, kept as they are after this script's own:
+# "SAELens on hooked_attn" is scripts/saelens_interop/saelens_on_hooked_attn.py --write-docs's.
+KEPT_SECTIONS = ("## SAELens on hooked_attn",)
+
+
+def kept_sections(out: Path) -> list[str]:
+    """The lines of ``out``'s KEPT_SECTIONS (each from its heading to the next ``## `` heading)."""
+    kept, keeping = [], False
+    for line in out.read_text().splitlines() if out.exists() else []:
+        if line.startswith("## "):
+            keeping = line.rstrip() in KEPT_SECTIONS
+        if keeping:
+            kept.append(line)
+    return [*kept, ""] if kept else []  # DIFFERENCES ends with its blank line
+
+
 def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]], oos: dict[str, str],
                command: str) -> dict[str, int]:
     totals: Counter[str] = Counter()
@@ -355,6 +371,7 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
         "",
     ]
     lines += DIFFERENCES
+    lines += kept_sections(out)
     out.write_text("\n".join(lines))
     return {"passed": totals["passed"], "failed": totals["failed"], "needs_hub": totals["needs-hub"],
             "tl_format": totals["tl-format"], "skipped": totals["skipped"]}

@@ -18,7 +18,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_attn.architectures.base import KeyLedger
-from hooked_attn.architectures.parsers import ACTIVATIONS  # noqa: F401  (re-exported: the families import it from here)
+from hooked_attn.architectures.parsers import (  # ACTIVATIONS: re-exported, the families import it from here
+    ACTIVATIONS,  # noqa: F401
+    TRANSFORMERS_MAJOR,
+)
 from hooked_attn.config import ModelConfig
 from hooked_attn.shapes import StateDict
 
@@ -137,11 +140,17 @@ def pop_lm_head(
     """The lm_head weight (under the first of ``keys`` present), or the token embedding when the config
     ties them and the checkpoint omits it.
 
-    A tied config whose checkpoint *stores* an lm_head different from the embedding gets the stored one,
-    as transformers 5 loads it: ``PreTrainedModel.tie_weights`` (modeling_utils.py) finds both keys in the
-    checkpoint with different values, warns, and does NOT tie them.
+    A tied config whose checkpoint *stores* an lm_head different from the embedding gets what the
+    installed transformers loads: from 5.0, the stored one (``PreTrainedModel.tie_weights`` in
+    modeling_utils.py finds both keys with different values, warns, and does NOT tie them); in 4.x, the
+    embedding (``_tie_or_clone_weights`` ties whatever the checkpoint stored), the stored key read and
+    dropped as HF drops it.
     """
     keys = tuple(keys)
+    if tied and TRANSFORMERS_MAJOR < 5:
+        for key in keys:
+            src.pop_optional(key, tuple(embed.shape))
+        return embed
     for key in keys:
         lm_head = src.pop_optional(key, tuple(embed.shape))
         if lm_head is not None:

@@ -7,9 +7,11 @@ the model untouched. The k-th call one module makes during one forward (from 0) 
 """
 
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -91,13 +93,39 @@ class ModuleTracker:
                 self._handles.clear()
 
 
+_MHA_FORWARD = F.multi_head_attention_forward
+_mha_forward_seen: Callable[..., Any] | None = None
+
+
+def _mha_forward_under_mode() -> Callable[..., Any]:
+    """torch's own ``F.multi_head_attention_forward``, with its torch-function check answered False.
+
+    A ``TorchFunctionMode`` is popped while it handles a call, so the calls torch's Python function
+    makes inside (its SDPA call among them) would pass unseen; calling the function again with the
+    mode pushed back re-enters the mode at the function's first line, forever. This copy shares the
+    original's code object, defaults and module namespace, except that ``has_torch_function`` is
+    False in it: it runs the original's body, whose inner calls the pushed-back mode then sees.
+    Nothing in torch is changed.
+    """
+    global _mha_forward_seen
+    if _mha_forward_seen is None:
+        namespace = dict(_MHA_FORWARD.__globals__)
+        namespace["has_torch_function"] = lambda *_: False
+        seen = types.FunctionType(_MHA_FORWARD.__code__, namespace, _MHA_FORWARD.__name__,
+                                  _MHA_FORWARD.__defaults__, _MHA_FORWARD.__closure__)
+        seen.__kwdefaults__ = _MHA_FORWARD.__kwdefaults__
+        _mha_forward_seen = seen
+    return _mha_forward_seen
+
+
 class SdpaCapture(TorchFunctionMode):
     """Routes each ``scaled_dot_product_attention`` call to its ``AttentionSite`` for one forward.
 
     ``site_for(path, call)`` returns (creating it if new) the site of a module's k-th call. Calls
     inside a module the tracker marks (``HookedMultiheadAttention``, which hooks itself) are left
-    alone. The mode is off while torch handles a call it sees, so the SDPA call inside a direct call
-    of ``F.multi_head_attention_forward`` (not through ``nn.MultiheadAttention``) is not caught.
+    alone. A direct call of ``F.multi_head_attention_forward`` runs torch's own body with this mode
+    in place, so its SDPA call (made when ``need_weights=False``) is caught like any other and named
+    after the calling module.
     """
 
     def __init__(self, tracker: ModuleTracker, site_for: Callable[[str, int], AttentionSite]) -> None:
@@ -114,4 +142,7 @@ class SdpaCapture(TorchFunctionMode):
                 call = self.calls.get(path, 0)
                 self.calls[path] = call + 1
                 return hooked_sdpa(self.site_for(path, call), args, kwargs)
+        elif func is _MHA_FORWARD and not self.tracker.current()[1]:
+            with self:
+                return _mha_forward_under_mode()(*args, **kwargs)
         return func(*args, **kwargs)

@@ -56,7 +56,7 @@ class WrappedHFModel(WrappedModule):
 
     def _output_hooks(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
         for path, point in self._outputs.items():
-            if point.has_hooks:
+            if point._active:  # has_hooks, without building its _HookState for each of the model's modules
                 yield self.mod_dict[path].register_forward_hook(_through(point))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,128 @@
+"""wrap() on a module that calls ``F.multi_head_attention_forward`` itself (no nn.MultiheadAttention).
+
+torch's function reaches ``scaled_dot_product_attention`` when ``need_weights=False``; that call is
+hooked and named after the calling module, as any other SDPA call.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hooked_attn import wrap
+
+D_MODEL, N_HEADS = 12, 3
+D_HEAD = D_MODEL // N_HEADS
+
+
+class CallsMhaForward(nn.Module):
+    """Self-attention over x, then attention from x to ``memory`` (keys masked by ``padding``), both
+    through a direct call of ``F.multi_head_attention_forward`` on sequence-first tensors."""
+
+    def __init__(self, cross: bool = True) -> None:
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * D_MODEL, D_MODEL) / math.sqrt(D_MODEL))
+        self.in_proj_bias = nn.Parameter(0.1 * torch.randn(3 * D_MODEL))
+        self.out = nn.Linear(D_MODEL, D_MODEL)
+        self.cross = cross
+
+    def attend(self, x: torch.Tensor, source: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        out, weights = F.multi_head_attention_forward(
+            x.transpose(0, 1), source.transpose(0, 1), source.transpose(0, 1), D_MODEL, N_HEADS,
+            self.in_proj_weight, self.in_proj_bias, None, None, False, 0.0, self.out.weight, self.out.bias,
+            training=self.training, key_padding_mask=padding, need_weights=False)
+        assert weights is None
+        return out.transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        x = x + self.attend(x, x, None)
+        return x + self.attend(x, memory, padding) if self.cross else x
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([CallsMhaForward() for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, memory, padding)
+        return x
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True  # the second sequence's last two memory positions are padding
+    return torch.randn(2, 5, D_MODEL, generator=g), torch.randn(2, 6, D_MODEL, generator=g), padding
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    return t.unflatten(-1, (N_HEADS, D_HEAD))  # [batch pos d_model] -> [batch pos head d_head]
+
+
+def _by_hand(layer: CallsMhaForward, x: torch.Tensor, source: torch.Tensor, padding: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and the pattern of one call, from the module's weights."""
+    w_q, w_k, _ = layer.in_proj_weight.chunk(3)
+    b_q, b_k, _ = layer.in_proj_bias.chunk(3)
+    q, k = _heads(x @ w_q.T + b_q), _heads(source @ w_k.T + b_k)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D_HEAD)
+    if padding is not None:
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    return q, k, scores.softmax(-1)
+
+
+def test_the_sdpa_call_inside_a_direct_multi_head_attention_forward_is_hooked() -> None:
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x, memory, padding = _inputs()
+    with torch.no_grad():
+        expected = model(x, memory, padding)
+        wrapped = wrap(model)
+        assert torch.equal(wrapped(x, memory, padding), expected)  # before discovery: the model as it is
+        out, cache = wrapped.run_with_cache(x, memory, padding)
+        assert torch.equal(out, expected)  # caching reads; torch's own computation gives the output
+        assert wrapped.attention_layers == ["layers.0", "layers.0.call_1", "layers.1", "layers.1.call_1"]
+        assert torch.equal(wrapped(x, memory, padding), expected)  # nothing attached: the plain model
+
+        hidden = x
+        for i, layer in enumerate(model.layers):
+            after_self = hidden + layer.attend(hidden, hidden, None)
+            for prefix, source, mask, query_in in ((f"layers.{i}", hidden, None, hidden),
+                                                   (f"layers.{i}.call_1", memory, padding, after_self)):
+                q, k, pattern = _by_hand(layer, query_in, source, mask)
+                torch.testing.assert_close(cache[f"{prefix}.hook_q"], q)
+                torch.testing.assert_close(cache[f"{prefix}.hook_k"], k)
+                torch.testing.assert_close(cache[f"{prefix}.hook_pattern"], pattern)
+                # The hooked q and k give the cached pattern by the textbook formula too.
+                from_hooks = torch.einsum("bqhd,bkhd->bhqk", cache[f"{prefix}.hook_q"], cache[f"{prefix}.hook_k"])
+                from_hooks = from_hooks / math.sqrt(D_HEAD)
+                if mask is not None:
+                    from_hooks = from_hooks.masked_fill(mask[:, None, None, :], float("-inf"))
+                torch.testing.assert_close(cache[f"{prefix}.hook_pattern"], from_hooks.softmax(-1))
+            hidden = layer(hidden, memory, padding)
+        assert (cache["layers.1.call_1.hook_pattern"][1, :, :, 4:] == 0).all()  # padding keys get nothing
+
+
+def test_an_edit_of_the_pattern_changes_the_output_as_the_explicit_computation_says() -> None:
+    torch.manual_seed(0)
+    model = CallsMhaForward(cross=False).eval()
+    x, memory, padding = _inputs()
+    wrapped = wrap(model)
+    w_v, b_v = model.in_proj_weight.chunk(3)[2], model.in_proj_bias.chunk(3)[2]
+
+    def reverse_keys(pattern: torch.Tensor, hook: object) -> torch.Tensor:
+        return pattern.flip(-1)  # still rows of sum 1, now weighting the keys backwards
+
+    with torch.no_grad():
+        plain = model(x, memory, padding)
+        edited = wrapped.run_with_hooks(x, memory, padding, fwd_hooks=[("hook_pattern", reverse_keys)])
+        pattern = _by_hand(model, x, x, None)[2]
+        v = _heads(x @ w_v.T + b_v)
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern.flip(-1), v)
+        torch.testing.assert_close(edited, x + model.out(z.flatten(-2)))
+        assert not torch.allclose(edited, plain, atol=1e-3)
+        assert torch.equal(wrapped(x, memory, padding), plain)  # the hook is gone again
+    assert wrapped.n_hooks() == 0
