@@ -377,6 +377,13 @@ class ActivationCache(Mapping[str, Tensor]):
         through the real final norm (its own statistics, gain and bias) and the unembedding."""
         model = self._model()
         stack = self.accumulated_resid(layer, incl_mid=incl_mid, pos_slice=pos_slice)
-        with torch.no_grad():
-            normed = model.ln_final(stack) if model.cfg.final_norm else stack
-            return model.unembed(normed.to(model.W_U.device))
+        with torch.no_grad():  # computed where the model's final norm and unembedding are; returned here
+            normed = model.ln_final(_to_module(stack, model.ln_final)) if model.cfg.final_norm else stack
+            return model.unembed(_to_module(normed, model.unembed)).to(stack.device)
+
+
+def _to_module(x: Tensor, module: nn.Module) -> Tensor:
+    """``x`` on the device of ``module``'s weights. A module spread by ``hooked_attn.scale`` (an
+    accelerate hook: its weights may wait on disk) moves its input itself."""
+    weight = next(module.parameters(), None)
+    return x if weight is None or hasattr(module, "_hf_hook") else x.to(weight.device)

@@ -406,6 +406,7 @@ def attribution_patch(
         for layer in range(model.cfg.n_layers):
             name = get_act_name(site, layer)
             attr = (clean[name] - corrupted[name]) * corrupted[name + "_grad"]
-            per_layer.append(attr.sum(0) if site == "pattern" else attr.sum(-1).sum(0))
+            attr = attr.sum(0) if site == "pattern" else attr.sum(-1).sum(0)
+            per_layer.append(attr.to(model.device))  # blocks spread over devices (hooked_attn.scale)
         out[site] = torch.stack(per_layer).detach()
     return out

@@ -83,8 +83,9 @@ def harvest_activations(
             parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
             start, end = index * sequences_per_shard, min((index + 1) * sequences_per_shard, n_seq)
             for lo in range(start, end, batch_size):
+                # Stored on the CPU as made: a model on GPUs never holds a shard's activations.
                 _, cache = model.run_with_cache(tokens[lo:min(lo + batch_size, end)], names_filter=list(hooks),
-                                                stop_at_layer=stop, return_type=None)
+                                                stop_at_layer=stop, return_type=None, device="cpu")
                 for h in hooks:
                     act = cache[h][:, 1:] if drop_first_position else cache[h]
                     parts[h].append(act.reshape(-1, act.shape[-1]).to(dtype))
