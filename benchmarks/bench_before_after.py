@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="also write the medians and every run here (JSON)")
     parser.add_argument("--child", metavar="FOLDER")
     args = parser.parse_args()
     if args.child:
@@ -102,8 +103,11 @@ def main() -> None:
               "runs": runs}
     print(json.dumps({side: result[side] for side in ("before", "after")}, indent=1))
     for k in keys:
-        print(f"{k:40s} before {result['before'][k]:.4g}  after {result['after'][k]:.4g}  "
-              f"after/before {result['after'][k] / result['before'][k]:.3f}")
+        spread = {side: f"{min(r[k] for r in rs):.4g}-{max(r[k] for r in rs):.4g}" for side, rs in runs.items()}
+        print(f"{k:34s} before {result['before'][k]:.4g} ({spread['before']})  after {result['after'][k]:.4g} "
+              f"({spread['after']})  after/before {result['after'][k] / result['before'][k]:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

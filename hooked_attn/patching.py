@@ -5,7 +5,6 @@ site of a sweep, and reports ``patching_metric(logits)``. Sweeps are batched: ma
 run in one forward (each variant is its own slice of the batch), ``batch_size`` at a time.
 """
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +15,15 @@ from tqdm.auto import tqdm
 from hooked_attn.cache import ActivationCache
 from hooked_attn.hook_points import HookPoint
 from hooked_attn.model import HookedTransformer
-from hooked_attn.tokens import PADDING_MASK_ATTR
+from hooked_attn.patch_inputs import SweepPlan, check_clean_cache, plan_sweep  # check_clean_cache: re-exported
+from hooked_attn.patch_setters import (  # noqa: F401  (re-exported: TransformerLens' patching names them)
+    layer_head_dest_src_pos_pattern_patch_setter,
+    layer_head_pattern_patch_setter,
+    layer_head_pos_pattern_patch_setter,
+    layer_head_vector_patch_setter,
+    layer_pos_head_vector_patch_setter,
+    layer_pos_patch_setter,
+)
 from hooked_attn.utils import get_act_name
 
 Metric = Callable[[Tensor], Tensor | float]
@@ -26,146 +33,31 @@ Metric = Callable[[Tensor], Tensor | float]
 PatchSetter = Callable[[Tensor, tuple[int, ...], Tensor], Tensor | None]
 
 
-def layer_pos_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch pos d_model]``, index ``(layer, pos)``: patch one position."""
-    _, pos = index
-    act[:, pos] = clean[:, pos]
-    return act
-
-
-def layer_pos_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch pos head d_head]``, index ``(layer, pos, head)``: patch one head at one position."""
-    _, pos, head = index
-    act[:, pos, head] = clean[:, pos, head]
-    return act
-
-
-def layer_head_vector_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch pos head d_head]``, index ``(layer, head)``: patch one head at every position."""
-    _, head = index
-    act[:, :, head] = clean[:, :, head]
-    return act
-
-
-def layer_head_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch head q_pos k_pos]``, index ``(layer, head)``: patch one head's whole pattern."""
-    _, head = index
-    act[:, head] = clean[:, head]
-    return act
-
-
-def layer_head_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch head q_pos k_pos]``, index ``(layer, head, dest_pos)``: one head's row for one destination."""
-    _, head, dest = index
-    act[:, head, dest] = clean[:, head, dest]
-    return act
-
-
-def layer_head_dest_src_pos_pattern_patch_setter(act: Tensor, index: tuple[int, ...], clean: Tensor) -> Tensor:
-    """``[batch head q_pos k_pos]``, index ``(layer, head, dest_pos, src_pos)``: one entry of one pattern."""
-    _, head, dest, src = index
-    act[:, head, dest, src] = clean[:, head, dest, src]
-    return act
-
-
 def _metric_value(value: Tensor | float) -> float:
     return float(value.item() if isinstance(value, Tensor) else value)
 
 
-def _auto_batch_size(model: HookedTransformer, tokens: Tensor) -> int:
-    # Keep a forward at about 4096 token positions, and never below one variant.
-    return max(1, 4096 // max(1, tokens.numel()))
-
-
-def check_clean_cache(model: HookedTransformer, clean_cache: Any, reference: ActivationCache, names: Sequence[str],
-                      what: str) -> None:
-    """Refuse a clean cache that cannot be patched into this run: made by another model, without a batch
-    axis, missing a name, or holding activations whose shape (batch, positions) differs from the run's."""
-    cache_model = getattr(clean_cache, "model", model)
-    if cache_model is not model:
-        raise ValueError(f"the clean cache was made by another model ({cache_model!r}); run the clean input through "
-                         "this model (model.run_with_cache) to patch into it")
-    if not getattr(clean_cache, "has_batch_dim", True):
-        raise ValueError("the clean cache was made with remove_batch_dim=True; patching needs the batch axis")
-    for name in names:
-        if name not in clean_cache:
-            raise KeyError(f"the clean cache has no {name!r}: cache it (names_filter) or cache everything")
-        clean, here = clean_cache[name], reference[name]
-        if clean.shape != here.shape:
-            raise ValueError(f"the clean cache's {name} has shape {tuple(clean.shape)}, but on {what} it has shape "
-                             f"{tuple(here.shape)}: the clean and corrupted runs need the same batch and positions")
-
-
-def generic_activation_patch(
-    model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
-    patch_setter: PatchSetter, activation_name: str, index_axis_names: Sequence[str] | None = None,
-    index_df: Any = None, return_index_df: bool = False, batch_size: int | None = None, progress: bool = True,
-    attention_mask: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Any]:
-    """Patch ``activation_name`` (a short site name: "resid_pre", "z", "pattern", ...) at every index
-    of ``index_axis_names`` (or the rows of ``index_df``), returning the metric per index.
-
-    Args:
-        index_axis_names: axes to sweep, from "layer", "pos", "head_index" (or "head"), "dest_pos",
-            "src_pos"; the result has one axis per name, in that order.
-        index_df: alternatively, an explicit table (pandas DataFrame or a list of tuples) of indices,
-            one row per variant, columns in ``index_axis_names`` order; the result is then flat.
-        batch_size: patched variants per forward (default: about 4096 token positions per forward).
-
-    A site outside the blocks (``"embed"``, ``"pos_embed"``, a full name like ``"ln_final.hook_normalized"``)
-    is the same activation whatever the layer, so every layer of the sweep gives the same value.
-
-    Raises:
-        ValueError: the clean cache comes from another model, or its activation's shape (batch,
-            positions) differs from the corrupted run's; a ``patch_setter`` returns another shape.
-    """
-    cfg = model.cfg
-    n_pos = corrupted_tokens.shape[-1]
-    kv_site = activation_name in ("k", "v", "rot_k")
-    sizes = {"layer": cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
-             "head_index": cfg.n_kv_heads if kv_site else cfg.n_heads, "head": cfg.n_kv_heads if kv_site else cfg.n_heads}
-    if index_df is not None:
-        rows = index_df.itertuples(index=False) if hasattr(index_df, "itertuples") else index_df
-        indices = [tuple(int(x) for x in row) for row in rows]
-        if index_axis_names is None:
-            index_axis_names = list(index_df.columns) if hasattr(index_df, "columns") else None
-        shape: tuple[int, ...] = (len(indices),)
-    else:
-        if not index_axis_names:
-            raise ValueError("give index_axis_names (e.g. ['layer', 'pos']) or index_df")
-        unknown = [a for a in index_axis_names if a not in sizes]
-        if unknown:
-            raise ValueError(f"unknown index axes {unknown}; known: {sorted(sizes)}")
-        shape = tuple(sizes[a] for a in index_axis_names)
-        indices = list(itertools.product(*(range(n) for n in shape)))
-    if not index_axis_names or index_axis_names[0] != "layer":
-        raise ValueError("the first index axis must be 'layer'")
-    tokens = corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
-    if attention_mask is None:  # ids that to_tokens padded carry their mask; the repeats below would not
-        attention_mask = getattr(corrupted_tokens, PADDING_MASK_ATTR, None)
-    batch = tokens.shape[0]
-    chunk = batch_size or _auto_batch_size(model, tokens)
-    names = {layer: get_act_name(activation_name, layer) for layer in sorted({index[0] for index in indices})}
-    for layer, name in names.items():
-        if name not in model.hook_dict:
-            model._raise_unknown_hook(name)
+def _run_sweep(model: HookedTransformer, plan: SweepPlan, clean_cache: ActivationCache, patching_metric: Metric,
+               patch_setter: PatchSetter, activation_name: str, progress: bool) -> Tensor:
+    """The metric for every variant of a checked sweep, as a float64 tensor of ``plan.shape``."""
+    tokens, attention_mask, indices, batch = plan.tokens, plan.attention_mask, plan.indices, plan.tokens.shape[0]
     # A patch in layer L leaves every earlier block as in the corrupted run, so each variant runs from
     # block L on, starting from the corrupted run's resid_pre there: the same result for a fraction of
     # the work. A site outside the blocks (hook_embed, ln_final) runs the whole forward instead.
-    # Variants are grouped by layer and batched, ``chunk`` per forward.
-    sites = set(names.values())
+    # Variants are grouped by layer and batched, ``plan.chunk`` per forward.
+    sites = set(plan.names.values())
     with torch.no_grad():
         _, corrupted_cache = model.run_with_cache(
             tokens, attention_mask=attention_mask, names_filter=lambda n: n.endswith("hook_resid_pre") or n in sites)
-    check_clean_cache(model, clean_cache, corrupted_cache, sorted(sites), "corrupted_tokens")
+    check_clean_cache(model, clean_cache, corrupted_cache, sorted(sites), "corrupted_tokens")  # the full shapes
     by_layer: dict[int, list[int]] = {}
     for i, index in enumerate(indices):
         by_layer.setdefault(index[0], []).append(i)
-    work = [(layer, slots[start:start + chunk]) for layer, slots in sorted(by_layer.items())
-            for start in range(0, len(slots), chunk)]
+    work = [(layer, slots[start:start + plan.chunk]) for layer, slots in sorted(by_layer.items())
+            for start in range(0, len(slots), plan.chunk)]
     results: list[float] = [0.0] * len(indices)
     for layer, slots in tqdm(work, disable=not progress or len(work) <= 1, desc=f"patching {activation_name}"):
-        name = names[layer]
+        name = plan.names[layer]
         clean = clean_cache[name]
 
         def hook(act: Tensor, hook: HookPoint, slots: list[int] = slots, clean: Tensor = clean) -> Tensor:
@@ -195,8 +87,39 @@ def generic_activation_patch(
                                               attention_mask=mask, fwd_hooks=[(name, hook)])
         for k, i in enumerate(slots):
             results[i] = _metric_value(patching_metric(logits[k * batch:(k + 1) * batch]))
-    out = torch.tensor(results, dtype=torch.float64).reshape(shape)  # metric values, unrounded
-    return (out, indices) if return_index_df else out
+    return torch.tensor(results, dtype=torch.float64).reshape(plan.shape)  # metric values, unrounded
+
+
+def generic_activation_patch(
+    model: HookedTransformer, corrupted_tokens: Tensor, clean_cache: ActivationCache, patching_metric: Metric,
+    patch_setter: PatchSetter, activation_name: str, index_axis_names: Sequence[str] | None = None,
+    index_df: Any = None, return_index_df: bool = False, batch_size: int | None = None, progress: bool = True,
+    attention_mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Any]:
+    """Patch ``activation_name`` (a short site name: "resid_pre", "z", "pattern", ...) at every index
+    of ``index_axis_names`` (or the rows of ``index_df``), returning the metric per index.
+
+    Args:
+        index_axis_names: axes to sweep, from "layer", "pos", "head_index" (or "head"), "dest_pos",
+            "src_pos"; the result has one axis per name, in that order.
+        index_df: alternatively, an explicit table (pandas DataFrame or a list of tuples) of indices,
+            one row per variant, columns in ``index_axis_names`` order; the result is then flat.
+        batch_size: patched variants per forward (default: about 4096 token positions per forward).
+
+    A site outside the blocks (``"embed"``, ``"pos_embed"``, a full name like ``"ln_final.hook_normalized"``)
+    is the same activation whatever the layer, so every layer of the sweep gives the same value.
+
+    Raises:
+        ValueError: an index axis or row that does not fit the model and tokens, a batch size or
+            attention mask that does not fit, the clean cache comes from another model or another batch
+            (all before any forward pass); the clean activation's shape (batch, positions) differs from
+            the corrupted run's (after its one forward, before the sweep); a ``patch_setter`` returns
+            another shape.
+    """
+    plan = plan_sweep(model, corrupted_tokens, clean_cache, activation_name, index_axis_names, index_df,
+                       batch_size, attention_mask)
+    out = _run_sweep(model, plan, clean_cache, patching_metric, patch_setter, activation_name, progress)
+    return (out, plan.indices) if return_index_df else out
 
 
 def _sweep(activation_name: str, axes: Sequence[str], setter: PatchSetter) -> Callable[..., Tensor]:

@@ -53,8 +53,10 @@ def test_a_site_after_the_blocks_is_patched(setup):
 def test_a_clean_cache_of_another_batch_or_length_is_refused(setup):
     model, clean, corrupted, _, metric = setup
     _, batch1 = model.run_with_cache(clean[:1])
-    with pytest.raises(ValueError, match=r"the clean cache's blocks.0.hook_resid_pre has shape \(1, 6, 32\), but on "
-                                         r"corrupted_tokens it has shape \(2, 6, 32\)"):
+    # Another batch is refused before any forward (tests/test_patching_inputs.py); another length after the
+    # corrupted run's one forward, which gives the shape to compare with.
+    with pytest.raises(ValueError, match=r"the clean cache's blocks.0.hook_resid_pre has batch 1, but "
+                                         r"corrupted_tokens has batch 2"):
         P.get_act_patch_resid_pre(model, corrupted, batch1, metric, progress=False)
     _, longer = model.run_with_cache(torch.cat([clean, clean[:, :2]], dim=1))
     with pytest.raises(ValueError, match=r"has shape \(2, 8, 32\), but on corrupted_tokens it has shape \(2, 6, 32\)"):
