@@ -120,6 +120,9 @@ KNOWN_FAILURES: dict[str, tuple[str, str]] = {
     "tests/integration/test_hooked_encoder_properties.py::test_W_[Ep]*": (
         "deliberate", "the encoder's module tree is hooked_attn's (model.embed is the token embedding; "
         "TransformerLens nests embed.embed and embed.pos_embed); model.W_E and model.W_pos exist"),
+    "tests/integration/test_attention_mask.py::test_attention_mask": (
+        "deliberate", "expects -inf at masked positions of hook_attn_scores; hooked_attn masks with the dtype's most "
+        "negative finite value, as HF's eager attention does (the pattern is the same: 0 there)"),
     "tests/integration/test_stop_at_layer.py::test_run_with_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_manual_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_no_stop_logit_output": _FUSED,
@@ -158,6 +161,9 @@ DIFFERENCES = [
     "  hooked_attn's attention; a test checks both give the same output (MHA, GQA, rotary, ALiBi, KV cache).",
     "  `use_logn_attn`, `use_dynamic_ntk_rope` and `rotary_base_local` work in these modules only: a",
     "  HookedTransformer built from such a config raises a ValueError naming the option.",
+    "- `hook_attn_scores` holds the dtype's most negative finite value (`torch.finfo(dtype).min`) at masked",
+    "  positions, as HF's eager attention does, where TransformerLens writes `-inf`; the pattern is the same",
+    "  (0 there). TransformerLens' stand-alone `components.Attention` writes `-inf`, as TransformerLens does.",
     "- Model names: an HF repository id, a local folder, or one of TransformerLens' short names for an HF",
     "  checkpoint (`loading_from_pretrained.MODEL_ALIASES`: `gpt2-small`, `pythia-70m`, `tiny-stories-33M`...).",
     "  TransformerLens' own-format checkpoints (`solu-*`, `gelu-*`, `attn-only-*`, `othello-gpt`,",
@@ -276,6 +282,22 @@ def known_reason(nodeid: str) -> tuple[str, str] | None:
     return None
 
 
+# Sections of the page that another script writes, kept as they are after this script's own:
+# "SAELens on hooked_attn" is scripts/saelens_interop/saelens_on_hooked_attn.py --write-docs's.
+KEPT_SECTIONS = ("## SAELens on hooked_attn",)
+
+
+def kept_sections(out: Path) -> list[str]:
+    """The lines of ``out``'s KEPT_SECTIONS (each from its heading to the next ``## `` heading)."""
+    kept, keeping = [], False
+    for line in out.read_text().splitlines() if out.exists() else []:
+        if line.startswith("## "):
+            keeping = line.rstrip() in KEPT_SECTIONS
+        if keeping:
+            kept.append(line)
+    return [*kept, ""] if kept else []  # DIFFERENCES ends with its blank line
+
+
 def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]], oos: dict[str, str],
                command: str) -> dict[str, int]:
     totals: Counter[str] = Counter()
@@ -349,6 +371,7 @@ def write_page(out: Path, version: str, per_file: dict[str, list[dict[str, str]]
         "",
     ]
     lines += DIFFERENCES
+    lines += kept_sections(out)
     out.write_text("\n".join(lines))
     return {"passed": totals["passed"], "failed": totals["failed"], "needs_hub": totals["needs-hub"],
             "tl_format": totals["tl-format"], "skipped": totals["skipped"]}

@@ -6,14 +6,28 @@
 """
 
 import math
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.config import ModelConfig
+from hooked_attn.hook_points import HookedRootModule  # noqa: F401  (TransformerLens users import it from here)
 from hooked_attn.model import HookedTransformer as _Base
+
+# The type names TransformerLens' HookedTransformer module exports (SAELens imports them from here).
+SingleLoss = Float[Tensor, ""]
+LossPerToken = Float[Tensor, "batch pos-1"]
+Loss = Union[SingleLoss, LossPerToken]
+
+
+class Output(NamedTuple):
+    """``(logits, loss)``, what ``forward(..., return_type="both")`` returns under TransformerLens' name."""
+
+    logits: Float[Tensor, "batch pos d_vocab"]
+    loss: Loss
 
 
 DTYPE_FROM_STRING = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -105,13 +119,14 @@ class HookedTransformer(_Base):
             return
         if not isinstance(cfg, HookedTransformerConfig):
             raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
-        if cfg.d_vocab <= 0 and (tokenizer is not None or cfg.tokenizer_name):
-            # TransformerLens: the vocabulary size comes from the tokenizer (loaded by name if need be),
-            # written into the caller's config as TransformerLens does.
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        cfg.refuse_unsupported()  # before anything is loaded
+        if tokenizer is None and cfg.tokenizer_name:  # TransformerLens loads the tokenizer the config names
+            from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+        if cfg.d_vocab <= 0 and tokenizer is not None:
+            # TransformerLens: the vocabulary size comes from the tokenizer, written into the caller's
+            # config as TransformerLens does.
             cfg.d_vocab = max(tokenizer.get_vocab().values()) + 1
             if cfg.d_vocab_out <= 0:
                 cfg.d_vocab_out = cfg.d_vocab
@@ -156,9 +171,9 @@ class HookedTransformer(_Base):
                 raise ValueError("give dtype= or torch_dtype=, not both")
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         check_not_native(name)
-        model = load(get_official_model_name(name) if isinstance(name, str) else name, **kwargs)
-        if type(model) is _Base:  # not a wrapped HF model (fallback="wrap")
-            model.__class__ = cls  # the same model; this subclass only adds TransformerLens' method signatures
+        # hooked_attn's loader bound to cls, so it builds cls(cfg, tokenizer=...): a subclass's own __init__
+        # runs, as in TransformerLens (SAELens' HookedSAETransformer adds its hooks there).
+        model = load.__func__(cls, get_official_model_name(name) if isinstance(name, str) else name, **kwargs)
         model.default_padding_side = padding_side
         model.default_prepend_bos = prepend_bos
         return model  # type: ignore[return-value]
@@ -184,13 +199,14 @@ class HookedTransformer(_Base):
         resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, None, attention_mask
 
-    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """hooked_attn's ``run_with_cache``; the cache is TransformerLens' ActivationCache subclass
-        (``apply_slice_to_batch_dim``, TransformerLens' batch-axis rules)."""
+        (``apply_slice_to_batch_dim``, TransformerLens' batch-axis rules), or with
+        ``return_cache_object=False`` its plain ``{name: tensor}`` dict."""
         from hooked_attn.compat.transformer_lens.ActivationCache import as_transformer_lens
 
         out, cache = super().run_with_cache(*model_args, **kwargs)
-        return out, as_transformer_lens(cache)
+        return out, (as_transformer_lens(cache) if return_cache_object else cache.cache_dict)
 
     def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
                  eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
@@ -214,3 +230,19 @@ class HookedTransformer(_Base):
                                 top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                                 use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
                                 return_type=return_type, **kwargs)
+
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: Any = None,
+                  move_to_device: bool = True, truncate: bool = True) -> Tensor:
+        """hooked_attn's ``to_tokens`` with TransformerLens' ``truncate``: on by default, it cuts ids past
+        the model's context (``cfg.n_ctx``) off the end, as TransformerLens does."""
+        from hooked_attn.tokens import PADDING_MASK_ATTR
+
+        tokens = super().to_tokens(input, prepend_bos, padding_side, move_to_device)
+        n_ctx = self.cfg.n_ctx
+        if not truncate or tokens.shape[-1] <= n_ctx:
+            return tokens
+        mask = getattr(tokens, PADDING_MASK_ATTR, None)
+        tokens = tokens[..., :n_ctx]
+        if mask is not None:
+            setattr(tokens, PADDING_MASK_ATTR, mask[..., :n_ctx])
+        return tokens

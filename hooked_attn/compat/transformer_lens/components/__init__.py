@@ -85,6 +85,7 @@ from hooked_attn.compat.transformer_lens.components.attention import Attention  
 from hooked_attn.compat.transformer_lens.components.grouped_query_attention import GroupedQueryAttention  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.gated_mlp import GatedMLP  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.mlp import MLP  # noqa: E402
+from hooked_attn.compat.transformer_lens.components.mlps.moe import MoE  # noqa: E402
 
-__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "GroupedQueryAttention", "LayerNorm", "LayerNormPre", "MLP", "PosEmbed", "RMSNorm",
+__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "GroupedQueryAttention", "LayerNorm", "LayerNormPre", "MLP", "MoE", "PosEmbed", "RMSNorm",
            "RMSNormPre", "TransformerBlock", "Unembed"]

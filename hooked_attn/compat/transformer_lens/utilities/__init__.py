@@ -13,6 +13,7 @@ from torch import Tensor
 from hooked_attn.compat.transformer_lens.utilities.logits_utils import sample_logits
 from hooked_attn.compat.transformer_lens.utilities.tensors import filter_dict_by_prefix, to_numpy
 from hooked_attn.compat.transformer_lens.utilities.lm_utils import lm_accuracy, lm_cross_entropy_loss
+from hooked_attn.compat.transformer_lens.utilities.tokenize_utils import get_tokens_with_bos_removed
 from hooked_attn.utils import get_act_name, get_device
 
 SliceInput = int | tuple | list | Tensor | np.ndarray | slice | None
@@ -77,6 +78,9 @@ def is_square(x: Tensor) -> bool:
 
 def is_lower_triangular(x: Tensor) -> bool:
     return is_square(x) and bool(x.equal(x.tril()))
+
+
+USE_DEFAULT_VALUE = None  # the "not given" marker TransformerLens' signatures use for prepend_bos / padding_side
 
 
 def override_or_use_default_value(default_flag: Any, override: Any = None) -> Any:
@@ -242,5 +246,5 @@ __all__ = [
     "get_device", "get_offset_position_ids", "init_kaiming_normal_", "init_kaiming_uniform_",
     "init_xavier_normal_", "init_xavier_uniform_", "is_library_available", "is_lower_triangular", "is_square",
     "lm_accuracy", "lm_cross_entropy_loss", "override_or_use_default_value", "remove_batch_dim", "sample_logits",
-    "solu", "to_numpy", "transpose",
+    "solu", "to_numpy", "transpose", "USE_DEFAULT_VALUE", "get_tokens_with_bos_removed",
 ]
