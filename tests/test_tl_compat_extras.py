@@ -191,3 +191,13 @@ def test_has_hooks_direction_error_legacy_import_warns_and_thin_svd(tl):
     assert (U.shape, S.shape, V.shape) == ((6, 3), (3,), (3, 3))
     torch.testing.assert_close(U @ torch.diag(S) @ V.T, fm.AB, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(U.T @ U, torch.eye(3), atol=1e-5, rtol=1e-5)
+
+
+def test_d_vocab_out_sets_the_unembedding_width(tl):
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=6, act_fn="relu", d_vocab=20,
+                                     d_vocab_out=7, seed=0)
+    model = tl.HookedTransformer(cfg)
+    logits, cache = model.run_with_cache(torch.randint(0, 20, (2, 5)))
+    assert logits.shape == (2, 5, 7) and model.W_U.shape == (8, 7) and model.W_E.shape == (20, 8)
+    assert model.W_U.std() > 0  # initialised with the rest of the model
+    torch.testing.assert_close(logits, model.ln_final(cache["blocks.0.hook_resid_post"]) @ model.W_U + model.b_U)

@@ -5,6 +5,7 @@
 ``ModelConfig`` it converts to (``model.model_cfg``).
 """
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Union
 
@@ -13,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+from hooked_attn.components.unembed import Unembed as _Unembed
 from hooked_attn.config import ModelConfig
 from hooked_attn.hook_points import HookedRootModule  # noqa: F401  (TransformerLens users import it from here)
 from hooked_attn.model import HookedTransformer as _Base
@@ -132,6 +134,10 @@ class HookedTransformer(_Base):
                 cfg.d_vocab_out = cfg.d_vocab
         compat, model_cfg = _bind(cfg)
         super().__init__(model_cfg, tokenizer)
+        if compat.d_vocab_out != compat.d_vocab:  # TransformerLens: logits over another vocabulary than the input's
+            if compat.d_vocab_out <= 0:
+                raise ValueError(f"d_vocab_out={compat.d_vocab_out}: give the output vocabulary size")
+            self.unembed = _Unembed(dataclasses.replace(model_cfg, d_vocab=compat.d_vocab_out))
         self.default_padding_side = default_padding_side  # type: ignore[assignment]
         self.cfg = compat  # type: ignore[assignment]
         self.model_cfg = model_cfg

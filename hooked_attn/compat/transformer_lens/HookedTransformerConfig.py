@@ -167,7 +167,6 @@ class HookedTransformerConfig:
             "act_fn in ('solu', 'solu_ln', 'gelu_fast')": (
                 self.act_fn in ("solu", "solu_ln", "gelu_fast") and not self.attn_only),
             "positional_embedding_type='shortformer'": self.positional_embedding_type == "shortformer",
-            "d_vocab_out != d_vocab": self.d_vocab_out != self.d_vocab,
             "final_rms": self.final_rms and self.normalization_type not in ("RMS", "RMSPre"),
             "use_qk_norm": self.use_qk_norm,
             "rotary_base_local": self.rotary_base_local is not None,

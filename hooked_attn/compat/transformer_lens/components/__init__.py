@@ -1,5 +1,6 @@
 """``transformer_lens.components``: hooked_attn's components, built from a TransformerLens config where TL builds them so."""
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -71,8 +72,12 @@ class PosEmbed(_PosEmbed):
 
 
 class Unembed(_Unembed):
+    """``W_U [d_model d_vocab_out]``: a TransformerLens config's ``d_vocab_out`` sets the output width."""
+
     def __init__(self, cfg: Any) -> None:
-        super().__init__(_model_cfg(cfg))
+        mc = _model_cfg(cfg)
+        out = getattr(HookedTransformerConfig.unwrap(cfg), "d_vocab_out", -1) if not isinstance(cfg, ModelConfig) else -1
+        super().__init__(dataclasses.replace(mc, d_vocab=out) if out > 0 and out != mc.d_vocab else mc)
 
 
 class TransformerBlock(_Block):
