@@ -83,7 +83,7 @@ class FactoredMatrix:
         wide = torch.float32 if self.A.dtype in (torch.bfloat16, torch.float16) else self.A.dtype
         Qa, Ra = torch.linalg.qr(self.A.to(wide))
         Qb, Rb = torch.linalg.qr(self.B.mT.to(wide))
-        U, S, Vh = torch.linalg.svd(Ra @ Rb.mT)
+        U, S, Vh = torch.linalg.svd(Ra @ Rb.mT, full_matrices=False)  # thin: r = min(m, inner, n)
         return Qa @ U, S, Qb @ Vh.mT
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:

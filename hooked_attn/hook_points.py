@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from jaxtyping import TypeCheckError
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class _HookState:
     def __call__(self, dir: str = "both", including_permanent: bool = True,
                  level: int | None = None) -> bool:
         if dir not in ("fwd", "bwd", "both"):
-            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+            raise HookDirectionError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
         point = self._point
         hooks = (point.fwd_hooks if dir != "bwd" else []) + (point.bwd_hooks if dir != "fwd" else [])
         return any((including_permanent or not h.permanent) and (level is None or h.level == level) for h in hooks)
@@ -155,6 +156,11 @@ def _check_replacement(point_name: str, fn: HookFn, kind: str, old: Tensor, new:
             f"{new.device}, but the activation has dtype {old.dtype} on {old.device}"
         )
     return new
+
+
+class HookDirectionError(ValueError, TypeCheckError):
+    """A ``dir`` that is not "fwd", "bwd" or "both": a ValueError, and the runtime type-check error
+    TransformerLens (whose ``dir`` is a checked ``Literal``) raises."""
 
 
 class NonFiniteActivationError(FloatingPointError):

@@ -120,6 +120,9 @@ KNOWN_FAILURES: dict[str, tuple[str, str]] = {
     "tests/integration/test_hooked_encoder_properties.py::test_W_[Ep]*": (
         "deliberate", "the encoder's module tree is hooked_attn's (model.embed is the token embedding; "
         "TransformerLens nests embed.embed and embed.pos_embed); model.W_E and model.W_pos exist"),
+    "tests/integration/test_attention_mask.py::test_attention_mask": (
+        "deliberate", "expects -inf at masked positions of hook_attn_scores; hooked_attn masks with the dtype's most "
+        "negative finite value, as HF's eager attention does (the pattern is the same: 0 there)"),
     "tests/integration/test_stop_at_layer.py::test_run_with_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_manual_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_no_stop_logit_output": _FUSED,
@@ -137,12 +140,12 @@ DIFFERENCES = [
     "  a `ValueError` and the `AssertionError` TransformerLens raises.",
     "- `HookPoint.has_hooks` is truthy when hooks are attached and, called, answers TransformerLens'",
     "  `has_hooks(dir=, including_permanent=, level=)`.",
-    "- Options hooked_attn does not build (`normalization_type=None`, SoLU, shortformer positions,",
-    "  `d_vocab_out != d_vocab`, split-QKV inputs, MoE from a TL config) raise a `ValueError` naming the",
-    "  option when the model is built, never a silently different model. The stand-alone",
-    "  `components.MLP` / `GatedMLP` (built on `CanBeUsedAsMLP`) do take SoLU and `solu_ln` and compute",
-    "  TransformerLens' equations (the gated MLP adds `b_in` after the gate product); hooked_attn's own",
-    "  models do not use them.",
+    "- Options hooked_attn's models do not build (`normalization_type=None`, SoLU, shortformer positions,",
+    "  split-QKV inputs, MoE, QK norm, log-n / dynamic-NTK / local rotary base) raise a `ValueError` naming",
+    "  the option when the model is built, before anything is loaded, never a silently different model.",
+    "  The stand-alone `components.MLP` / `GatedMLP` / `MoE` / `Attention` do take them and compute",
+    "  TransformerLens' equations (the gated MLP adds `b_in` after the gate product). A config with",
+    "  `d_vocab_out != d_vocab` builds a model whose unembedding (`W_U [d_model d_vocab_out]`) has its own width.",
     "- `transformer_lens.cache`'s `TransformerLensKeyValueCache` / `...Entry` are subclasses of hooked_attn's",
     "  `KVCache` / `LayerKV`, so `model(tokens, past_kv_cache=cache)` takes them; a frozen cache is read",
     "  by a forward and left unchanged.",
@@ -158,6 +161,9 @@ DIFFERENCES = [
     "  hooked_attn's attention; a test checks both give the same output (MHA, GQA, rotary, ALiBi, KV cache).",
     "  `use_logn_attn`, `use_dynamic_ntk_rope` and `rotary_base_local` work in these modules only: a",
     "  HookedTransformer built from such a config raises a ValueError naming the option.",
+    "- `hook_attn_scores` holds the dtype's most negative finite value (`torch.finfo(dtype).min`) at masked",
+    "  positions, as HF's eager attention does, where TransformerLens writes `-inf`; the pattern is the same",
+    "  (0 there). TransformerLens' stand-alone `components.Attention` writes `-inf`, as TransformerLens does.",
     "- Model names: an HF repository id, a local folder, or one of TransformerLens' short names for an HF",
     "  checkpoint (`loading_from_pretrained.MODEL_ALIASES`: `gpt2-small`, `pythia-70m`, `tiny-stories-33M`...).",
     "  TransformerLens' own-format checkpoints (`solu-*`, `gelu-*`, `attn-only-*`, `othello-gpt`,",

@@ -1,10 +1,11 @@
 """TransformerLens compatibility, session 5: model names, default_prepend_bos, tokenize_and_concatenate,
-ioi_eval / mmlu, SVDInterpreter."""
+ioi_eval / mmlu, SVDInterpreter, stand-alone Attention / GroupedQueryAttention / MoE, has_hooks errors."""
 
 import pytest
 import torch
 import transformers
 
+import hooked_attn
 from hooked_attn.default_model import gpt2_tokenizer
 from tests.test_tl_compat import tl  # noqa: F401  (the fixture: transformer_lens installed for one test)
 
@@ -149,3 +150,54 @@ def test_standalone_attention_masks_rebuilds_rotary_tables_and_refuses_bad_input
     with pytest.raises(ValueError, match="use_logn_attn"):
         tl.HookedTransformer(tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=8, d_vocab=5,
                                                         act_fn="relu", use_logn_attn=True, train_seq_length=4))
+
+
+def test_standalone_moe_mixes_the_top_experts_by_their_softmax(tl):
+    from transformer_lens.components import MoE
+
+    moe = MoE(dict(d_model=8, d_mlp=12, d_head=4, n_layers=1, n_ctx=4, num_experts=4, experts_per_token=2,
+                   gated_mlp=True, act_fn="silu", seed=0))
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        out = moe(x)
+        for b, p in [(0, 0), (1, 2)]:
+            logits = x[b, p] @ moe.W_gate
+            top = logits.topk(2)
+            expected = sum(w * moe.experts[int(e)](x[b, p][None, None])[0, 0]
+                           for w, e in zip(top.values.softmax(-1), top.indices))
+            torch.testing.assert_close(out[b, p], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="experts_per_token"):
+        MoE(dict(d_model=8, d_mlp=12, d_head=4, n_layers=1, n_ctx=4, num_experts=2, experts_per_token=3, act_fn="silu"))
+
+
+def test_has_hooks_direction_error_legacy_import_warns_and_thin_svd(tl):
+    import warnings
+
+    from jaxtyping import TypeCheckError
+    from transformer_lens import FactoredMatrix
+    from transformer_lens.hook_points import HookPoint
+
+    with pytest.raises(ValueError, match="dir must be"):
+        HookPoint().has_hooks(dir="sideways")
+    with pytest.raises(TypeCheckError):  # what TransformerLens' type-checked Literal raises
+        HookPoint().has_hooks(dir="sideways")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from transformer_lens.hook_points import HookedRootModule
+    assert HookedRootModule is hooked_attn.HookedRootModule
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    fm = FactoredMatrix(torch.randn(6, 7), torch.randn(7, 3))  # rank <= 3: the thin SVD has 3 columns
+    U, S, V = fm.svd()
+    assert (U.shape, S.shape, V.shape) == ((6, 3), (3,), (3, 3))
+    torch.testing.assert_close(U @ torch.diag(S) @ V.T, fm.AB, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(U.T @ U, torch.eye(3), atol=1e-5, rtol=1e-5)
+
+
+def test_d_vocab_out_sets_the_unembedding_width(tl):
+    cfg = tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=6, act_fn="relu", d_vocab=20,
+                                     d_vocab_out=7, seed=0)
+    model = tl.HookedTransformer(cfg)
+    logits, cache = model.run_with_cache(torch.randint(0, 20, (2, 5)))
+    assert logits.shape == (2, 5, 7) and model.W_U.shape == (8, 7) and model.W_E.shape == (20, 8)
+    assert model.W_U.std() > 0  # initialised with the rest of the model
+    torch.testing.assert_close(logits, model.ln_final(cache["blocks.0.hook_resid_post"]) @ model.W_U + model.b_U)

@@ -11,8 +11,7 @@ from transformers import BertConfig
 
 from hooked_attn.architectures import by_kind, register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import heads_in, heads_out, pop_lm_head
-from hooked_attn.architectures.parsers import ACTIVATIONS
+from hooked_attn.architectures.common import activation, heads_in, heads_out, pop_lm_head
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -36,15 +35,13 @@ def config_from_hf(hf: BertConfig, architecture: str = "BertModel") -> ModelConf
     if getattr(hf, "position_embedding_type", "absolute") not in ("absolute", None):
         raise UnsupportedConfigError(
             f"{architecture}: config field position_embedding_type={hf.position_embedding_type!r} is not supported")
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{architecture}: config field hidden_act={hf.hidden_act!r} is not supported")
     ln = NormConfig(kind="layernorm", eps=hf.layer_norm_eps)
     d_head = hf.hidden_size // hf.num_attention_heads
     return ModelConfig(
         hf_architecture=architecture, n_layers=hf.num_hidden_layers, d_model=hf.hidden_size,
         n_heads=hf.num_attention_heads, n_kv_heads=hf.num_attention_heads, d_head=d_head,
         d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings, norm=ln,
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, architecture),
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings), attn_scale=d_head**-0.5, causal=False,
         block_norms="post_residual", final_norm=False, embed_norm=ln,
     )

@@ -11,9 +11,10 @@ from transformers import CohereConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    SHARED_NORM, bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys,
+    SHARED_NORM, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
-from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -33,12 +34,10 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: CohereConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     if hf.logit_scale is None:
         # CohereForCausalLM.forward multiplies by it unconditionally; HF's own forward fails on None.
         raise UnsupportedConfigError(f"{ARCH}: config field logit_scale=None is not supported")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     rope = rope_parameters(hf, ARCH, 500_000.0)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         # CohereRotaryEmbedding.compute_default_rope_parameters uses the whole head_dim, while HF's
@@ -50,10 +49,8 @@ def config_from_hf(hf: CohereConfig) -> ModelConfig:
     norm = NormConfig(kind="layernorm", eps=hf.layer_norm_eps, bias=False, gain_dtype="float32")
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
-        norm=norm, act_fn=ACTIVATIONS[hf.hidden_act],
+        **decoder_sizes(hf, d_head),
+        norm=norm, act_fn=activation(hf, ARCH),
         # Interleaved rotary: CohereRotaryEmbedding repeat_interleaves the frequencies (not cat) and
         # rotate_half pairs dimensions (2i, 2i+1) (x[..., ::2], x[..., 1::2]). apply_rotary_pos_emb
         # upcasts q and k to float32, multiplies by cos/sin (cast to the activation dtype), and casts

@@ -18,9 +18,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_attn.architectures.base import KeyLedger
-from hooked_attn.architectures.parsers import (  # ACTIVATIONS: re-exported, the families import it from here
+from hooked_attn.architectures.parsers import (  # re-exported for the families
     ACTIVATIONS,  # noqa: F401
     TRANSFORMERS_MAJOR,
+    activation,  # noqa: F401
+    head_dim,  # noqa: F401
+    rotary_dims,  # noqa: F401
 )
 from hooked_attn.config import ModelConfig
 from hooked_attn.shapes import StateDict

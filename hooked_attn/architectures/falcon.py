@@ -8,7 +8,7 @@ from transformers import FalconConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, FALCON_FRAME, LLAMA_NORMS, SHARED_NORM, bias_rule, convert_decoder, heads_out, pop_bias,
+    FALCON_FRAME, LLAMA_NORMS, SHARED_NORM, activation, bias_rule, convert_decoder, heads_out, pop_bias,
     pop_norms,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
@@ -83,9 +83,6 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
     if getattr(hf, "apply_residual_connection_post_layernorm", False):
         raise UnsupportedConfigError(f"{ARCH}: config field apply_residual_connection_post_layernorm=True is not "
                                      "supported (transformers' Falcon ignores it, so no reference exists)")
-    if hf.activation not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: activation={hf.activation!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.hidden_size // hf.num_attention_heads  # FalconConfig.head_dim
     n_kv, parallel, _ = _layout(hf)
     return ModelConfig(
@@ -93,7 +90,7 @@ def config_from_hf(hf: FalconConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=n_kv,
         d_head=d_head, d_mlp=hf.ffn_hidden_size, d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation],
+        act_fn=activation(hf, ARCH, "activation"),
         positions=_positions(hf, d_head),
         # FalconAttention: q.k / sqrt(d_head) (inv_norm_factor). Its eager softmax runs in the activation
         # dtype; ours in float32 (identical in fp32).

@@ -10,7 +10,7 @@ from transformers import GemmaConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    LLAMA_NORMS, bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys,
+    LLAMA_NORMS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ActFn, ModelConfig, NormConfig
@@ -83,9 +83,7 @@ def config_from_hf(hf: GemmaConfig) -> ModelConfig:
     d_head = hf.head_dim
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=gemma_norm(hf.rms_norm_eps), act_fn=act,
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5,  # GemmaAttention: self.scaling = self.head_dim**-0.5

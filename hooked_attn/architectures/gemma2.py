@@ -7,7 +7,7 @@ from transformers import Gemma2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import convert_decoder, rotary_buffer_keys
+from hooked_attn.architectures.common import convert_decoder, decoder_sizes, rotary_buffer_keys
 from hooked_attn.architectures.gemma import (
     check_activation, check_causal, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
@@ -53,9 +53,7 @@ def config_from_hf(hf: Gemma2Config) -> ModelConfig:
     norm = gemma_norm(hf.rms_norm_eps)
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=norm, act_fn=act,
         # Gemma2DecoderLayer: x + post_attention_layernorm(attn(input_layernorm(x))), then
         # x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))): all four GemmaRMSNorms.

@@ -10,7 +10,7 @@ from transformers import Gemma3TextConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import convert_decoder
+from hooked_attn.architectures.common import convert_decoder, decoder_sizes
 from hooked_attn.architectures.gemma import (
     check_activation, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
@@ -76,9 +76,7 @@ def config_from_hf(hf: Gemma3TextConfig) -> ModelConfig:
     rotaries = layer_rotaries(hf, d_head)
     return ModelConfig(
         hf_architecture=ARCH,
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
+        **decoder_sizes(hf, d_head),
         norm=norm, act_fn=act,
         # Gemma3DecoderLayer: the same four norms as Gemma 2 (input, post_attention, pre_feedforward,
         # post_feedforward), all GemmaRMSNorms.

@@ -5,9 +5,9 @@ from torch import Tensor
 from transformers import GPT2Config
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, GPT2_FRAME, GPT2_NORMS, convert_decoder, pop_learned_positions, pop_norms,
+    GPT2_FRAME, GPT2_NORMS, activation, convert_decoder, pop_learned_positions, pop_norms,
 )
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -28,15 +28,13 @@ IGNORED_HF_KEYS = ("transformer.h.*.attn.bias", "transformer.h.*.attn.masked_bia
 
 
 def config_from_hf(hf: GPT2Config) -> ModelConfig:
-    if hf.activation_function not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"GPT2LMHeadModel: activation_function={hf.activation_function!r} is not supported")
     d_head = hf.n_embd // hf.n_head
     return ModelConfig(
         hf_architecture="GPT2LMHeadModel",
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],
+        act_fn=activation(hf, "GPT2LMHeadModel", "activation_function"),
         positions=LearnedPositions(n_ctx=hf.n_positions),
         attn_scale=d_head**-0.5 if hf.scale_attn_weights else 1.0,
         attn_scale_by_inverse_layer=hf.scale_attn_by_inverse_layer_idx,

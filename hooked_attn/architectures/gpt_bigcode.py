@@ -8,8 +8,8 @@ from transformers import GPTBigCodeConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    GPT2_FRAME, GPT2_NORMS, convert_decoder, heads_in, heads_out, pop_learned_positions, pop_linear_mlp,
-    pop_norms, qkv_per_head,
+    GPT2_FRAME, GPT2_NORMS, activation, convert_decoder, heads_in, heads_out, pop_learned_positions,
+    pop_linear_mlp, pop_norms, qkv_per_head,
 )
 from hooked_attn.architectures.parsers import ACTIVATIONS
 from hooked_attn.config import ActFn, LearnedPositions, ModelConfig, NormConfig
@@ -38,9 +38,6 @@ _ACTIVATIONS: dict[str, ActFn] = {**ACTIVATIONS, "gelu_python_tanh": "gelu_new",
 
 
 def config_from_hf(hf: GPTBigCodeConfig) -> ModelConfig:
-    if hf.activation_function not in _ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field activation_function={hf.activation_function!r} "
-                                     f"is not supported (supported: {', '.join(sorted(_ACTIVATIONS))})")
     if hf.add_cross_attention:
         raise UnsupportedConfigError(f"{ARCH}: config field add_cross_attention=True is not supported "
                                      "(hooked_attn rebuilds decoder-only models)")
@@ -51,7 +48,7 @@ def config_from_hf(hf: GPTBigCodeConfig) -> ModelConfig:
         n_kv_heads=1 if hf.multi_query else hf.n_head,  # GPTBigCodeAttention.kv_heads
         d_head=d_head, d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=_ACTIVATIONS[hf.activation_function],
+        act_fn=activation(hf, ARCH, "activation_function", table=_ACTIVATIONS),
         positions=LearnedPositions(n_ctx=hf.n_positions),
         # GPTBigCodeAttention: self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         attn_scale=d_head**-0.5 if hf.scale_attn_weights else 1.0,

@@ -6,7 +6,7 @@ from transformers import GPTNeoConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, GPT2_FRAME, GPT2_NORMS, convert_decoder, pop_attention, pop_learned_positions,
+    GPT2_FRAME, GPT2_NORMS, activation, convert_decoder, pop_attention, pop_learned_positions,
     pop_linear_mlp, pop_norms,
 )
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
@@ -36,9 +36,6 @@ IGNORED_HF_KEYS = ("transformer.h.*.attn.attention.bias", "transformer.h.*.attn.
 
 
 def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
-    if hf.activation_function not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     layers = list(hf.attention_layers)
     if len(layers) != hf.num_layers or set(layers) - {"global", "local"}:
         raise UnsupportedConfigError(
@@ -55,7 +52,7 @@ def config_from_hf(hf: GPTNeoConfig) -> ModelConfig:
         d_mlp=hf.intermediate_size if hf.intermediate_size is not None else 4 * hf.hidden_size,  # GPTNeoBlock
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],
+        act_fn=activation(hf, ARCH, "activation_function"),
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # GPTNeoSelfAttention._attn never scales q.k (no 1/sqrt(d_head)): the original Mesh-TF model
         # folded the scale into its initialisation. It upcasts q and k to float32 first: identical in

@@ -4,9 +4,10 @@ from torch import Tensor
 from transformers import GPTNeoXConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    bias_rule, convert_decoder, heads_out, pop_bias, pop_linear_mlp, pop_norms, qkv_per_head,
+    activation, bias_rule, convert_decoder, heads_out, pop_bias, pop_linear_mlp, pop_norms, qkv_per_head,
+    rotary_dims,
 )
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ActFn, ModelConfig, NormConfig
@@ -40,20 +41,12 @@ _ACTIVATIONS: dict[str, ActFn] = {
 
 
 def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
-    if hf.hidden_act not in _ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
     # GPTNeoXAttention: head_size = hidden_size // num_attention_heads; there is no head_dim field.
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = rope_parameters(hf, ARCH)
     # Partial rotary (rotary_pct, 0.25 for Pythia): only the first int(d_head * factor) dimensions of
     # each head rotate, paired by rotate_half (GPTNeoXAttention.rotary_ndims, apply_rotary_pos_emb).
-    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    if n_rot < 0 or n_rot % 2:
-        raise UnsupportedConfigError(
-            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; zero or a positive even number is needed"
-        )
+    n_rot = rotary_dims(rope, d_head, ARCH)
     # rotary_ndims == 0: GPTNeoXRotaryEmbedding has no frequencies, apply_rotary_pos_emb rotates the
     # empty slice q[..., :0] and concatenates the untouched rest, so q and k carry no position at all
     # (attention sees positions only through the causal mask): positions=None, no rotary hooks.
@@ -63,7 +56,7 @@ def config_from_hf(hf: GPTNeoXConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=_ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH, table=_ACTIVATIONS),
         positions=positions, attn_scale=d_head**-0.5,
         # GPTNeoXLayer.forward: parallel adds attn(ln1(x)) + mlp(ln2(x)) to x; sequential is the GPT-2 order.
         parallel_attn_mlp=hf.use_parallel_residual,

@@ -6,7 +6,7 @@ from transformers import GPTJConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, GPT2_FRAME, convert_decoder, pop_attention, pop_linear_mlp, pop_norms,
+    GPT2_FRAME, activation, convert_decoder, pop_attention, pop_linear_mlp, pop_norms,
 )
 from hooked_attn.config import ModelConfig, NormConfig, Rotary
 from hooked_attn.shapes import StateDict
@@ -25,9 +25,6 @@ IGNORED_HF_KEYS = ("transformer.h.*.attn.bias", "transformer.h.*.attn.masked_bia
 
 
 def config_from_hf(hf: GPTJConfig) -> ModelConfig:
-    if hf.activation_function not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.n_embd // hf.n_head
     # GPTJConfig types rotary_dim as int (None is rejected by its strict validation). HF slices
     # [..., :rotary_dim] per head against a rotary_dim-wide sinusoid table (GPTJAttention.forward).
@@ -42,7 +39,7 @@ def config_from_hf(hf: GPTJConfig) -> ModelConfig:
         n_layers=hf.n_layer, d_model=hf.n_embd, n_heads=hf.n_head, n_kv_heads=hf.n_head, d_head=d_head,
         d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd, d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_epsilon),
-        act_fn=ACTIVATIONS[hf.activation_function],
+        act_fn=activation(hf, ARCH, "activation_function"),
         # Interleaved partial rotary: the first rotary_dim dimensions of each head rotate in adjacent
         # pairs (2i, 2i+1) (rotate_every_two, apply_rotary_pos_emb), base fixed at 10000
         # (create_sinusoidal_positions); the rest pass through.

@@ -6,9 +6,9 @@ from torch import Tensor
 from transformers import GraniteConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -33,14 +33,12 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: GraniteConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         # GraniteAttention.__init__: `self.scaling = config.attention_multiplier` (replaces head_dim**-0.5).
         attn_scale=float(hf.attention_multiplier), gated_mlp=True,

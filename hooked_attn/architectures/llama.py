@@ -4,10 +4,10 @@ from torch import Tensor
 from transformers import LlamaConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
+from hooked_attn.architectures.base import Architecture, KeyLedger
+from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.common import (
-    bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -23,14 +23,12 @@ IGNORED_HF_FIELDS = frozenset({
     "pretraining_tp",     # transformers 5 no longer splits the matmuls; the result does not depend on it
 })
 def config_from_hf(hf: LlamaConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"LlamaForCausalLM: hidden_act={hf.hidden_act!r} is not supported")
-    d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     return ModelConfig(
         hf_architecture="LlamaForCausalLM",
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, "LlamaForCausalLM"),
         attn_scale=d_head**-0.5, gated_mlp=True,
     )

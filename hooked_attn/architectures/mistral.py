@@ -8,7 +8,7 @@ from transformers import MistralConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import (  # full_head_rotary, windows_from_layer_types: re-exported
     ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types,
@@ -31,8 +31,6 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: MistralConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     if getattr(hf, "layer_types", None) is not None:
         # MistralConfig.__post_init__ warns that layer_types is for Ministral: MistralModel never reads
         # it and slides every layer. Refused, since the checkpoint most likely wants alternating layers.
@@ -41,12 +39,12 @@ def config_from_hf(hf: MistralConfig) -> ModelConfig:
     if hf.sliding_window is not None and hf.sliding_window <= 0:
         raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
     # MistralAttention: head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads.
-    d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # MistralAttention: self.scaling = self.head_dim**-0.5
         # MistralModel.forward: create_sliding_window_causal_mask for every layer whenever

@@ -7,9 +7,9 @@ from torch import Tensor
 from transformers import MixtralConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, convert_decoder, decoder_sizes, pop_attention, pop_norms, rotary_buffer_keys,
+    activation, convert_decoder, decoder_sizes, head_dim, pop_attention, pop_norms, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, MoE, NormConfig
@@ -34,10 +34,8 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: MixtralConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     # MixtralAttention: head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads.
-    d_head = hf.head_dim or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     # MixtralModel uses create_sliding_window_causal_mask for every layer when sliding_window is set
     # (keys with q_pos - k_pos < sliding_window), create_causal_mask otherwise.
     windows = None if hf.sliding_window is None else (hf.sliding_window,) * hf.num_hidden_layers
@@ -45,7 +43,7 @@ def config_from_hf(hf: MixtralConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 1e6), d_head, ARCH),
         attn_scale=d_head**-0.5, attn_windows=windows,
         gated_mlp=True, moe=MoE(n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok),

@@ -7,7 +7,7 @@ from transformers import OlmoConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -33,19 +33,17 @@ _NORM_EPS = 1e-5
 
 
 def config_from_hf(hf: OlmoConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     if hf.clip_qkv is not None and not hf.clip_qkv > 0:
         # HF would clamp every q, k, v to [-c, c] with c <= 0: refuse rather than reproduce that.
         raise UnsupportedConfigError(f"{ARCH}: config field clip_qkv={hf.clip_qkv!r} must be positive or "
                                      "None")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         # OlmoLayerNorm: "LayerNorm but with no learnable weight or bias".
         norm=NormConfig(kind="layernorm", eps=_NORM_EPS, weight=False, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # OlmoAttention: self.scaling = self.head_dim**-0.5
         # OlmoAttention.forward: q, k and v clamped to [-clip_qkv, clip_qkv] right after q/k/v_proj

@@ -8,10 +8,12 @@ from torch import Tensor
 from transformers import Olmo2Config
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import bias_rule, convert_decoder, pop_llama_layer, rotary_buffer_keys
+from hooked_attn.architectures.base import Architecture, KeyLedger
+from hooked_attn.architectures.common import (
+    activation, bias_rule, convert_decoder, head_dim, pop_llama_layer, rotary_buffer_keys,
+)
 from hooked_attn.architectures.parsers import (
-    ACTIVATIONS, ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf,
+    ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf,
 )
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
@@ -32,9 +34,7 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Olmo2Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     # Olmo2RMSNorm: x.float() * rsqrt(mean(x^2) + eps), then (weight * x) BEFORE the cast back
     # (`(self.weight * hidden_states).to(input_dtype)`, unlike LlamaRMSNorm): gain_dtype="float32".
     norm = NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False, gain_dtype="float32")
@@ -44,7 +44,7 @@ def config_from_hf(hf: Olmo2Config) -> ModelConfig:
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_head=d_head, d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings,
         norm=norm,  # the final norm (model.norm); the blocks have no pre-norms
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         # Olmo2DecoderLayer: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)).
         block_norms="output", post_norm=norm,
         # Olmo2Attention: q_norm = Olmo2RMSNorm(num_attention_heads * head_dim) on q_proj's whole output,

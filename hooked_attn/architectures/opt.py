@@ -4,15 +4,8 @@ from torch import Tensor
 from transformers import OPTConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import (
-    ACTIVATIONS,
-    bias_rule,
-    pop_attention,
-    pop_bias,
-    pop_lm_head,
-    zeros,
-)
+from hooked_attn.architectures.base import Architecture, KeyLedger
+from hooked_attn.architectures.common import activation, bias_rule, pop_attention, pop_bias, pop_lm_head, zeros
 from hooked_attn.architectures.parsers import TRANSFORMERS_MAJOR
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -39,9 +32,6 @@ _LN_EPS = 1e-5
 
 
 def config_from_hf(hf: OPTConfig) -> ModelConfig:
-    if hf.activation_function not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: activation_function={hf.activation_function!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     d_head = hf.hidden_size // hf.num_attention_heads
     affine = hf.layer_norm_elementwise_affine
     return ModelConfig(
@@ -50,7 +40,7 @@ def config_from_hf(hf: OPTConfig) -> ModelConfig:
         n_kv_heads=hf.num_attention_heads, d_head=d_head, d_mlp=hf.ffn_dim, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings,
         norm=NormConfig(kind="layernorm", eps=_LN_EPS, weight=affine, bias=affine),
-        act_fn=ACTIVATIONS[hf.activation_function],
+        act_fn=activation(hf, ARCH, "activation_function"),
         positions=LearnedPositions(n_ctx=hf.max_position_embeddings),
         # OPTAttention.forward multiplies q_proj(x) (bias included) by head_dim**-0.5 before q.k and
         # then calls the attention function with scaling=1.0: the same scores as scaling q.k.

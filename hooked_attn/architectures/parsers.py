@@ -149,3 +149,32 @@ def windows_from_layer_types(
             f"{arch}: config field layer_types has sliding_attention layers but sliding_window={sliding_window!r}"
         )
     return tuple(sliding_window if t == "sliding_attention" else None for t in types)
+
+
+def activation(hf: Any, arch: str, field: str = "hidden_act", *, table: dict[str, ActFn] = ACTIVATIONS) -> ActFn:
+    """Our name for the activation in ``hf.<field>`` (``hidden_act``, ``activation_function``...), or
+    :class:`UnsupportedConfigError` naming the field, its value and the supported names."""
+    value = getattr(hf, field)
+    if value not in table:
+        raise UnsupportedConfigError(f"{arch}: config field {field}={value!r} is not supported "
+                                     f"(supported: {', '.join(sorted(table))})")
+    return table[value]
+
+
+def head_dim(hf: Any) -> int:
+    """d_head as the LLaMA-style attention modules read it: ``getattr(config, "head_dim", None) or
+    hidden_size // num_attention_heads`` (a config with no head_dim field, or None, splits evenly)."""
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def rotary_dims(rope: dict, d_head: int, arch: str, *, zero_ok: bool = True) -> int:
+    """How many of each head's d_head dimensions rotate: ``int(d_head * partial_rotary_factor)`` (HF's
+    ``rotary_ndims``), refused unless even and positive (or zero, where ``zero_ok``: no rotation at all)."""
+    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
+    if n_rot < (0 if zero_ok else 1) or n_rot % 2:
+        raise UnsupportedConfigError(
+            f"{arch}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
+            f"{n_rot} rotary dimensions of d_head={d_head}; {'zero or ' if zero_ok else ''}a positive even "
+            "number is needed"
+        )
+    return n_rot

@@ -5,9 +5,10 @@ from torch import Tensor
 from transformers import PhiConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, SHARED_NORM, convert_decoder, decoder_sizes, pop_attention, pop_linear_mlp, pop_norms,
+    SHARED_NORM, activation, convert_decoder, decoder_sizes, pop_attention, pop_linear_mlp, pop_norms,
+    rotary_dims,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -27,20 +28,12 @@ IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, reb
 
 
 def config_from_hf(hf: PhiConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # PhiAttention: head_dim = hidden_size // num_attention_heads (PhiConfig has no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = rope_parameters(hf, ARCH)
     # Partial rotary: only the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
     # paired by rotate_half (PhiAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
-    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    if n_rot < 0 or n_rot % 2:
-        raise UnsupportedConfigError(
-            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; zero or a positive even number is needed"
-        )
+    n_rot = rotary_dims(rope, d_head, ARCH)
     # rotary_ndims == 0: apply_rotary_pos_emb rotates the empty slice and passes the rest through, so q
     # and k carry no position (attention sees order only through the causal mask): no rotary at all.
     qk_norm = None
@@ -54,7 +47,7 @@ def config_from_hf(hf: PhiConfig) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope, d_head, ARCH) if n_rot else None, attn_scale=d_head**-0.5,
         # PhiDecoderLayer.forward: attention and MLP both read input_layernorm(x) and add to x.
         parallel_attn_mlp=True,

@@ -8,8 +8,8 @@ from transformers import Phi3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, convert_decoder, decoder_sizes, heads_in, heads_out, pop_norms, rotary_buffer_keys,
-    zeros,
+    activation, convert_decoder, decoder_sizes, head_dim, heads_in, heads_out, pop_norms,
+    rotary_buffer_keys, zeros,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -49,8 +49,6 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Phi3Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     rope = rope_parameters(hf, ARCH, 10_000.0)
     kind = rope.get("rope_type", "default")
     if kind != "default":
@@ -61,7 +59,7 @@ def config_from_hf(hf: Phi3Config) -> ModelConfig:
                                      "(only the default rope type)")
     if hf.sliding_window is not None and hf.sliding_window <= 0:
         raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     # Partial rotary: Phi3RotaryEmbedding.compute_default_rope_parameters builds frequencies for
     # int(head_dim * partial_rotary_factor) dims; apply_rotary_pos_emb rotates those first dims of each
     # head with rotate_half and passes the rest through.
@@ -75,7 +73,7 @@ def config_from_hf(hf: Phi3Config) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),  # Phi3RMSNorm: LLaMA's RMSNorm
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope, d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Phi3Attention: self.scaling = self.head_dim**-0.5
         # Phi3Model.forward: create_sliding_window_causal_mask for every layer whenever

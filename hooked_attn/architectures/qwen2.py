@@ -5,9 +5,9 @@ from torch import Tensor
 from transformers import Qwen2Config
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.mistral import windows_from_layer_types
@@ -34,9 +34,7 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Qwen2Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     # Qwen2Config.__post_init__ sets sliding_window=None unless use_sliding_window, and (when layer_types
     # is not given) marks layers i >= max_window_layers as "sliding_attention". Qwen2Model then gives
     # those layers create_sliding_window_causal_mask with config.sliding_window (Qwen2Attention also
@@ -46,7 +44,7 @@ def config_from_hf(hf: Qwen2Config) -> ModelConfig:
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope_parameters(hf, ARCH, 10_000.0), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen2Attention: self.scaling = self.head_dim**-0.5
         attn_windows=windows,

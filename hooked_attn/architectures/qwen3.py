@@ -6,9 +6,9 @@ from torch import Tensor
 from transformers import Qwen3Config
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -32,18 +32,16 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Qwen3Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     # Qwen3Attention: head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads); Qwen3Config
     # declares head_dim (128 by default), so it is independent of hidden_size.
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     windows = windows_from_layer_types(hf.layer_types, hf.sliding_window, hf.num_hidden_layers, ARCH)
     rms = NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False)  # Qwen3RMSNorm: gain in the input dtype
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=rms,
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5, gated_mlp=True,  # Qwen3Attention: self.scaling = self.head_dim**-0.5
         # Qwen3Attention.forward: q_norm(q_proj(x).view(..., head_dim)), likewise k; both Qwen3RMSNorm over

@@ -7,7 +7,7 @@ from transformers import SmolLM3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
@@ -41,8 +41,6 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported")
     n = hf.num_hidden_layers
     no_rope = list(hf.no_rope_layers)
     if len(no_rope) != n or any(flag not in (0, 1) for flag in no_rope):
@@ -57,13 +55,13 @@ def config_from_hf(hf: SmolLM3Config) -> ModelConfig:
             f"{ARCH}: config field layer_types={hf.layer_types!r} has sliding_attention layers while "
             "use_sliding_window=False; HF's eager and flash attention disagree on such a config"
         )
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     rotary = full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         norm=NormConfig(kind="rmsnorm", eps=hf.rms_norm_eps, bias=False),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary,
         # SmolLM3Attention: `self.use_rope = config.no_rope_layers[layer_idx]`; apply_rotary_pos_emb runs
         # only when it is truthy. Every layer shares one rotary table (SmolLM3Model.rotary_emb).

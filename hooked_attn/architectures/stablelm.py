@@ -7,7 +7,7 @@ from transformers import StableLmConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, LLAMA_NORMS, SHARED_NORM, bias_rule, convert_decoder, pop_attention, pop_gated_mlp,
+    LLAMA_NORMS, SHARED_NORM, activation, bias_rule, convert_decoder, pop_attention, pop_gated_mlp,
     pop_norms,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, TRANSFORMERS_MAJOR, rope_parameters, rotary_from_hf
@@ -28,9 +28,6 @@ IGNORED_HF_KEYS = ("model.rotary_emb.inv_freq",)  # a non-persistent buffer, reb
 
 
 def config_from_hf(hf: StableLmConfig) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     # StableLmAttention: head_dim = hidden_size // num_attention_heads (no head_dim field).
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = rope_parameters(hf, ARCH)
@@ -56,7 +53,7 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads, d_head=d_head, d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings, norm=NormConfig(kind="layernorm", eps=hf.layer_norm_eps),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=rotary_from_hf(rope, d_head, ARCH), attn_scale=d_head**-0.5,
         gated_mlp=True,  # StableLmMLP: down(act(gate(x)) * up(x)), no biases
         # StableLmDecoderLayer.forward: parallel adds attn(ln(x)) + mlp(ln(x)) to x, one shared norm.

@@ -7,7 +7,7 @@ from transformers import Starcoder2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    ACTIVATIONS, bias_rule, convert_decoder, decoder_sizes, pop_attention, pop_bias, pop_norms,
+    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_attention, pop_bias, pop_norms,
     rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters
@@ -36,9 +36,6 @@ IGNORED_HF_KEYS = rotary_buffer_keys()
 
 
 def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise UnsupportedConfigError(f"{ARCH}: config field hidden_act={hf.hidden_act!r} is not supported "
-                                     f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     if hf.sliding_window is not None and hf.sliding_window <= 0:
         raise UnsupportedConfigError(f"{ARCH}: config field sliding_window={hf.sliding_window!r} is not supported")
     for name, built in (("norm_type", "layer_norm"), ("mlp_type", "default"), ("layer_norm_epsilon", hf.norm_epsilon)):
@@ -46,14 +43,14 @@ def config_from_hf(hf: Starcoder2Config) -> ModelConfig:
         if value is not None and value != built:
             raise UnsupportedConfigError(f"{ARCH}: config field {name}={value!r} is not supported (Starcoder2ForCausalLM "
                                          f"ignores it and builds the model for {name}={built!r})")
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    d_head = head_dim(hf)
     return ModelConfig(
         hf_architecture=ARCH,
         **decoder_sizes(hf, d_head),
         # Starcoder2DecoderLayer and Starcoder2Model.norm: nn.LayerNorm(eps=norm_epsilon), always with a bias
         # (use_bias only concerns the linear layers).
         norm=NormConfig(kind="layernorm", eps=hf.norm_epsilon),
-        act_fn=ACTIVATIONS[hf.hidden_act],
+        act_fn=activation(hf, ARCH),
         positions=full_head_rotary(rope_parameters(hf, ARCH), d_head, ARCH),
         attn_scale=d_head**-0.5,  # Starcoder2Attention: self.scaling = self.head_dim**-0.5
         # Starcoder2MLP: c_proj(act(c_fc(x))), not gated.

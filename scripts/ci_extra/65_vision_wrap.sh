@@ -3,16 +3,22 @@
 # Not in the main env: the registry's torchvision build for torch 2.13 (0.28.0+cu130) cannot load its
 # compiled ops with the CPU torch, and once installed, `import torchvision` (and with it transformers'
 # vision models, such as ViTModel) fails there; scripts/vision_wrap/conftest.py says how the tests get
-# past that. Prints "N passed, M failed".
+# past that. The side venv holds only torchvision and timm and reads everything else (torch 2.13.0,
+# transformers, pytest, ...) from the main env $PY, through a .pth file. Prints "N passed, M failed".
 set -euo pipefail
+PY=${PY:-python3}
 # A fresh side venv each run, as CI's main venv is (set VISION_VENV=DIR to keep and reuse one while developing).
 if [ -n "${VISION_VENV:-}" ]; then VENV=$VISION_VENV; else VENV=$(mktemp -d)/vision; trap 'rm -rf "$(dirname "$VENV")"' EXIT; fi
-if ! "$VENV/bin/python" -c "import torchvision.version as v, timm, pytest, beartype, hooked_attn, sys; \
-sys.exit(not (v.__version__.startswith('0.28.0') and timm.__version__ == '1.0.31'))" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.13.0            # first: the local CPU wheel
-  "$VENV/bin/pip" install -q torch==2.13.0 -e ".[vision]" pytest==9.2.0 beartype==0.23.1
+  own=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  main=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "import site; site.addsitedir('$main')" > "$own/main_env.pth"
 fi
+# --no-deps: their dependencies (torch 2.13.0, huggingface_hub, pyyaml, safetensors, numpy, pillow) come
+# from the main env, so nothing here can move torch.
+"$VENV/bin/pip" install -q --no-deps torchvision==0.28.0 timm==1.0.31
+"$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
 log=$(mktemp)
 status=0
 PYTHONPATH="$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q \

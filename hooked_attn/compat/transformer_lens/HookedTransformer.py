@@ -5,6 +5,7 @@
 ``ModelConfig`` it converts to (``model.model_cfg``).
 """
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Union
 
@@ -13,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
+from hooked_attn.components.unembed import Unembed as _Unembed
 from hooked_attn.config import ModelConfig
 from hooked_attn.hook_points import HookedRootModule  # noqa: F401  (TransformerLens users import it from here)
 from hooked_attn.model import HookedTransformer as _Base
@@ -119,18 +121,23 @@ class HookedTransformer(_Base):
             return
         if not isinstance(cfg, HookedTransformerConfig):
             raise TypeError(f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}")
-        if cfg.d_vocab <= 0 and (tokenizer is not None or cfg.tokenizer_name):
-            # TransformerLens: the vocabulary size comes from the tokenizer (loaded by name if need be),
-            # written into the caller's config as TransformerLens does.
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        cfg.refuse_unsupported()  # before anything is loaded
+        if tokenizer is None and cfg.tokenizer_name:  # TransformerLens loads the tokenizer the config names
+            from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+        if cfg.d_vocab <= 0 and tokenizer is not None:
+            # TransformerLens: the vocabulary size comes from the tokenizer, written into the caller's
+            # config as TransformerLens does.
             cfg.d_vocab = max(tokenizer.get_vocab().values()) + 1
             if cfg.d_vocab_out <= 0:
                 cfg.d_vocab_out = cfg.d_vocab
         compat, model_cfg = _bind(cfg)
         super().__init__(model_cfg, tokenizer)
+        if compat.d_vocab_out != compat.d_vocab:  # TransformerLens: logits over another vocabulary than the input's
+            if compat.d_vocab_out <= 0:
+                raise ValueError(f"d_vocab_out={compat.d_vocab_out}: give the output vocabulary size")
+            self.unembed = _Unembed(dataclasses.replace(model_cfg, d_vocab=compat.d_vocab_out))
         self.default_padding_side = default_padding_side  # type: ignore[assignment]
         self.cfg = compat  # type: ignore[assignment]
         self.model_cfg = model_cfg

@@ -156,11 +156,17 @@ class HookedTransformerConfig:
 
     def to_model_config(self) -> ModelConfig:
         """hooked_attn's ModelConfig for this config; raises ValueError for options it does not build."""
+        self.refuse_unsupported()
+        if self.d_vocab <= 0:
+            raise ValueError(f"d_vocab={self.d_vocab}: give the vocabulary size")
+        return self._model_config()
+
+    def refuse_unsupported(self) -> None:
+        """Raise a ValueError naming every option set here that hooked_attn's models do not build."""
         unsupported = {
             "act_fn in ('solu', 'solu_ln', 'gelu_fast')": (
                 self.act_fn in ("solu", "solu_ln", "gelu_fast") and not self.attn_only),
             "positional_embedding_type='shortformer'": self.positional_embedding_type == "shortformer",
-            "d_vocab_out != d_vocab": self.d_vocab_out != self.d_vocab,
             "final_rms": self.final_rms and self.normalization_type not in ("RMS", "RMSPre"),
             "use_qk_norm": self.use_qk_norm,
             "rotary_base_local": self.rotary_base_local is not None,
@@ -173,8 +179,8 @@ class HookedTransformerConfig:
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"hooked_attn cannot build a model with {', '.join(bad)} (TransformerLens options)")
-        if self.d_vocab <= 0:
-            raise ValueError(f"d_vocab={self.d_vocab}: give the vocabulary size")
+
+    def _model_config(self) -> ModelConfig:
         if self.normalization_type not in _NORMS:
             raise ValueError(f"normalization_type={self.normalization_type!r} is not one of {list(_NORMS)}")
         norm = dataclasses.replace(_NORMS[self.normalization_type], eps=self.eps)

@@ -1,5 +1,6 @@
 """``transformer_lens.components``: hooked_attn's components, built from a TransformerLens config where TL builds them so."""
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -71,8 +72,12 @@ class PosEmbed(_PosEmbed):
 
 
 class Unembed(_Unembed):
+    """``W_U [d_model d_vocab_out]``: a TransformerLens config's ``d_vocab_out`` sets the output width."""
+
     def __init__(self, cfg: Any) -> None:
-        super().__init__(_model_cfg(cfg))
+        mc = _model_cfg(cfg)
+        out = getattr(HookedTransformerConfig.unwrap(cfg), "d_vocab_out", -1) if not isinstance(cfg, ModelConfig) else -1
+        super().__init__(dataclasses.replace(mc, d_vocab=out) if out > 0 and out != mc.d_vocab else mc)
 
 
 class TransformerBlock(_Block):
@@ -85,6 +90,7 @@ from hooked_attn.compat.transformer_lens.components.attention import Attention  
 from hooked_attn.compat.transformer_lens.components.grouped_query_attention import GroupedQueryAttention  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.gated_mlp import GatedMLP  # noqa: E402
 from hooked_attn.compat.transformer_lens.components.mlps.mlp import MLP  # noqa: E402
+from hooked_attn.compat.transformer_lens.components.mlps.moe import MoE  # noqa: E402
 
-__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "GroupedQueryAttention", "LayerNorm", "LayerNormPre", "MLP", "PosEmbed", "RMSNorm",
+__all__ = ["AbstractAttention", "Attention", "Embed", "GatedMLP", "GroupedQueryAttention", "LayerNorm", "LayerNormPre", "MLP", "MoE", "PosEmbed", "RMSNorm",
            "RMSNormPre", "TransformerBlock", "Unembed"]
