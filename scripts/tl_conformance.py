@@ -123,6 +123,9 @@ KNOWN_FAILURES: dict[str, tuple[str, str]] = {
     "tests/integration/test_attention_mask.py::test_attention_mask": (
         "deliberate", "expects -inf at masked positions of hook_attn_scores; hooked_attn masks with the dtype's most "
         "negative finite value, as HF's eager attention does (the pattern is the same: 0 there)"),
+    "tests/unit/test_activation_cache.py::*": (
+        "gap", "builds its model with TransformerBridge.boot_native (TransformerBridgeConfig), which hooked_attn does not "
+        "rebuild; the ActivationCache checks it makes are in scope, so it counts as failed"),
     "tests/integration/test_stop_at_layer.py::test_run_with_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_manual_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_no_stop_logit_output": _FUSED,
