@@ -1,7 +1,7 @@
 """The pieces of the TransformerLens layer SAELens relies on, checked without SAELens (the real package runs
 in scripts/saelens_interop, in a side venv): a subclass's own ``__init__`` runs in ``from_pretrained``
-(SAELens' HookedSAETransformer), ``run_with_cache(return_cache_object=False)``, ``to_tokens(truncate=)``
-and the names SAELens imports."""
+(SAELens' HookedSAETransformer), which takes TransformerLens' ``model_name=`` keyword,
+``run_with_cache(return_cache_object=False)``, ``to_tokens(truncate=)`` and the names SAELens imports."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_from_pretrained_builds_a_subclass_through_its_own_init(tl, hf_gpt2):
     plain = tl.HookedTransformer.from_pretrained(hf, tokenizer=tokenizer)
     tokens = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-5, rtol=1e-5)
-    assert type(WithExtras.from_pretrained_no_processing(hf, tokenizer=tokenizer)) is WithExtras
+    assert type(WithExtras.from_pretrained_no_processing(model_name=hf, tokenizer=tokenizer)) is WithExtras
 
 
 def test_run_with_cache_can_return_the_plain_dict(tl, hf_gpt2):
