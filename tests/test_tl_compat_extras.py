@@ -145,6 +145,8 @@ def test_standalone_attention_masks_rebuilds_rotary_tables_and_refuses_bad_input
     assert torch.isfinite(masked[0, 0]).tolist() == [[False, False, True, False], [False, False, True, True]]
     attn.apply_rotary(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=2048)
     assert attn.rotary_sin.shape == (4096, 4)  # doubled (up to n_ctx), not grown by one row
+    with pytest.raises(ValueError, match="load_in_4bit=False"):
+        Attention(tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=8, act_fn="relu", load_in_4bit=True))
     with pytest.raises(ValueError, match="need 5 keys, got 4"):
         attn.apply_causal_mask(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=3)
     with pytest.raises(ValueError, match="use_logn_attn"):
