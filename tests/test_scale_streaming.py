@@ -43,6 +43,46 @@ def test_every_family_loads_group_by_group_to_the_whole_model_weights(arch, vari
         torch.testing.assert_close(got_params[name], p, atol=0, rtol=0, msg=name)
 
 
+def test_a_group_whose_one_layer_plan_differs_is_processed_over_the_whole_state_dict(monkeypatch):
+    import hooked_attn.scale.streaming as streaming
+
+    hf_model = tiny_hf_model(WARM_UP)
+    want = HookedTransformer.from_pretrained(hf_model)
+    plan, used = streaming.plan_processing, []
+
+    def differs_for_one_layer(sd, cfg, wanted):  # as if a step's choice depended on the layer count
+        run, new_cfg, skipped = plan(sd, cfg, wanted)
+        used.append(cfg.n_layers)
+        return (run[:-1] if cfg.n_layers == 1 else run), new_cfg, skipped
+
+    monkeypatch.setattr(streaming, "plan_processing", differs_for_one_layer)
+    got = HookedTransformer.from_pretrained(hf_model, device_map={"": "cpu"})
+    assert 1 in used
+    got_params = dict(got.named_parameters())
+    for name, p in want.named_parameters():
+        torch.testing.assert_close(got_params[name], p, atol=0, rtol=0, msg=name)
+
+
+def test_a_refused_weight_leaves_the_source_whole_and_release_source_empties_it():
+    from hooked_attn.loading import NonFiniteWeightError
+
+    hf_model = tiny_hf_model(WARM_UP)
+    tokens = random_tokens(WARM_UP)
+    with torch.no_grad():
+        want = HookedTransformer.from_pretrained(hf_model)(tokens)
+        bad = tiny_hf_model(WARM_UP)
+        bad.lm_head.weight[3, 0] = float("nan")  # centring the unembedding would spread it to every logit
+    before = {k: v.clone() for k, v in bad.state_dict().items()}
+    with pytest.raises(NonFiniteWeightError, match="unembed.W_U"):
+        HookedTransformer.from_pretrained(bad, device_map={"": "cpu"}, release_source=True)
+    for key, value in bad.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0, equal_nan=True, msg=key)
+    got = HookedTransformer.from_pretrained(hf_model, device_map={"": "cpu"}, release_source=True)
+    assert {p.device.type for p in hf_model.parameters()} == {"meta"}
+    with torch.no_grad():
+        torch.testing.assert_close(got(tokens), want, atol=0, rtol=0)
+
+
 def test_hf_keys_group_by_their_first_number():
     assert hf_group("model.layers.3.mlp.experts.5.w1.weight") == "blocks.3"
     assert hf_group("transformer.h.10.attn.c_attn.weight") == "blocks.10"
