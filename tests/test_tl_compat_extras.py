@@ -18,6 +18,9 @@ def test_short_names_resolve_and_transformer_lens_format_checkpoints_are_refused
     assert get_official_model_name("some/hf-model") == "some/hf-model"
     with pytest.raises(ValueError, match="TransformerLens-format checkpoint"):
         tl.HookedTransformer.from_pretrained("solu-1l")
+    from transformer_lens.loading_from_pretrained import check_not_native
+
+    check_not_native("someone/solu-1l")  # a repository id or a local folder is not TransformerLens' short name
 
 
 def test_default_prepend_bos_sets_what_to_tokens_does(tl):

@@ -199,6 +199,7 @@ What runs, each checked on SmolLM2-135M (fp32, `atol=rtol=1e-4`) by
 | `use_error_term=True` | the logits of the model without the SAE |
 | `exclude_special_tokens=True` | the SAE is bypassed at BOS |
 | `attn.hook_z` SAEs (`reshape_activations="hook_z"`) and `Transcoder` (`ln2.hook_normalized` to `hook_mlp_out`) | features and logits as a manual splice |
+| `run_with_saes` on `hook_attn_out`, `mlp.hook_post`, `hook_mlp_out`, `ln2.hook_scale` | logits as a manual splice (attention on its fused path; at sites the forward pass checks before calling them, such as `hook_scale` or `hook_pattern`, a module swapped in for the HookPoint counts as hooked) |
 | `LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=...)` | trains on our model's activations (the store's activations equal our `run_with_cache`), saves an SAE that `SAE.load_from_disk` reads back |
 | the same runner without `override_model=`, `model_name=folder` | SAELens loads our model itself (`HookedTransformer.from_pretrained_no_processing(model_name=..., center_writing_weights=False)`) and trains |
 | `sae_lens.evals.run_evals` | CE loss and KL with the SAE spliced into our model |

@@ -124,6 +124,20 @@ def test_use_error_term_gives_back_the_clean_logits(model, tokens) -> None:
         torch.testing.assert_close(spliced, clean, **TOL)
 
 
+@pytest.mark.parametrize("hook", ["blocks.2.hook_attn_out", "blocks.2.mlp.hook_post", "blocks.2.hook_mlp_out",
+                                  "blocks.2.ln2.hook_scale"])
+def test_run_with_saes_at_other_sites(model, tokens, hook: str) -> None:
+    """Without a cache (attention takes its fused path); hook_scale is a site the forward pass checks
+    before it calls it, where the SAE wrapper stands in for the HookPoint."""
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=[hook])
+        sae = random_sae(clean[hook].shape[-1], hook, seed=5)
+        spliced = model.run_with_saes(tokens, saes=[sae])
+        manual = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda x, hook: sae.decode(sae.encode(x)))])
+        torch.testing.assert_close(spliced, manual, **TOL)
+        assert (spliced - model(tokens)).abs().max() > 1e-2, "the splice must change the logits"
+
+
 def test_add_sae_stays_until_reset_saes(model, tokens) -> None:
     sae = random_sae(model.cfg.d_model, HOOK, seed=1)
     with torch.no_grad():
