@@ -338,6 +338,13 @@ class HookPoint(nn.Module):
         return f"HookPoint({', '.join(parts)})"
 
 
+def is_hooked(point: nn.Module) -> bool:
+    """Whether the module at a hook site may change what passes through it: a HookPoint's ``has_hooks``;
+    any other module put in its place (SAELens' SAE wrapper, say) counts as hooked, so the forward pass
+    takes the path that calls it."""
+    return bool(getattr(point, "has_hooks", True))
+
+
 def _hook_pairs(hooks: Any, what: str) -> list[tuple[Any, HookFn]]:
     """``fwd_hooks``/``bwd_hooks`` as a list of (name or predicate, function) pairs, or a TypeError."""
     if isinstance(hooks, dict):

@@ -123,6 +123,9 @@ KNOWN_FAILURES: dict[str, tuple[str, str]] = {
     "tests/integration/test_attention_mask.py::test_attention_mask": (
         "deliberate", "expects -inf at masked positions of hook_attn_scores; hooked_attn masks with the dtype's most "
         "negative finite value, as HF's eager attention does (the pattern is the same: 0 there)"),
+    "tests/unit/test_activation_cache.py::*": (
+        "gap", "builds its model with TransformerBridge.boot_native (TransformerBridgeConfig), which hooked_attn does not "
+        "rebuild; the ActivationCache checks it makes are in scope, so it counts as failed"),
     "tests/integration/test_stop_at_layer.py::test_run_with_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_manual_hooks": _FUSED,
     "tests/integration/test_stop_at_layer.py::test_no_stop_logit_output": _FUSED,
@@ -157,8 +160,10 @@ DIFFERENCES = [
     "- `components.Attention` / `GroupedQueryAttention` / `AbstractAttention` are stand-alone modules with",
     "  TransformerLens' surface (`forward(query_input, key_input, value_input, past_kv_cache_entry=...)`,",
     "  `apply_causal_mask`, `apply_rotary`, an empty `mask` buffer, `_W_K`/`_W_V` for grouped-query",
-    "  attention); their parameters start at zero rather than uninitialised. hooked_attn's models use",
-    "  hooked_attn's attention; a test checks both give the same output (MHA, GQA, rotary, ALiBi, KV cache).",
+    "  attention); their parameters start at zero rather than uninitialised, and 4-bit weights (bitsandbytes",
+    "  `Params4bit`) are assigned after construction: `load_in_4bit=True` at construction raises a ValueError.",
+    "  hooked_attn's models use hooked_attn's attention; a test checks both give the same output (MHA, GQA,",
+    "  rotary, ALiBi, KV cache).",
     "  `use_logn_attn`, `use_dynamic_ntk_rope` and `rotary_base_local` work in these modules only: a",
     "  HookedTransformer built from such a config raises a ValueError naming the option.",
     "- `hook_attn_scores` holds the dtype's most negative finite value (`torch.finfo(dtype).min`) at masked",

@@ -18,6 +18,9 @@ def test_short_names_resolve_and_transformer_lens_format_checkpoints_are_refused
     assert get_official_model_name("some/hf-model") == "some/hf-model"
     with pytest.raises(ValueError, match="TransformerLens-format checkpoint"):
         tl.HookedTransformer.from_pretrained("solu-1l")
+    from transformer_lens.loading_from_pretrained import check_not_native
+
+    check_not_native("someone/solu-1l")  # a repository id or a local folder is not TransformerLens' short name
 
 
 def test_default_prepend_bos_sets_what_to_tokens_does(tl):
@@ -145,6 +148,8 @@ def test_standalone_attention_masks_rebuilds_rotary_tables_and_refuses_bad_input
     assert torch.isfinite(masked[0, 0]).tolist() == [[False, False, True, False], [False, False, True, True]]
     attn.apply_rotary(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=2048)
     assert attn.rotary_sin.shape == (4096, 4)  # doubled (up to n_ctx), not grown by one row
+    with pytest.raises(ValueError, match="load_in_4bit=False"):
+        Attention(tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=8, act_fn="relu", load_in_4bit=True))
     with pytest.raises(ValueError, match="need 5 keys, got 4"):
         attn.apply_causal_mask(torch.zeros(1, 1, 2, 4), past_kv_pos_offset=3)
     with pytest.raises(ValueError, match="use_logn_attn"):

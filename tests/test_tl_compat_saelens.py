@@ -1,7 +1,7 @@
 """The pieces of the TransformerLens layer SAELens relies on, checked without SAELens (the real package runs
 in scripts/saelens_interop, in a side venv): a subclass's own ``__init__`` runs in ``from_pretrained``
-(SAELens' HookedSAETransformer), ``run_with_cache(return_cache_object=False)``, ``to_tokens(truncate=)``
-and the names SAELens imports."""
+(SAELens' HookedSAETransformer), which takes TransformerLens' ``model_name=`` keyword,
+``run_with_cache(return_cache_object=False)``, ``to_tokens(truncate=)`` and the names SAELens imports."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_from_pretrained_builds_a_subclass_through_its_own_init(tl, hf_gpt2):
     plain = tl.HookedTransformer.from_pretrained(hf, tokenizer=tokenizer)
     tokens = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-5, rtol=1e-5)
-    assert type(WithExtras.from_pretrained_no_processing(hf, tokenizer=tokenizer)) is WithExtras
+    assert type(WithExtras.from_pretrained_no_processing(model_name=hf, tokenizer=tokenizer)) is WithExtras
 
 
 def test_run_with_cache_can_return_the_plain_dict(tl, hf_gpt2):
@@ -69,3 +69,29 @@ def test_names_saelens_imports(tl):
     assert HookedRootModule is hooked_attn.hook_points.HookedRootModule and USE_DEFAULT_VALUE is None
     logits, loss = Output(torch.zeros(1, 2, 3), torch.tensor(0.5))
     assert logits.shape == (1, 2, 3) and loss.item() == 0.5
+
+
+class _Doubler(torch.nn.Module):
+    """A module put in a HookPoint's place, as SAELens' HookedSAETransformer puts its SAE wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 2
+
+
+@pytest.mark.parametrize("site", ["blocks.0.ln1.hook_scale", "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern",
+                                  "blocks.0.attn.hook_result", "blocks.1.hook_resid_pre"])
+def test_a_module_swapped_in_for_a_hook_point_is_called(tl, hf_gpt2, site):
+    hf, tokenizer = hf_gpt2
+    model = tl.HookedTransformer.from_pretrained(hf, tokenizer=tokenizer)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    expected = model.run_with_hooks(tokens, fwd_hooks=[(site, lambda x, hook: x * 2)])
+    parent, leaf = site.rsplit(".", 1)
+    swapped = _Doubler()
+    setattr(model.get_submodule(parent), leaf, swapped)  # the sites the fused paths check (hook_scale, pattern...)
+    torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
+    assert swapped.calls == 1

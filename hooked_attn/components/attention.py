@@ -19,7 +19,7 @@ from hooked_attn.components.norms import HeadNorm
 from hooked_attn.components.params import strided_parameter
 from hooked_attn.components.rotary import RopeTables, apply_rotary, rope_tables
 from hooked_attn.config import Alibi, ModelConfig
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 AttendMask = Bool[Tensor, "#batch 1 #q_pos k_pos"]  # batch and q_pos may broadcast
 
@@ -156,12 +156,12 @@ class Attention(nn.Module):
         bias = None
         if self.alibi is not None:
             bias = alibi_bias(self.cfg.n_heads, ctx.key_positions, torch.float32, self.alibi)
-        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks or self.soft_cap is not None:
+        if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern) or self.soft_cap is not None:
             z = self._explicit_attention(q, k, v, attend, bias)
         else:
             z = self._fused_attention(q, k, v, attend, bias)
         z = self.hook_z(z)
-        if self.use_attn_result or self.hook_result.has_hooks:
+        if self.use_attn_result or is_hooked(self.hook_result):
             result = self.hook_result(
                 einops.einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
             )

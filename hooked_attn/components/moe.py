@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from hooked_attn.components.activations import ACTIVATIONS
 from hooked_attn.components.params import strided_parameter
 from hooked_attn.config import ModelConfig
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 
 class MoEMLP(nn.Module):
@@ -66,7 +66,7 @@ class MoEMLP(nn.Module):
         logits = self.hook_router_logits(F.linear(x, self.W_router.T))
         probs = logits.softmax(dim=-1, dtype=torch.float32)
         _, indices = probs.topk(self.top_k, dim=-1)
-        if self.hook_expert_indices.has_hooks:
+        if is_hooked(self.hook_expert_indices):
             indices = self.hook_expert_indices(indices)
             if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < self.n_experts:
                 raise ValueError(f"a hook on {self.hook_expert_indices.name} chose experts in "

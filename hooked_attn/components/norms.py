@@ -10,18 +10,19 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_attn.config import NormConfig, QKNorm
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 
 def normalize(
-    x: Tensor, cfg: NormConfig, w: Tensor | None, b: Tensor | None, hook_scale: HookPoint
+    x: Tensor, cfg: NormConfig, w: Tensor | None, b: Tensor | None, hook_scale: nn.Module
 ) -> Tensor:
     """Normalise over the last axis in float32 (float64 for float64 input), then apply ``weight_offset + w`` and ``b``.
 
-    ``hook_scale`` sees the divisor ``[... 1]``: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``.
+    ``hook_scale`` sees the divisor ``[... 1]``: ``sqrt(var + eps)`` or ``sqrt(mean(x^2) + eps)``. It is a
+    HookPoint, or a module put in its place (called like a hooked point).
     """
     per_channel = w is None or w.shape == x.shape[-1:]  # per-head gains [head d_head] take the general path
-    if (cfg.kind == "layernorm" and not hook_scale.has_hooks and cfg.weight_offset == 0
+    if (cfg.kind == "layernorm" and not is_hooked(hook_scale) and cfg.weight_offset == 0
             and cfg.gain_dtype == "input" and per_channel):
         return F.layer_norm(x, x.shape[-1:], w, b, cfg.eps)
     x32 = x if x.dtype == torch.float64 else x.float()  # at least float32, never narrower than the input
@@ -30,7 +31,7 @@ def normalize(
     # Multiply by rsqrt, as HF does, so reduced-precision outputs round identically; the scale
     # is materialised for hook_scale only when something is attached there.
     inv_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.eps)
-    if hook_scale.has_hooks:
+    if is_hooked(hook_scale):
         scale = inv_scale.reciprocal()
         original = scale.clone()  # [... 1]: cheap; tells whether a hook edited it in place
         hooked = hook_scale(scale)

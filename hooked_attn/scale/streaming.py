@@ -146,7 +146,7 @@ def load_placed(
             # Nothing below refuses what it was given: from here on, an in-memory source may be released.
             if opened.release_source:
                 opened.source.to_empty(device="meta")  # type: ignore[union-attr]
-        sd, _ = process_weights(sd, cfg, processing, inplace=True, owned=owned)
+        sd = _process_group(sd, cfg, processing, run, group, owned)
         mine = {key: sd.pop(key) for key in [k for k in sd if group_of(k) == group]}
         del sd
         left_on_meta = [key for key, t in mine.items() if t.is_meta]
@@ -162,6 +162,35 @@ def load_placed(
         write_manifest(offload_folder, processed_cfg, entries, tokenizer)
     logger.info("loaded %s group by group onto %s", arch.hf_architecture, sorted(set(map(str, plan.values()))))
     return dispatch(model, plan, offload_folder=offload_folder)
+
+
+# The config fields that hold one entry per layer (``ModelConfig``'s per-layer overrides).
+PER_LAYER_FIELDS = ("layer_rotary", "attn_windows")
+
+
+def _process_group(sd: dict[str, Tensor], cfg: ModelConfig, processing: Processing, run: list[str], group: str,
+                   owned: Callable[[Tensor], bool]) -> dict[str, Tensor]:
+    """Process ``sd`` (``group``'s weights real, the rest stand-ins) in place and return it.
+
+    Processing a block reads nothing outside it, so the steps run over a one-layer model: the group's
+    block (or, for the rest, one block of stand-ins) renamed ``blocks.0``, with the rest's weights, and the
+    config of that layer. Stand-ins of every other block would cost the same ``meta`` operations in every
+    group, a time quadratic in the layers. Should the steps chosen for the one-layer model differ from
+    ``run`` (those of the whole model), the whole state dict is processed instead.
+    """
+    layer = 0 if group == REST else int(group.split(".")[1])
+    one = cfg.replace(n_layers=1, **{name: (getattr(cfg, name)[layer],) for name in PER_LAYER_FIELDS
+                                      if getattr(cfg, name) is not None})
+    prefix = f"blocks.{layer}."
+    small = {("blocks.0." + key[len(prefix):] if key.startswith(prefix) else key): t
+             for key, t in sd.items() if group_of(key) == REST or key.startswith(prefix)}
+    if plan_processing(small, one, processing)[0] != run:
+        return process_weights(sd, cfg, processing, inplace=True, owned=owned)[0]
+    small, _ = process_weights(small, one, processing, inplace=True, owned=owned)
+    for key in [k for k in sd if group_of(k) == REST or k.startswith(prefix)]:
+        del sd[key]
+    sd |= {(prefix + key[len("blocks.0."):] if key.startswith("blocks.0.") else key): t for key, t in small.items()}
+    return sd
 
 
 def _owned(foreign: frozenset[int]) -> Callable[[Tensor], bool]:

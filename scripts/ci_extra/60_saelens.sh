@@ -13,7 +13,8 @@ if [ -n "${SAELENS_VENV:-}" ]; then VENV=$SAELENS_VENV; else VENV=$(mktemp -d)/s
 if ! "$VENV/bin/python" -c "import sae_lens, pytest, sys; sys.exit(sae_lens.__version__ != '$SAELENS_VERSION')" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0            # first: the local CPU wheel
-  "$VENV/bin/pip" install -q "sae-lens==$SAELENS_VERSION" pytest==9.2.0
+  # exact pins, so the side venv is the same every run (datasets as in pyproject's test extra; it holds the training text)
+  "$VENV/bin/pip" install -q "sae-lens==$SAELENS_VERSION" transformers==5.25.0 datasets==5.2.0 pytest==9.2.0
 fi
 log=$(mktemp)
 status=0

@@ -199,7 +199,9 @@ What runs, each checked on SmolLM2-135M (fp32, `atol=rtol=1e-4`) by
 | `use_error_term=True` | the logits of the model without the SAE |
 | `exclude_special_tokens=True` | the SAE is bypassed at BOS |
 | `attn.hook_z` SAEs (`reshape_activations="hook_z"`) and `Transcoder` (`ln2.hook_normalized` to `hook_mlp_out`) | features and logits as a manual splice |
+| `run_with_saes` on `hook_attn_out`, `mlp.hook_post`, `hook_mlp_out`, `ln2.hook_scale` | logits as a manual splice (attention on its fused path; at sites the forward pass checks before calling them, such as `hook_scale` or `hook_pattern`, a module swapped in for the HookPoint counts as hooked) |
 | `LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=...)` | trains on our model's activations (the store's activations equal our `run_with_cache`), saves an SAE that `SAE.load_from_disk` reads back |
+| the same runner without `override_model=`, `model_name=folder` | SAELens loads our model itself (`HookedTransformer.from_pretrained_no_processing(model_name=..., center_writing_weights=False)`) and trains |
 | `sae_lens.evals.run_evals` | CE loss and KL with the SAE spliced into our model |
 
 Measured by `{command}` (a standard SAE, `d_sae=512`, {n["steps"]} steps of 128 tokens on `{n["hook"]}`, in-memory
@@ -216,9 +218,7 @@ text: the package descriptions of torch and sae-lens):
 A few dozen steps show the loop works; they do not make a useful SAE (L0 stays high).
 
 Not run here: anything that downloads (hub model names, `SAE.from_pretrained(release, sae_id)`,
-wandb logging); SAELens loading the model itself from `model_name` (it calls
-`HookedTransformer.from_pretrained_no_processing(model_name=...)`; pass `override_model=` instead);
-`compile_llm` / `compile_sae`; `SAETransformerBridge` (it needs TransformerLens 4's `model_bridge`,
+wandb logging); `compile_llm` / `compile_sae`; `SAETransformerBridge` (it needs TransformerLens 4's `model_bridge`,
 which this layer does not provide). SAELens' runner defaults to
 `model_from_pretrained_kwargs={{"center_writing_weights": False}}`: to use an SAE trained that way, load
 the model with `HookedSAETransformer.from_pretrained(folder, center_writing_weights=False)`.

@@ -124,6 +124,20 @@ def test_use_error_term_gives_back_the_clean_logits(model, tokens) -> None:
         torch.testing.assert_close(spliced, clean, **TOL)
 
 
+@pytest.mark.parametrize("hook", ["blocks.2.hook_attn_out", "blocks.2.mlp.hook_post", "blocks.2.hook_mlp_out",
+                                  "blocks.2.ln2.hook_scale"])
+def test_run_with_saes_at_other_sites(model, tokens, hook: str) -> None:
+    """Without a cache (attention takes its fused path); hook_scale is a site the forward pass checks
+    before it calls it, where the SAE wrapper stands in for the HookPoint."""
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=[hook])
+        sae = random_sae(clean[hook].shape[-1], hook, seed=5)
+        spliced = model.run_with_saes(tokens, saes=[sae])
+        manual = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda x, hook: sae.decode(sae.encode(x)))])
+        torch.testing.assert_close(spliced, manual, **TOL)
+        assert (spliced - model(tokens)).abs().max() > 1e-2, "the splice must change the logits"
+
+
 def test_add_sae_stays_until_reset_saes(model, tokens) -> None:
     sae = random_sae(model.cfg.d_model, HOOK, seed=1)
     with torch.no_grad():
@@ -214,6 +228,29 @@ def test_training_runner_trains_on_our_activations(model, training) -> None:
     acts = lens.held_out_activations(model, held_out)
     before, after = lens.reconstruction_mse(result.initial_sae, acts), lens.reconstruction_mse(result.sae, acts)
     assert after < 0.5 * before, f"held-out reconstruction MSE went from {before:.0f} to {after:.0f}"
+
+
+def test_training_runner_loads_our_model_by_itself() -> None:
+    """Without override_model= SAELens loads the model: ``HookedTransformer.from_pretrained_no_processing(
+    model_name=..., center_writing_weights=False)``, with our layer installed, from a local folder."""
+    import transformer_lens
+
+    folder = str(lens.resolve_default_model())
+    train_texts, _ = lens.paragraphs()
+    cfg = sae_lens.LanguageModelSAERunnerConfig(
+        sae=sae_lens.StandardTrainingSAEConfig(d_in=576, d_sae=64),  # 576: SmolLM2-135M's d_model
+        model_name=folder, hook_name=HOOK,
+        dataset_path="in-memory", is_dataset_tokenized=False, streaming=False, context_size=32,
+        store_batch_size_prompts=8, n_batches_in_buffer=4, train_batch_size_tokens=128, training_tokens=128 * 3,
+        device="cpu", logger=sae_lens.LoggingConfig(log_to_wandb=False), checkpoint_path=None, output_path=None)
+    runner = sae_lens.LanguageModelSAETrainingRunner(cfg, override_dataset=lens.Dataset.from_dict({"text": train_texts}))
+    assert type(runner.model) is transformer_lens.HookedTransformer
+    reference = hooked_attn.HookedTransformer.from_pretrained_no_processing(folder)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(runner.model(tokens), reference(tokens), **TOL)
+    sae = runner.run()
+    assert sae.cfg.metadata.hook_name == HOOK
 
 
 def test_saelens_evals_run_on_our_model(model, training) -> None:

@@ -149,16 +149,17 @@ class HookedTransformer(_Base):
             self.to(compat.device)
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
+    def from_pretrained(cls, model_name: Any, **kwargs: Any) -> "HookedTransformer":
         """hooked_attn's loader (see ``hooked_attn.loading.from_pretrained``), returning this class so
         TransformerLens' method signatures (``generate(verbose=...)``...) apply. ``model.cfg`` stays
         hooked_attn's ``ModelConfig``. ``default_padding_side`` is TransformerLens' (the side
-        ``to_tokens`` pads a batch on when no ``padding_side`` is given)."""
-        return cls._load(_Base.from_pretrained, model_name_or_path, kwargs)
+        ``to_tokens`` pads a batch on when no ``padding_side`` is given). ``model_name`` is
+        TransformerLens' argument name (SAELens passes it by keyword)."""
+        return cls._load(_Base.from_pretrained, model_name, kwargs)
 
     @classmethod
-    def from_pretrained_no_processing(cls, model_name_or_path: Any, **kwargs: Any) -> "HookedTransformer":
-        return cls._load(_Base.from_pretrained_no_processing, model_name_or_path, kwargs)
+    def from_pretrained_no_processing(cls, model_name: Any, **kwargs: Any) -> "HookedTransformer":
+        return cls._load(_Base.from_pretrained_no_processing, model_name, kwargs)
 
     @classmethod
     def _load(cls, load: Any, name: Any, kwargs: dict[str, Any]) -> "HookedTransformer":

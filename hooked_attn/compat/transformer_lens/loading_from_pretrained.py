@@ -6,6 +6,7 @@ TransformerLens' own-format checkpoints (``solu-2l``, ``attn-only-2l``, ``othell
 HF checkpoints; loading one raises a ValueError saying so.
 """
 
+import os
 from typing import Any
 
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
@@ -57,7 +58,8 @@ def get_official_model_name(model_name: str) -> str:
 
 def check_not_native(model_name: Any) -> None:
     """Refuse TransformerLens' own-format checkpoints by name, before anything is fetched."""
-    if isinstance(model_name, str) and model_name.lower().startswith(TRANSFORMER_LENS_NATIVE):
+    if (isinstance(model_name, str) and model_name.lower().startswith(TRANSFORMER_LENS_NATIVE)
+            and "/" not in model_name and not os.path.exists(model_name)):  # a short name, not a folder or repo id
         raise ValueError(f"{model_name!r} is a TransformerLens-format checkpoint (its own state dict, not an HF "
                          "model); hooked_attn loads HF checkpoints only")
 

@@ -48,8 +48,9 @@ class AbstractAttention(nn.Module):
             raise ValueError(f"attn_type must be 'global' or 'local', got {attn_type!r}")
         if attn_type == "local" and self.cfg.window_size is None:
             raise ValueError("attn_type='local' needs cfg.window_size")
-        if self.cfg.load_in_4bit and Params4bit is None:
-            raise ValueError("load_in_4bit=True needs the bitsandbytes package")
+        if self.cfg.load_in_4bit:  # never a silently full-precision module
+            raise ValueError("this attention is built in full precision: construct it with load_in_4bit=False, then "
+                             "assign bitsandbytes Params4bit weights (W_Q/W_K/W_V) and set cfg.load_in_4bit=True")
         self.attn_type, self.layer_id = attn_type, layer_id
         c, dtype = self.cfg, self.cfg.dtype
         self.W_Q = nn.Parameter(torch.zeros(c.n_heads, c.d_model, c.d_head, dtype=dtype))
