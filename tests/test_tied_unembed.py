@@ -56,3 +56,23 @@ def test_a_tied_config_with_a_different_stored_lm_head_gives_hf_logits(family, t
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, **TOL["tiny_fp32"])
     expected = sd[key] if TRANSFORMERS_MAJOR >= 5 else sd[embed_key]
     torch.testing.assert_close(ours.unembed.W_U.T, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_tied_checkpoint_that_stores_only_the_lm_head_ties_the_embedding_to_it(tmp_path):
+    """transformers 5 swaps the tie when only lm_head.weight is stored (4.57 cannot load such a
+    checkpoint at all: its embedding stays on the meta device); we take the stored lm_head for both."""
+    hf_cfg, cls, _ = CASES["llama"]
+    torch.manual_seed(0)
+    cls(hf_cfg).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = dict(safetensors.torch.load_file(path))
+    sd["lm_head.weight"] = sd.pop("model.embed_tokens.weight") * 3
+    safetensors.torch.save_file(sd, path, metadata={"format": "pt"})
+    ours = HookedTransformer.from_pretrained_no_processing(str(tmp_path))
+    torch.testing.assert_close(ours.embed.W_E, sd["lm_head.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(ours.unembed.W_U.T, sd["lm_head.weight"], rtol=0, atol=0)
+    if TRANSFORMERS_MAJOR >= 5:
+        hf = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        tokens = torch.randint(0, hf_cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, **TOL["tiny_fp32"])

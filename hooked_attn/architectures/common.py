@@ -271,6 +271,12 @@ def convert_decoder(
     parameters); the unembedding (:func:`pop_unembed`); then every HF key not matched by ``ignore`` must
     have been used (:meth:`KeyLedger.finish`)."""
     src = KeyLedger(hf_sd, arch)
+    lm_head = tuple(lm_head)
+    stored_head = next((key for key in lm_head if key in src), None)
+    if tied and embed not in src and stored_head is not None:
+        # A tied checkpoint that stores only the lm_head: transformers 5 ties the embedding to it
+        # (PreTrainedModel.tie_weights swaps source and target when only the target is present).
+        embed = stored_head
     w_e = src.pop(embed, (cfg.d_vocab, cfg.d_model))
     out = {"embed.W_E": w_e}
     if extra is not None:
