@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_attn.compat.errors import CompatError
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.components.unembed import Unembed as _Unembed
 from hooked_attn.config import ModelConfig
@@ -34,10 +35,6 @@ class Output(NamedTuple):
 
 DTYPE_FROM_STRING = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                      "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class CompatError(ValueError, AssertionError):
-    """A TransformerLens call hooked_attn refuses; an AssertionError too, which is what TransformerLens raises."""
 
 
 class _CompatConfig(HookedTransformerConfig):

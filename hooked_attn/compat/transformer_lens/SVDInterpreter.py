@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_attn.compat.transformer_lens.HookedTransformer import CompatError
+from hooked_attn.compat.errors import CompatError
 
 VectorType = Literal["OV", "w_in", "w_out"]
 

@@ -64,13 +64,6 @@ def check_not_native(model_name: Any) -> None:
                          "model); hooked_attn loads HF checkpoints only")
 
 
-def from_pretrained(model_name_or_path: Any, **kwargs: Any) -> Any:
-    """Load a model (see ``hooked_attn.HookedTransformer.from_pretrained``)."""
-    from hooked_attn.compat.transformer_lens.HookedTransformer import HookedTransformer
-
-    return HookedTransformer.from_pretrained(model_name_or_path, **kwargs)
-
-
 def get_pretrained_model_config(model_name: str, **kwargs: Any) -> HookedTransformerConfig:
     """A TransformerLens config describing the HF model ``model_name`` (its config is read, not its weights)."""
     import transformers

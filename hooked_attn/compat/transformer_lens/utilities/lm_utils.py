@@ -3,13 +3,13 @@
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_attn.compat.errors import CompatError
+
 
 def lm_cross_entropy_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
                           attention_mask: Int[Tensor, "batch pos"] | None = None, per_token: bool = False) -> Tensor:
     """Next-token cross-entropy; padded transitions (mask 0 at either end) are left out (and are 0 per token)."""
     if attention_mask is not None and attention_mask.shape != tokens.shape:
-        from hooked_attn.compat.transformer_lens.HookedTransformer import CompatError
-
         raise CompatError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
     log_probs = logits[:, :-1].float().log_softmax(-1)
     loss = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
