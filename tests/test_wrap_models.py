@@ -4,17 +4,14 @@ Every SDPA call is hooked (counted independently), the output is unchanged, patt
 equal a hand computation from the hooked q and k; HF patterns equal HF's eager ``output_attentions``.
 """
 
-import math
-
 import pytest
 import tabpfn.architectures.tabpfn_v2 as tabpfn_v2
 import tabpfn.architectures.tabpfn_v3_5 as tabpfn_v3_5
 import torch
-import torch.nn.functional as F
 import transformers
-from torch.overrides import TorchFunctionMode
 
 from hooked_attn import wrap
+from _sdpa import CountSdpa, hand_pattern
 
 TABPFN = {
     "v2": lambda: tabpfn_v2.get_architecture(tabpfn_v2.parse_config(
@@ -25,22 +22,6 @@ TABPFN = {
         "feat_agg_num_blocks": 1, "icl_num_heads": 4, "dist_embed_num_heads": 4, "feat_agg_num_heads": 4,
         "decoder_num_heads": 2, "decoder_head_dim": 16, "dist_embed_num_inducing_points": 8})[0]),
 }
-
-
-class CountSdpa(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.n += func is F.scaled_dot_product_attention
-        return func(*args, **(kwargs or {}))
-
-
-def _hand_pattern(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_head)) from hooked [batch pos head d_head] tensors, kv heads repeated."""
-    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    return (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])).softmax(-1)
 
 
 @pytest.mark.parametrize("version", list(TABPFN))
@@ -61,7 +42,7 @@ def test_tabpfn_every_attention_call_is_hooked(version: str) -> None:
         pattern = cache["pattern", layer]
         assert pattern.shape[-1] == cache[f"{prefix}.hook_k"].shape[1]
         torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
-        torch.testing.assert_close(pattern, _hand_pattern(cache[f"{prefix}.hook_q"], cache[f"{prefix}.hook_k"]))
+        torch.testing.assert_close(pattern, hand_pattern(cache[f"{prefix}.hook_q"], cache[f"{prefix}.hook_k"]))
     if version == "v2":
         assert wrapped.attention_layers[:3] == ["blocks.0.per_sample_attention_between_features",
                                                 "blocks.0.per_column_attention_between_cells",  # train -> train

@@ -6,30 +6,12 @@ bit-identical, and the patterns equal a hand computation from the hooked q and k
 turn equal the layer's own projection of its input.
 """
 
-import math
-
 import timm
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torchvision.models import vit_b_16
 
 from hooked_attn import wrap
-
-
-class CountSdpa(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.n += func is F.scaled_dot_product_attention
-        return func(*args, **(kwargs or {}))
-
-
-def _hand_pattern(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_head)) from hooked [batch pos head d_head] tensors."""
-    return (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])).softmax(-1)
+from tests._sdpa import CountSdpa, hand_pattern
 
 
 def _outputs_of(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tensor], list]:
@@ -48,7 +30,7 @@ def _check_q_k_patterns(cache, prefix: str, x: torch.Tensor, w_qkv: torch.Tensor
     torch.testing.assert_close(k, (x @ w_qkv[d_model:2 * d_model].T + b_qkv[d_model:2 * d_model]
                                    ).unflatten(-1, (n_heads, -1)))
     pattern = cache[f"{prefix}.hook_pattern"]
-    torch.testing.assert_close(pattern, _hand_pattern(q, k))
+    torch.testing.assert_close(pattern, hand_pattern(q, k))
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
 
 
