@@ -206,3 +206,15 @@ def test_d_vocab_out_sets_the_unembedding_width(tl):
     assert logits.shape == (2, 5, 7) and model.W_U.shape == (8, 7) and model.W_E.shape == (20, 8)
     assert model.W_U.std() > 0  # initialised with the rest of the model
     torch.testing.assert_close(logits, model.ln_final(cache["blocks.0.hook_resid_post"]) @ model.W_U + model.b_U)
+
+
+def test_standalone_attention_refuses_inputs_of_another_width_before_computing(tl):
+    from transformer_lens.components import Attention
+
+    attn = Attention(tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=8, act_fn="relu"))
+    seen = []
+    attn.hook_q.add_hook(lambda x, hook: seen.append(x))
+    good = torch.zeros(1, 3, 8)
+    with pytest.raises(ValueError, match=r"key_input has shape \(1, 3, 7\): its last axis must be d_model=8"):
+        attn(good, torch.zeros(1, 3, 7), good)
+    assert seen == []  # refused before any projection ran

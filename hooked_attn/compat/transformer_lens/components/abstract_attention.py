@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from hooked_attn.compat.errors import CompatError
 from hooked_attn.components.alibi import alibi_slopes
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.compat.transformer_lens.utilities.attention import complex_attn_linear, simple_attn_linear
@@ -241,6 +242,9 @@ class AbstractAttention(nn.Module):
         new positions; ``additional_attention_mask`` is added to the scores; ``position_bias``
         ``[head q_pos k_pos]`` too (ALiBi, when not given, is built from the config)."""
         c = self.cfg
+        for name, given in (("query_input", query_input), ("key_input", key_input), ("value_input", value_input)):
+            if given.shape[-1] != c.d_model:
+                raise CompatError(f"{name} has shape {tuple(given.shape)}: its last axis must be d_model={c.d_model}")
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
         if c.clip_qkv is not None:
             q, k, v = (t.clamp(min=-c.clip_qkv, max=c.clip_qkv) for t in (q, k, v))
