@@ -1,5 +1,6 @@
 """ActivationCache analyses under hostile arguments: each gives the right numbers or a clear error."""
 
+import jaxtyping
 import pytest
 import torch
 
@@ -13,6 +14,12 @@ from hooked_attn.architectures.opt import tiny_hf_configs as opt_configs
 ATOL = dict(atol=2e-5, rtol=2e-5)
 
 
+@pytest.fixture
+def untyped(monkeypatch):
+    """Let the library's own checks speak: outside this test suite no jaxtyping check answers first."""
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+
+
 @pytest.fixture(scope="module")
 def gpt2_run():
     model = tiny_gpt2()
@@ -22,10 +29,10 @@ def gpt2_run():
     return model, tokens, logits, cache
 
 
-def test_an_unknown_decompose_mode_is_refused(gpt2_run):
+def test_an_unknown_decompose_mode_is_refused(gpt2_run, untyped):
     """It used to return the embeddings alone, as if no block had written anything."""
     _, _, _, cache = gpt2_run
-    for mode in ("bogus", "attn_out", "ALL"):
+    for mode in ("bogus", "attn_out", "ALL", None):
         with pytest.raises(ValueError, match="mode must be one of 'all', 'attn', 'mlp'"):
             cache.decompose_resid(mode=mode)
 
@@ -111,16 +118,17 @@ def test_head_results_of_a_cache_without_its_batch_dim():
     assert labels[0] == "L0H0" and labels[-1] == "remainder"
 
 
-def test_a_layer_that_is_not_an_int_is_refused(gpt2_run):
-    """layer=True ran as layer 1 (and, untyped, 1.5 as 2 blocks)."""
+@pytest.mark.parametrize("layer", [True, 1.5, "1"])
+def test_a_layer_that_is_not_an_int_is_refused(gpt2_run, untyped, layer):
+    """layer=True ran as layer 1, layer=1.5 as 2 blocks."""
     _, _, _, cache = gpt2_run
     with pytest.raises(TypeError, match="layer must be an int"):
-        cache.accumulated_resid(layer=True)
+        cache.accumulated_resid(layer=layer)
 
 
-def test_neuron_slice_ids_are_checked_and_labelled(gpt2_run):
+def test_neuron_slice_ids_are_checked_and_labelled(gpt2_run, untyped):
     model, _, _, cache = gpt2_run
-    for bad in ([0, model.cfg.d_mlp], [-model.cfg.d_mlp - 1]):
+    for bad in (5, [0.5], [0, model.cfg.d_mlp], [-model.cfg.d_mlp - 1]):
         with pytest.raises(ValueError, match="neuron_slice"):
             cache.stack_neuron_results(neuron_slice=bad)
     stack, labels = cache.stack_neuron_results(layer=1, neuron_slice=[3, -1], return_labels=True)
