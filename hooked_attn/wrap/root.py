@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.hook_points import HookedRootModule, HookPoint, is_hooked
 from hooked_attn.wrap.capture import ModuleTracker, SdpaCapture
 from hooked_attn.wrap.mha import HookedMultiheadAttention
 from hooked_attn.wrap.sdpa import AttentionSite
@@ -60,7 +60,8 @@ class WrappedModule(HookedRootModule):
         object.__setattr__(self, "_nested_flags", nested_flags)
         # SDPA call sites by (module path, call index); their hook points live here, not in the model.
         object.__setattr__(self, "_sites", {})
-        self._site_points: list[HookPoint] = []
+        # Each site's _modules dict (read live: a user may swap a hook point for another module).
+        self._site_modules: list[dict[str, nn.Module | None]] = []
         self._mha_layers = list(dict.fromkeys(slot.path for slot in slots))
         self._call_order: list[str] = []
         self._discovering = False
@@ -87,6 +88,12 @@ class WrappedModule(HookedRootModule):
     def attention_paths(self) -> list[str]:
         """The path of every swapped ``nn.MultiheadAttention`` (each place it sat, if it was shared)."""
         return [slot.path for slot in self._slots]
+
+    @property
+    def sites(self) -> dict[str, AttentionSite]:
+        """The discovered ``scaled_dot_product_attention`` call sites by hook prefix (``layers.0.call_1``).
+        Each holds that call's six hook points as ``hook_q`` ... ``hook_z``."""
+        return {site.prefix: site for site in list(self._sites.values())}
 
     @property
     def attention_layers(self) -> list[str]:
@@ -145,7 +152,7 @@ class WrappedModule(HookedRootModule):
             site = AttentionSite(path, call, prefix)
             self._sites[(path, call)] = site
             self._name_site(site)
-            self._site_points.extend(site.points().values())
+            self._site_modules.append(site._modules)
             if site.prefix not in self._call_order:
                 self._call_order.append(site.prefix)
         return site
@@ -156,8 +163,9 @@ class WrappedModule(HookedRootModule):
 
     def _name_site(self, site: AttentionSite) -> None:
         for name, point in zip(self._site_names(site.prefix), site.points().values(), strict=True):
-            point.name = name
-            self.hook_dict[name] = point
+            if isinstance(point, HookPoint):  # not a module swapped in for one
+                point.name = name
+                self.hook_dict[name] = point
         self.mod_dict.setdefault(site.prefix, site)
 
     def _captured_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -169,7 +177,9 @@ class WrappedModule(HookedRootModule):
             raise RuntimeError("this WrappedModule was unwrapped; call the module unwrap() returned, or wrap it again")
         # HookPoint._active is what has_hooks reports, read without building its _HookState: this check
         # is the wrapper's whole per-forward work when nothing is hooked (benchmarks/bench_wrap.py).
-        if any(point._active for point in self._site_points):
+        # Any other module a user put at a site counts as hooked (is_hooked).
+        if any(point._active if type(point) is HookPoint else is_hooked(point)
+               for modules in self._site_modules for point in modules.values()):
             return self._captured_forward(args, kwargs)
         return self.module(*args, **kwargs)
 

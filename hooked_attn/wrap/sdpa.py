@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 SDPA = F.scaled_dot_product_attention
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -51,7 +51,8 @@ class AttentionSite(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
-    def points(self) -> dict[str, HookPoint]:
+    def points(self) -> dict[str, nn.Module]:
+        """The module at each site: a HookPoint, or whatever a user put in its place."""
         return {site: getattr(self, f"hook_{site}") for site in SITES}
 
     def extra_repr(self) -> str:
@@ -119,9 +120,13 @@ def _edited(new: Tensor, old: Tensor, version: int) -> bool:
     return new is not old or old._version != version
 
 
-def _run(point: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
-    """The hook point's output, and whether its hooks edited the activation."""
-    if not point.has_hooks:
+def _bwd_hooked(point: nn.Module) -> bool:
+    return is_hooked(point) and bool(getattr(point, "bwd_hooks", ()))
+
+
+def _run(point: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    """The hook point's output, and whether its hooks (or a module swapped in for it) edited the activation."""
+    if not is_hooked(point):
         return x, False
     version = x._version
     out = point(x)
@@ -131,7 +136,7 @@ def _run(point: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
 def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Tensor:
     """``scaled_dot_product_attention(*args, **kwargs)`` through ``site``'s hook points."""
     points = site.points()
-    if not any(p.has_hooks for p in points.values()):
+    if not any(is_hooked(p) for p in points.values()):
         return SDPA(*args, **kwargs)
     bound = bind_sdpa_args(args, kwargs)
     query, key, value = bound["query"], bound["key"], bound["value"]
@@ -144,10 +149,9 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
     q, q_edit = _run(points["q"], _to_glossary(query, lead))
     k, k_edit = _run(points["k"], _to_glossary(key, lead))
     v, v_edit = _run(points["v"], _to_glossary(value, lead))
-    explicit = q_edit or k_edit or v_edit or any(
-        points[s].has_hooks and bool(points[s].bwd_hooks) for s in ("attn_scores", "pattern"))
+    explicit = q_edit or k_edit or v_edit or any(_bwd_hooked(points[s]) for s in ("attn_scores", "pattern"))
     pattern = None
-    if explicit or points["attn_scores"].has_hooks or points["pattern"].has_hooks:
+    if explicit or is_hooked(points["attn_scores"]) or is_hooked(points["pattern"]):
         n_heads, n_kv = q.shape[2], k.shape[2]
         if n_heads != n_kv:
             if not bound["enable_gqa"] or n_heads % n_kv:
@@ -170,14 +174,14 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
         dropped = F.dropout(pattern, p=bound["dropout_p"]) if bound["dropout_p"] > 0.0 else pattern
         z = einops.einsum(dropped, v_full, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
     else:
-        if any(points[s].bwd_hooks for s in ("q", "k", "v")):
+        if any(_bwd_hooked(points[s]) for s in ("q", "k", "v")):
             # Feed the kernel the hooked views (same values and strides) so backward hooks see gradients.
             bound = bound | {"query": _from_glossary(q, query.ndim, lead), "key": _from_glossary(k, key.ndim, lead),
                              "value": _from_glossary(v, value.ndim, lead)}
             out = SDPA(**bound)
         else:
             out = SDPA(*args, **kwargs)
-        if not points["z"].has_hooks:
+        if not is_hooked(points["z"]):
             return out
         z = _to_glossary(out, lead)
     z, z_edit = _run(points["z"], z)
