@@ -18,6 +18,7 @@ output is the explicit computation ``softmax(q k^T * scale + mask) v`` from the 
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import einops
@@ -57,6 +58,15 @@ class AttentionSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, call={self.call}"
+
+
+@dataclass
+class Weights:
+    """What ``hooked_sdpa`` reports to a caller that must return the attention weights itself
+    (``multi_head_attention_forward(need_weights=True)``, run through SDPA by ``capture.py``)."""
+
+    pattern: Float[Tensor, "batch head q_pos k_pos"] | None = None  # after the hooks and after dropout
+    replaced: bool = False  # the output is not the plain kernel's on the caller's inputs (an edit, backward hooks)
 
 
 def bind_sdpa_args(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -133,8 +143,12 @@ def _run(point: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     return out, _edited(out, x, version)
 
 
-def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Tensor:
-    """``scaled_dot_product_attention(*args, **kwargs)`` through ``site``'s hook points."""
+def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any], weights: Weights | None = None) -> Tensor:
+    """``scaled_dot_product_attention(*args, **kwargs)`` through ``site``'s hook points.
+
+    With ``weights``, the pattern is computed even when nothing hooks it (and, under dropout, the
+    explicit path runs, so that the dropped pattern is the one the output used) and reported there.
+    """
     points = site.points()
     if not any(is_hooked(p) for p in points.values()):
         return SDPA(*args, **kwargs)
@@ -150,8 +164,9 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
     k, k_edit = _run(points["k"], _to_glossary(key, lead))
     v, v_edit = _run(points["v"], _to_glossary(value, lead))
     explicit = q_edit or k_edit or v_edit or any(_bwd_hooked(points[s]) for s in ("attn_scores", "pattern"))
+    explicit = explicit or (weights is not None and bound["dropout_p"] > 0.0)
     pattern = None
-    if explicit or is_hooked(points["attn_scores"]) or is_hooked(points["pattern"]):
+    if explicit or is_hooked(points["attn_scores"]) or is_hooked(points["pattern"]) or weights is not None:
         n_heads, n_kv = q.shape[2], k.shape[2]
         if n_heads != n_kv:
             if not bound["enable_gqa"] or n_heads % n_kv:
@@ -169,10 +184,11 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
         scores, s_edit = _run(points["attn_scores"], scores)
         pattern, p_edit = _run(points["pattern"], _softmax_or_zeros(scores))
         explicit = explicit or s_edit or p_edit
+    out = None
     if explicit:
         assert pattern is not None
-        dropped = F.dropout(pattern, p=bound["dropout_p"]) if bound["dropout_p"] > 0.0 else pattern
-        z = einops.einsum(dropped, v_full, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
+        pattern = F.dropout(pattern, p=bound["dropout_p"]) if bound["dropout_p"] > 0.0 else pattern
+        z = einops.einsum(pattern, v_full, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
     else:
         if any(_bwd_hooked(points[s]) for s in ("q", "k", "v")):
             # Feed the kernel the hooked views (same values and strides) so backward hooks see gradients.
@@ -181,10 +197,11 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
             out = SDPA(**bound)
         else:
             out = SDPA(*args, **kwargs)
-        if not is_hooked(points["z"]):
-            return out
         z = _to_glossary(out, lead)
     z, z_edit = _run(points["z"], z)
-    if not explicit and not z_edit:
+    if weights is not None:
+        weights.pattern = pattern
+        weights.replaced = explicit or z_edit or any(_bwd_hooked(p) for p in points.values())
+    if out is not None and not z_edit:
         return out
     return _from_glossary(z, query.ndim, lead)
