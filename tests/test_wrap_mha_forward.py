@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooked_attn import wrap
+from hooked_attn import unwrap, wrap
 
 D_MODEL, N_HEADS = 12, 3
 D_HEAD = D_MODEL // N_HEADS
@@ -215,3 +215,73 @@ def test_a_multihead_module_with_need_weights_shows_torchs_weights_in_its_hooks(
     torch.testing.assert_close(cache["hook_pattern"].mean(1) if average else cache["hook_pattern"], expected_weights)
     recomputed = F.linear(cache["hook_z"].flatten(-2), mha.out_proj.weight, mha.out_proj.bias)
     torch.testing.assert_close(recomputed.transpose(0, 1), expected)
+
+
+class ScaledQuery(nn.MultiheadAttention):
+    """A subclass with a forward of its own (it scales the query) that calls torch's forward."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object):
+        return super().forward(2.0 * query, key, value, **kwargs)
+
+
+class Reimplemented(nn.MultiheadAttention):
+    """A subclass whose forward never reaches torch's attention functions."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object):
+        return self.out_proj(value), None
+
+
+def _subclass_by_hand(mha: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pattern and v of ScaledQuery self-attention on batch-first x, from its weights."""
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q, k, v = _heads(2.0 * x @ w_q.T + b_q), _heads(x @ w_k.T + b_k), _heads(x @ w_v.T + b_v)
+    return (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D_HEAD)).softmax(-1), v
+
+
+def test_a_subclass_with_its_own_forward_stays_and_its_torch_calls_are_hooked(caplog) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D_MODEL, N_HEADS, 24, dropout=0.0, batch_first=True)
+    layer.self_attn = ScaledQuery(D_MODEL, N_HEADS, batch_first=True)  # called with need_weights=False
+    model = nn.ModuleDict({"encoder": nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                           "pool": ScaledQuery(D_MODEL, N_HEADS, batch_first=True),  # need_weights=True
+                           "other": Reimplemented(D_MODEL, N_HEADS, batch_first=True)}).eval()
+
+    class Run(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.model["encoder"](x)
+            out, weights = self.model["pool"](h, h, h, average_attn_weights=False)
+            return self.model["other"](out, out, out)[0], weights
+
+    run = Run()
+    x = torch.randn(2, 5, D_MODEL)
+    with torch.no_grad():
+        expected, expected_weights = run(x)
+        wrapped = wrap(run)
+        assert type(model["pool"]) is ScaledQuery  # left in place
+        (out, weights), cache = wrapped.run_with_cache(x)
+        assert wrapped.attention_layers == ["model.encoder.layers.0.self_attn", "model.pool"]
+        assert "'model.other'" in caplog.text and "no attention hooks" in caplog.text
+        # Unwrapped, no_grad eval lets torch fuse the encoder layer; caching runs torch's ordinary path.
+        torch.testing.assert_close(out, expected)
+        assert torch.equal(weights, expected_weights)  # torch's own weights path, hooks reading beside it
+        h = model["encoder"](x)
+        pattern, v = _subclass_by_hand(model["pool"], h)
+        torch.testing.assert_close(cache["model.pool.hook_pattern"], pattern)
+        torch.testing.assert_close(cache["model.pool.hook_pattern"], expected_weights)
+        pattern_0, _ = _subclass_by_hand(model["encoder"].layers[0].self_attn, x)
+        torch.testing.assert_close(cache["model.encoder.layers.0.self_attn.hook_pattern"], pattern_0)
+
+        def reverse_keys(p: torch.Tensor, hook: object) -> torch.Tensor:
+            return p.flip(-1)
+
+        edited, edited_weights = wrapped.run_with_hooks(x, fwd_hooks=[("model.pool.hook_pattern", reverse_keys)])
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern.flip(-1), v)
+        pooled = model["pool"].out_proj(z.flatten(-2))
+        torch.testing.assert_close(edited, model["other"].out_proj(pooled))
+        torch.testing.assert_close(edited_weights, pattern.flip(-1))
+    assert unwrap(wrapped) is run and type(model["pool"]) is ScaledQuery

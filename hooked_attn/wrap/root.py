@@ -131,6 +131,12 @@ class WrappedModule(HookedRootModule):
         if not self._call_order and not self.hook_dict:
             logger.warning("%s made no scaled_dot_product_attention call and has no attention module: "
                            "there is nothing to hook", type(self.module).__name__)
+        silent = [path for path in _own_forward_mha(self.module)
+                  if not any(site.path == path or site.path.startswith(f"{path}.") for site in self._sites.values())]
+        if silent:
+            logger.warning("nn.MultiheadAttention subclass(es) with their own forward at %s made no "
+                           "multi_head_attention_forward or scaled_dot_product_attention call in this forward: "
+                           "they have no attention hooks", ", ".join(repr(p) for p in silent))
         return self
 
     def _record_mha(self, module: nn.Module, path: str) -> None:
@@ -205,12 +211,24 @@ _CACHE_OPTIONS = frozenset({"names_filter", "device", "dtype", "remove_batch_dim
                             "clear_contexts", "check_finite"})
 
 
+def _swappable(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention whose forward is torch's, which HookedMultiheadAttention reproduces. A
+    subclass with a forward of its own stays in place: its calls of torch's attention are caught instead."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+
+
+def _own_forward_mha(module: nn.Module) -> list[str]:
+    """The paths of the nn.MultiheadAttention subclasses with their own forward (left in place)."""
+    return [path for path, sub in module.named_modules()
+            if isinstance(sub, nn.MultiheadAttention) and not _swappable(sub)]
+
+
 def _attention_slots(module: nn.Module) -> Iterator[_Slot]:
-    """Every (parent, key) whose child is an nn.MultiheadAttention, once each, in module order."""
+    """Every (parent, key) whose child is a swappable nn.MultiheadAttention, once each, in module order."""
     seen: set[tuple[int, str]] = set()
     for parent_path, parent in module.named_modules(remove_duplicate=False):
         for key, child in parent._modules.items():
-            if isinstance(child, nn.MultiheadAttention) and (id(parent), key) not in seen:
+            if _swappable(child) and (id(parent), key) not in seen:
                 seen.add((id(parent), key))
                 yield _Slot(parent, key, f"{parent_path}.{key}" if parent_path else key)
 
@@ -229,11 +247,6 @@ def _check_wrappable(module: nn.Module) -> None:
             )
         if path and isinstance(sub, HookedRootModule):
             raise ValueError(f"{where} is a {type(sub).__name__}, which names its own hook points; wrap cannot rename them")
-        if isinstance(sub, nn.MultiheadAttention) and type(sub).forward is not nn.MultiheadAttention.forward:
-            raise ValueError(
-                f"{where} is a {type(sub).__name__}, a subclass of nn.MultiheadAttention with its own forward; "
-                "wrap only reproduces nn.MultiheadAttention.forward"
-            )
 
 
 def wrap(module: nn.Module) -> WrappedModule:
@@ -249,7 +262,10 @@ def wrap(module: nn.Module) -> WrappedModule:
     (``WrappedModule.discover``; the first ``run_with_cache``/``run_with_hooks`` does it). HookPoints
     already in the model (``DotProductAttention``, ``AdditiveAttention``) are named too.
     ``nn.TransformerEncoder``'s nested-tensor fast path, which would skip the attention modules'
-    forward, is switched off until ``unwrap``.
+    forward, is switched off until ``unwrap``. A subclass of ``nn.MultiheadAttention`` with a forward
+    of its own stays in place: the ``F.multi_head_attention_forward`` (or SDPA) calls it makes (through
+    ``super().forward`` say) get the SDPA call-site hooks under its path; ``discover`` warns when one
+    makes no such call.
 
     Args:
         module: any model; it is modified in place and held by the returned wrapper.
@@ -260,8 +276,8 @@ def wrap(module: nn.Module) -> WrappedModule:
         ``HookedTransformer``.
 
     Raises:
-        ValueError: ``module`` is already wrapped, contains a ``HookedRootModule``, or contains a
-            subclass of ``nn.MultiheadAttention`` that overrides ``forward``. ``module`` is left unchanged.
+        ValueError: ``module`` is already wrapped or contains a ``HookedRootModule``. ``module`` is
+            left unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(module).__name__}")
@@ -278,7 +294,7 @@ def wrap(module: nn.Module) -> WrappedModule:
             hooked[id(original)] = HookedMultiheadAttention(original)
         return hooked[id(original)]
 
-    new_root = hooked_for(module) if isinstance(module, nn.MultiheadAttention) else module
+    new_root = hooked_for(module) if _swappable(module) else module
     nested_flags = {enc: enc.use_nested_tensor for enc in module.modules()
                     if isinstance(enc, nn.TransformerEncoder) and hasattr(enc, "use_nested_tensor")}
     for slot in slots:
