@@ -133,7 +133,9 @@ def dispatch(
 
     Raises:
         ValueError: the map misses a unit or names a GPU this machine lacks; "disk" units without an
-            ``offload_folder`` that holds them; a model dispatched already.
+            ``offload_folder`` that holds them, or whose config, shapes or dtypes there differ from the
+            model's; a model dispatched already.
+        OffloadFolderError: the folder's files do not match its manifest (``hooked_attn.scale.folder``).
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
@@ -161,8 +163,9 @@ def dispatch(
         # Offloaded weights come from a mapping accelerate reads for every forward: the folder's for
         # "disk" units, the model's own for "cpu" units computing on an accelerator.
         in_ram = [unit for unit, d in full.items() if d == "cpu"] if main != "cpu" else []
-        weights = _Both(FolderWeights(offload_folder, disk),  # type: ignore[arg-type]
-                        extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
+        on_disk = FolderWeights(offload_folder, disk)  # type: ignore[arg-type]
+        on_disk.check_fits(dict(model.named_parameters()), model.cfg)  # type: ignore[arg-type]
+        weights = _Both(on_disk, extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
     # offload_index={} (not None) keeps accelerate from writing the disk units to its own .dat files.
     with _quiet_offload_warning(offloaded=bool(disk) or (main != "cpu" and "cpu" in full.values())):
         dispatch_model(model, dict(full), main_device=main, state_dict=weights,
