@@ -1,0 +1,103 @@
+"""wrap() used the way a hostile user would: hook points swapped for other modules, odd call patterns."""
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from conftest import TOL
+from torch import nn
+
+from hooked_attn import wrap
+
+E, H = 8, 2
+D_HEAD = E // H
+
+
+class FlipKeys(nn.Module):
+    """A module put where hook_pattern was: reverses the key axis (rows still sum to 1)."""
+
+    def forward(self, pattern: torch.Tensor) -> torch.Tensor:
+        return pattern.flip(-1)
+
+
+def _mha(**kwargs: object) -> nn.MultiheadAttention:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True, **kwargs).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_(0.0, 0.5)
+    return mha
+
+
+def _by_hand(mha: nn.MultiheadAttention, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Self-attention output of ``mha`` on batch-first ``x``, the pattern's keys reversed when ``flip``."""
+    q, k, v = (F.linear(x, w, b).unflatten(-1, (H, D_HEAD))
+               for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3), strict=True))
+    pattern = (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D_HEAD)).softmax(-1)
+    z = torch.einsum("bhqk,bkhd->bqhd", pattern.flip(-1) if flip else pattern, v)
+    return mha.out_proj(z.flatten(-2))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attn = mha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_hook_points_of_a_multihead_module_swapped_for_other_modules() -> None:
+    mha = _mha()
+    reference = copy.deepcopy(mha)
+    x = torch.randn(2, 5, E)
+    wrapped = wrap(SelfAttention(mha))
+    hooked = wrapped.module.attn
+    hooked.hook_result = nn.Identity()  # read on every forward (opt-in point): must not break the forward
+    hooked.hook_pattern = nn.Identity()
+    with torch.no_grad():
+        out, weights = hooked(x, x, x, need_weights=False)
+        expected, _ = reference(x, x, x, need_weights=False)
+        torch.testing.assert_close(out, expected, **TOL["tiny_fp32"])
+        hooked.hook_pattern = FlipKeys()  # a module that changes what passes through: the output follows it
+        out, _ = hooked(x, x, x, need_weights=False)
+        torch.testing.assert_close(out, _by_hand(reference, x, flip=True), **TOL["tiny_fp32"])
+        assert not torch.allclose(out, expected, atol=1e-3)
+        wrapped.setup()  # re-reading the model drops the swapped names, keeps the others
+        assert "attn.hook_pattern" not in wrapped.hook_dict and "attn.hook_z" in wrapped.hook_dict
+        _, cache = wrapped.run_with_cache(x)
+        torch.testing.assert_close(cache["attn.hook_z"], torch.einsum(
+            "bhqk,bkhd->bqhd", (cache["attn.hook_attn_scores"].softmax(-1)).flip(-1), cache["attn.hook_v"]))
+
+
+class TwoCalls(nn.Module):
+    """One module, two SDPA calls per forward on [batch head pos d_head] views of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.unflatten(-1, (H, D_HEAD)).transpose(1, 2)
+        first = F.scaled_dot_product_attention(h, h, h)
+        second = F.scaled_dot_product_attention(first, h, h)
+        return second.transpose(1, 2).flatten(-2)
+
+
+def test_hook_points_of_an_sdpa_site_swapped_for_other_modules() -> None:
+    model = nn.Sequential(TwoCalls())
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        expected = model(x)
+        wrapped = wrap(model).discover(x)
+        assert sorted(wrapped.sites) == ["0", "0.call_1"]
+        site = wrapped.sites["0.call_1"]
+        site.hook_z = nn.Identity()  # reads only: the kernel's output is kept
+        assert torch.equal(wrapped(x), expected)
+        site.hook_pattern = FlipKeys()  # nothing else hooked: the wrapper must still route the call through it
+        out = wrapped(x)
+        h = x.unflatten(-1, (H, D_HEAD)).transpose(1, 2)
+        first = F.scaled_dot_product_attention(h, h, h)
+        pattern = (first @ h.transpose(-1, -2) / math.sqrt(D_HEAD)).softmax(-1)
+        torch.testing.assert_close(out, (pattern.flip(-1) @ h).transpose(1, 2).flatten(-2))
+        wrapped.setup()
+        assert "0.call_1.hook_pattern" not in wrapped.hook_dict and "0.call_1.hook_q" in wrapped.hook_dict
+        _, cache = wrapped.run_with_cache(x)
+        torch.testing.assert_close(cache["0.call_1.hook_q"], first.transpose(1, 2))
