@@ -169,9 +169,9 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def to(self, device: torch.device | str, move_model: bool = False) -> "ActivationCache":
         """Move every tensor to ``device`` (and the model too, if asked)."""
-        self.cache_dict = {name: t.to(device) for name, t in self.cache_dict.items()}
-        if move_model and self.model is not None:
+        if move_model and self.model is not None:  # first: a model that refuses leaves the cache as it was
             self.model.to(device)
+        self.cache_dict = {name: t.to(device) for name, t in self.cache_dict.items()}
         return self
 
     def remove_batch_dim(self) -> "ActivationCache":
