@@ -162,6 +162,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 f"with start_at_layer, input must be a residual [batch pos d_model={self.cfg.d_model}], "
                 f"got shape {tuple(input.shape)}"
             )
+        elif input.dtype != self.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(f"with start_at_layer, the residual must have the model's dtype {self.dtype}, got "
+                             f"{input.dtype}: pass resid.to({self.dtype})")
         if input.shape[1] == 0:
             raise ValueError("the input has no positions: a sequence needs at least one token")
         if attention_mask is not None:
