@@ -138,6 +138,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None and not isinstance(past_kv_cache, KVCache):
             raise TypeError(f"past_kv_cache must be a KVCache (KVCache.empty(n_layers)), got {type(past_kv_cache).__name__}")
+        if past_kv_cache is not None and not self.cfg.causal:
+            raise ValueError("past_kv_cache needs causal attention: this model attends both ways, so every new token "
+                             "would change the keys and values already cached; run the whole sequence instead")
         if past_kv_cache is not None and start_at_layer is not None:
             raise ValueError("past_kv_cache needs every layer from block 0 on to run: it cannot be combined with "
                              "start_at_layer")
