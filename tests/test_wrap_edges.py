@@ -101,3 +101,25 @@ def test_hook_points_of_an_sdpa_site_swapped_for_other_modules() -> None:
         assert "0.call_1.hook_pattern" not in wrapped.hook_dict and "0.call_1.hook_q" in wrapped.hook_dict
         _, cache = wrapped.run_with_cache(x)
         torch.testing.assert_close(cache["0.call_1.hook_q"], first.transpose(1, 2))
+
+
+def test_inference_mode_caching_is_exact_and_in_place_edits_count() -> None:
+    model = nn.Sequential(TwoCalls())
+    x = torch.randn(2, 5, E)
+
+    def first_key_only(pattern: torch.Tensor, hook: object) -> None:
+        pattern.zero_()[..., 0] = 1.0  # in place: inference tensors keep no version counter to tell
+
+    with torch.inference_mode():
+        expected = model(x)
+        wrapped = wrap(model)
+        out, cache = wrapped.run_with_cache(x)
+        assert torch.equal(out, expected)
+        h = x.unflatten(-1, (H, D_HEAD)).transpose(1, 2)
+        first = F.scaled_dot_product_attention(h, h, h)
+        torch.testing.assert_close(cache["0.hook_z"], first.transpose(1, 2))
+        edited = wrapped.run_with_hooks(x, fwd_hooks=[("0.hook_pattern", first_key_only)])
+        # Every query of the first call now reads value 0 only.
+        first = h[:, :, :1].expand_as(h)
+        torch.testing.assert_close(edited, F.scaled_dot_product_attention(first, h, h).transpose(1, 2).flatten(-2))
+    assert wrapped.n_hooks() == 0
