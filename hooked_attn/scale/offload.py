@@ -118,11 +118,14 @@ class FolderWeights(Mapping[str, torch.Tensor]):
     rather than read as a mix of two models.
     """
 
-    def __init__(self, folder: str | Path, units: list[str]) -> None:
+    def __init__(self, folder: str | Path, units: list[str], cfg: ModelConfig | None = None) -> None:
         folder = Path(folder)
         manifest = read_complete(folder)
         self._folder, self._write_id = folder, manifest["write_id"]
-        self.cfg = read_config(manifest)
+        saved = read_config(manifest)
+        if cfg is not None and cfg != saved:  # a model of another config: refused before its units are sought
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
+            raise ValueError(f"{str(folder)!r} holds a model of another config (fields {diff[:4]} differ)")
         self._info = {name: info for name, info in manifest["weights"].items()
                       if any(name.startswith(unit + ".") for unit in units)}
         absent = [u for u in units if not any(name.startswith(u + ".") for name in self._info)]
@@ -132,11 +135,8 @@ class FolderWeights(Mapping[str, torch.Tensor]):
         for file in sorted({info["file"] for info in self._info.values()}):
             check_file(folder, file, self._write_id, [n for n, info in self._info.items() if info["file"] == file])
 
-    def check_fits(self, params: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
-        """Refuse a model whose config, or whose parameters' shapes or dtypes, differ from the folder's."""
-        if cfg != self.cfg:
-            diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(self.cfg, f.name)]
-            raise ValueError(f"{str(self._folder)!r} holds a model with another config (fields {diff[:4]} differ)")
+    def check_fits(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a model whose parameters' shapes or dtypes differ from the folder's."""
         for name, info in self._info.items():
             p = params.get(name)
             if p is None or list(p.shape) != info["shape"] or str(p.dtype).removeprefix("torch.") != info["dtype"]:
