@@ -285,3 +285,18 @@ def test_a_subclass_with_its_own_forward_stays_and_its_torch_calls_are_hooked(ca
         torch.testing.assert_close(edited, model["other"].out_proj(pooled))
         torch.testing.assert_close(edited_weights, pattern.flip(-1))
     assert unwrap(wrapped) is run and type(model["pool"]) is ScaledQuery
+
+
+def test_need_weights_true_with_dropout_returns_the_dropped_pattern_its_output_used() -> None:
+    torch.manual_seed(0)
+    model = WithWeights(average=False, dropout=0.5).train()
+    x, memory, padding = _inputs()
+    wrapped = wrap(model)
+    (out, weights), cache = wrapped.run_with_cache(x, memory, padding, None)
+    pattern, z = cache["hook_pattern"], cache["hook_z"]  # the pattern before dropout, z after it
+    kept = weights != 0
+    assert 0.3 < kept[pattern != 0].float().mean() < 0.7
+    torch.testing.assert_close(weights[kept], 2.0 * pattern[kept])  # survivors scaled by 1 / (1 - p)
+    v = _heads(memory @ model.inner.in_proj_weight.chunk(3)[2].T + model.inner.in_proj_bias.chunk(3)[2])
+    torch.testing.assert_close(z, torch.einsum("bhqk,bkhd->bqhd", weights, v))
+    torch.testing.assert_close(out, model.inner.out(z.flatten(-2)))

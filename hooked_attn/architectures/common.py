@@ -43,6 +43,13 @@ class DecoderSizes(TypedDict):
     n_ctx: int
 
 
+DECODER_SIZE_FIELDS = frozenset({
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings",
+})
+"""The HF config fields :func:`decoder_sizes` reads: a family that calls it adds them to its handled fields."""
+
+
 def decoder_sizes(hf: Any, d_head: int) -> DecoderSizes:
     """Sizes from num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads (None: MHA),
     intermediate_size, vocab_size and max_position_embeddings."""

@@ -64,6 +64,7 @@ class WrappedModule(HookedRootModule):
         self._site_modules: list[dict[str, nn.Module | None]] = []
         self._mha_layers = list(dict.fromkeys(slot.path for slot in slots))
         self._call_order: list[str] = []
+        self._mha_calls: dict[str, int] = {}  # calls per swapped module in the discovering forward
         self._discovering = False
         self.discovered = False
         self._unwrapped = False
@@ -121,6 +122,7 @@ class WrappedModule(HookedRootModule):
         points then. Returns ``self``."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         self._call_order.clear()
+        self._mha_calls = {}
         self._discovering = True
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -137,11 +139,17 @@ class WrappedModule(HookedRootModule):
             logger.warning("nn.MultiheadAttention subclass(es) with their own forward at %s made no "
                            "multi_head_attention_forward or scaled_dot_product_attention call in this forward: "
                            "they have no attention hooks", ", ".join(repr(p) for p in silent))
+        repeated = {path: n for path, n in self._mha_calls.items() if n > 1}
+        if repeated:
+            logger.warning("nn.MultiheadAttention module(s) called more than once in one forward: %s. Their hook "
+                           "points fire on every call, so a cache keeps only the last call's activations and a "
+                           "hook edits every call", ", ".join(f"{p!r} ({n} calls)" for p, n in repeated.items()))
         return self
 
     def _record_mha(self, module: nn.Module, path: str) -> None:
         if self._discovering and isinstance(module, HookedMultiheadAttention):
             layer = path.lstrip("\0")
+            self._mha_calls[layer] = self._mha_calls.get(layer, 0) + 1
             if layer not in self._call_order:
                 self._call_order.append(layer)
 
