@@ -11,7 +11,7 @@ them. Whatever layout the caller used, the hooks see the glossary's axes:
   is the call's output.
 
 With nothing attached the call is the original kernel. When hooks only read (nothing replaced, nothing
-edited in place: ``Tensor._version`` tells), the output is still the original kernel's, and scores and
+edited in place: ``Tensor._version`` tells, or a copy under ``torch.inference_mode``), the output is still the original kernel's, and scores and
 pattern are computed beside it. When a hook replaces or edits q, k, v, the scores or the pattern, the
 output is the explicit computation ``softmax(q k^T * scale + mask) v`` from the edited tensors.
 """
@@ -138,6 +138,11 @@ def _run(point: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     """The hook point's output, and whether its hooks (or a module swapped in for it) edited the activation."""
     if not is_hooked(point):
         return x, False
+    if x.is_inference():
+        # Tensors made under torch.inference_mode keep no version counter: compare with a copy instead.
+        before = x.clone()
+        out = point(x)
+        return out, out is not x or not torch.equal(x, before)
     version = x._version
     out = point(x)
     return out, _edited(out, x, version)
