@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.config import ModelConfig
+from hooked_attn.config import ModelConfig, ShortformerPositions
 from hooked_attn.utils import get_act_name
 
 
@@ -256,7 +256,7 @@ class ActivationCache(Mapping[str, Tensor]):
             else:
                 parts.append(self["hook_embed"])
                 labels.append("embed")
-                if "hook_pos_embed" in model.hook_dict:
+                if "hook_pos_embed" in model.hook_dict and not isinstance(cfg.positions, ShortformerPositions):
                     parts.append(self["hook_pos_embed"])
                     labels.append("pos_embed")
         for i in range(upto + (1 if mlp_input else 0)):
