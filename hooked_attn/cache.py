@@ -31,6 +31,7 @@ class AnalysedModel(Protocol):
 _ANALYSED_MODEL_NEEDS = ("cfg", "hook_dict", "blocks", "W_U", "unembed", "to_single_token")
 
 
+_DECOMPOSE_MODES = ("all", "attn", "mlp")
 PosSlice = int | slice | Sequence[int] | Tensor | None
 
 
@@ -169,9 +170,9 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def to(self, device: torch.device | str, move_model: bool = False) -> "ActivationCache":
         """Move every tensor to ``device`` (and the model too, if asked)."""
-        self.cache_dict = {name: t.to(device) for name, t in self.cache_dict.items()}
-        if move_model and self.model is not None:
+        if move_model and self.model is not None:  # first: a model that refuses leaves the cache as it was
             self.model.to(device)
+        self.cache_dict = {name: t.to(device) for name, t in self.cache_dict.items()}
         return self
 
     def remove_batch_dim(self) -> "ActivationCache":
@@ -203,6 +204,8 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def _n_layers_upto(self, layer: int | None) -> int:
         n = self._model().cfg.n_layers
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise TypeError(f"layer must be an int (or None), got {layer!r}")
         layer = n if layer is None or layer == -1 else layer  # TransformerLens: None or -1 is the final stream
         if not 0 <= layer <= n:
             raise ValueError(f"layer must be in 0..{n} (n_layers, -1 or None = the final residual stream), got {layer}")
@@ -242,6 +245,8 @@ class ActivationCache(Mapping[str, Tensor]):
         """The residual stream at ``layer`` split into what wrote it: the embeddings, then each
         block's ``attn_out`` and ``mlp_out`` (``mode`` "attn" or "mlp" keeps one kind). The
         components sum exactly to the residual stream (with ``mode="all"`` and the embeddings)."""
+        if mode not in _DECOMPOSE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, _DECOMPOSE_MODES))}, got {mode!r}")
         model = self._model()
         cfg = model.cfg
         if cfg.block_norms in ("post_residual", "normed_residual"):
@@ -259,8 +264,10 @@ class ActivationCache(Mapping[str, Tensor]):
                 if "hook_pos_embed" in model.hook_dict and not isinstance(cfg.positions, ShortformerPositions):
                     parts.append(self["hook_pos_embed"])
                     labels.append("pos_embed")
+        # A parallel block's MLP reads resid_pre, beside its attention: not that attention's output.
+        with_attn_at = upto + (1 if mlp_input and not cfg.parallel_attn_mlp else 0)
         for i in range(upto + (1 if mlp_input else 0)):
-            if mode in ("all", "attn"):
+            if mode in ("all", "attn") and i < with_attn_at:
                 parts.append(self[f"blocks.{i}.hook_attn_out"])
                 labels.append(f"{i}_attn_out")
             if mode in ("all", "mlp") and i < upto and f"blocks.{i}.hook_mlp_out" in model.hook_dict:
@@ -287,11 +294,12 @@ class ActivationCache(Mapping[str, Tensor]):
         for i in range(upto):
             if f"blocks.{i}.attn.hook_result" in self.cache_dict:
                 result = self[f"blocks.{i}.attn.hook_result"]
-            else:
-                result = einops.einsum(self[f"blocks.{i}.attn.hook_z"], model.blocks[i].attn.W_O.to(self[f"blocks.{i}.attn.hook_z"].device),
-                                       "batch pos head d_head, head d_head d_model -> batch pos head d_model")
-            parts.append(einops.rearrange(result, "batch pos head d_model -> head batch pos d_model"))
-            labels += [f"L{i}H{h}" for h in range(result.shape[2])]
+            else:  # "...": batch pos, or pos alone in a cache without its batch dim
+                z = self[f"blocks.{i}.attn.hook_z"]
+                result = einops.einsum(z, model.blocks[i].attn.W_O.to(z.device),
+                                       "... pos head d_head, head d_head d_model -> ... pos head d_model")
+            parts.append(einops.rearrange(result, "... pos head d_model -> head ... pos d_model"))
+            labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
         stack = torch.cat(parts) if parts else torch.zeros(0, *self["hook_embed"].shape)
         if incl_remainder:
             total = self.accumulated_resid(upto)[-1]
@@ -314,11 +322,13 @@ class ActivationCache(Mapping[str, Tensor]):
         upto = self._n_layers_upto(layer)
         parts, labels = [], []
         keep = slice(None) if neuron_slice is None else neuron_slice
+        if not isinstance(keep, slice):
+            keep = _neuron_ids(keep, model.cfg.d_mlp)
         for i in range(upto):
             post = _take_pos(self[f"blocks.{i}.mlp.hook_post"], pos_slice)[..., keep]
             W_out = model.blocks[i].mlp.W_out[keep].to(post.device)
             parts.append(einops.einsum(post, W_out, "... d_mlp, d_mlp d_model -> d_mlp ... d_model"))
-            ids = range(model.cfg.d_mlp)[keep] if isinstance(keep, slice) else keep
+            ids = range(model.cfg.d_mlp)[keep] if isinstance(keep, slice) else keep.tolist()
             labels += [f"L{i}N{n}" for n in ids]
         stack = torch.cat(parts)
         if incl_remainder:
@@ -344,9 +354,17 @@ class ActivationCache(Mapping[str, Tensor]):
             name = "ln_final.hook_scale"
         else:
             name = f"blocks.{upto}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
+        if name not in model.hook_dict:  # no norm reads the residual stream there (no final norm, say)
+            return residual_stack
         if name not in self.cache_dict:
             raise KeyError(f"apply_ln needs {name!r} in the cache: cache it (names_filter) or run with it")
         scale = _take_pos(self[name], pos_slice)
+        lead = scale.shape[:-1]  # [batch pos], fewer axes for a sliced position or no batch dim
+        if tuple(residual_stack.shape[-1 - len(lead):-1]) != tuple(lead):
+            raise ValueError(
+                f"the stack has shape {tuple(residual_stack.shape)}, but {name} (with pos_slice={pos_slice!r}) is "
+                f"{tuple(scale.shape)}: the stack's axes before d_model must be {tuple(lead)}; pass the pos_slice "
+                "the stack was made with")
         if model.cfg.norm.kind == "layernorm":
             residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
         return residual_stack / scale
@@ -359,15 +377,28 @@ class ActivationCache(Mapping[str, Tensor]):
         ``component @ W_U[:, token]``. ``tokens`` is one id or string for every position, or ids
         broadcastable to ``[batch pos]``. Apply the final norm first (``apply_ln=True``)."""
         model = self._model()
+        stack = _take_pos(residual_stack, pos_slice)
+        lead = tuple(stack.shape[1:-1])  # [batch pos], [batch] after an int pos_slice, [pos] without batch
 
-        def direction(t: Tensor | int | str) -> Tensor:
+        def direction(t: Tensor | int | str, what: str) -> Tensor:
             ids = torch.as_tensor(model.to_single_token(t) if isinstance(t, str) else t)
+            d_vocab = model.W_U.shape[-1]
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+                raise ValueError(f"{what} must be token ids (int), got dtype {ids.dtype}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+                raise ValueError(f"{what} holds ids outside 0..{d_vocab - 1}: min {int(ids.min())}, max {int(ids.max())}")
+            # A tensor lines up with the stack's axes from the left, one id per row (and position): a
+            # shorter one would broadcast against the last axis instead, [batch] against pos.
+            if ids.ndim and (ids.ndim != len(lead) or any(a not in (1, b) for a, b in zip(ids.shape, lead))):
+                raise ValueError(
+                    f"{what} has shape {tuple(ids.shape)}, but the stack {tuple(stack.shape)} has {lead} between "
+                    "component and d_model: give one id, or ids of that shape (size-1 axes broadcast), "
+                    "e.g. ids[:, None] for one id per row")
             return model.W_U[:, ids.to(model.W_U.device)].movedim(0, -1)  # [... d_model]
 
-        dirs = direction(tokens)
+        dirs = direction(tokens, "tokens")
         if incorrect_tokens is not None:
-            dirs = dirs - direction(incorrect_tokens)
-        stack = _take_pos(residual_stack, pos_slice)
+            dirs = dirs - direction(incorrect_tokens, "incorrect_tokens")
         return (stack * dirs.to(stack.device, stack.dtype)).sum(-1)
 
     def logit_lens(
@@ -379,7 +410,21 @@ class ActivationCache(Mapping[str, Tensor]):
         stack = self.accumulated_resid(layer, incl_mid=incl_mid, pos_slice=pos_slice)
         with torch.no_grad():  # computed where the model's final norm and unembedding are; returned here
             normed = model.ln_final(_to_module(stack, model.ln_final)) if model.cfg.final_norm else stack
-            return model.unembed(_to_module(normed, model.unembed)).to(stack.device)
+            logits = model.unembed(_to_module(normed, model.unembed))
+            cap = model.cfg.output_logits_soft_cap  # as the model's own logits (Gemma 2)
+            if cap is not None and cap > 0:
+                logits = torch.tanh(logits / cap) * cap
+            return logits.to(stack.device)
+
+
+def _neuron_ids(ids: Sequence[int] | Tensor | int, d_mlp: int) -> Tensor:
+    """``neuron_slice`` given as ids: a 1-D tensor of in-range ints."""
+    ids_t = torch.as_tensor(ids)
+    if ids_t.ndim != 1 or ids_t.dtype.is_floating_point or ids_t.dtype == torch.bool:
+        raise ValueError(f"neuron_slice must be a slice or a list of neuron ids, got {ids!r}")
+    if ids_t.numel() and (int(ids_t.min()) < -d_mlp or int(ids_t.max()) >= d_mlp):
+        raise ValueError(f"neuron_slice holds ids outside 0..{d_mlp - 1}: {ids!r}")
+    return ids_t % d_mlp  # -1 is the last neuron, labelled as such
 
 
 def _to_module(x: Tensor, module: nn.Module) -> Tensor:

@@ -13,12 +13,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attn.components.kv_cache import KVCache
+from hooked_attn.config import LearnedPositions
 from hooked_attn.tokens import PADDING_MASK_ATTR
 
 # The mixin's methods run on a HookedTransformer (model.py mixes it in); they name it ``Any`` rather than
 # import model.py, which imports this module.
 GenerateReturn = Literal["input", "str", "tokens"]
 _RETURN_TYPES = ("input", "str", "tokens")
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sample_next(
@@ -173,6 +178,15 @@ class GenerationMixin:
             eos_token_id = model.tokenizer.eos_token_id if model.tokenizer is not None else None
             if eos_token_id is None:
                 raise ValueError("stop_at_eos=True needs an eos_token_id (the model has no tokenizer to take it from)")
+        if not (eos_token_id is None or _is_id(eos_token_id)
+                or isinstance(eos_token_id, (list, tuple)) and all(map(_is_id, eos_token_id))):
+            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+        n_ctx = model.cfg.positions.n_ctx if isinstance(model.cfg.positions, LearnedPositions) else None
+        n_prompt = tokens.shape[1] if mask is None else int(mask.sum(-1).max())
+        if n_ctx is not None and n_prompt + max_new_tokens > n_ctx:
+            raise ValueError(f"the prompt has {n_prompt} tokens and the model's learned positions stop at "
+                             f"n_ctx={n_ctx}: max_new_tokens={max_new_tokens} would run past them (at most "
+                             f"{max(n_ctx - n_prompt, 0)} fit)")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                            dtype=torch.long, device=tokens.device)
         if eos.numel() and (int(eos.min()) < 0 or int(eos.max()) >= model.cfg.d_vocab):

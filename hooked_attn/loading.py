@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from hooked_attn.architectures import get_architecture
-from hooked_attn.architectures.base import Architecture, StateDictError, UnknownArchitectureError, check_hf_config
-from hooked_attn.architectures.bert import ENCODERS
+from hooked_attn.architectures.base import Architecture, StateDictError, check_hf_config
 from hooked_attn.config import ModelConfig, Processing
 from hooked_attn.memory import release_free_memory
 from hooked_attn.processing import DEFAULT_PROCESSING, plan_processing, process_weights
@@ -98,7 +97,7 @@ def open_source(
     # Counted before anything of ours refers to them: what else holds the source's tensors.
     held = _held_elsewhere(source) if release_source else frozenset()  # type: ignore[arg-type]
     read = read_source(source, gguf_file, revision, cache_dir, target_dtype)
-    arch = _architecture(kind, read.hf_architecture, read.hf_config)
+    arch = get_architecture(read.hf_architecture, read.hf_config, kind)  # one registry, by kind
     check_hf_config(read.hf_config, arch)
     cfg = arch.config_from_hf(read.hf_config)
     # A caller's in-memory model is copied, never adopted or written to; with release_source, only what
@@ -280,15 +279,6 @@ def _in_memory_order(t: Tensor) -> Tensor:
             return t
         expected *= size
     return t.as_strided((t.numel(),), (1,))
-
-
-def _architecture(kind: Kind, hf_architecture: str | None, hf_config: PretrainedConfig) -> Architecture:
-    if kind == "decoder":
-        return get_architecture(hf_architecture, hf_config)
-    if hf_architecture not in ENCODERS:
-        raise UnknownArchitectureError(f"architecture {hf_architecture!r} is not a supported encoder; supported: "
-                                       f"{', '.join(sorted(ENCODERS))}")
-    return ENCODERS[hf_architecture]
 
 
 def _ptr(t: Tensor) -> int:

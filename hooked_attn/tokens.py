@@ -60,6 +60,8 @@ class TokenizerMixin:
         self, text: str | list[str], prepend_bos: bool | None, padding_side: PaddingSide | None,
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         tok = self._require_tokenizer()
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("expected a string or a non-empty list of strings to tokenize")
@@ -125,6 +127,7 @@ class TokenizerMixin:
             ids = self.to_tokens(input, prepend_bos, move_to_device=False)[0].tolist()
         else:
             t = torch.as_tensor(input)
+            self._check_decodable(t)
             if t.ndim == 0:
                 t = t[None]
             if t.ndim == 2:
@@ -138,9 +141,20 @@ class TokenizerMixin:
         """Decode token ids; a 2-D tensor gives one string per row."""
         tok = self._require_tokenizer()
         t = torch.as_tensor(tokens)
+        self._check_decodable(t)
         if t.ndim == 2:
             return [tok.decode(row.tolist()) for row in t]
         return tok.decode(t.tolist())
+
+    def _check_decodable(self, ids: Tensor) -> None:
+        """Token ids to decode: ints in the model's vocabulary (a tokenizer decodes ids past its own
+        vocabulary as nothing at all, and a negative id overflows)."""
+        if ids.ndim > 2 or ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+            raise ValueError(f"expected token ids [pos] or [batch pos], got {ids.dtype} {tuple(ids.shape)}")
+        d_vocab = getattr(getattr(self, "cfg", None), "d_vocab", None)
+        if ids.numel() and d_vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"token id {bad} is out of range: the vocabulary has ids 0..{d_vocab - 1}")
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token.

@@ -88,5 +88,7 @@ def test_decoders_and_encoders_point_at_each_other():
     with pytest.raises(UnknownArchitectureError, match="BertModel"):
         HookedTransformer.from_pretrained(bert)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(UnknownArchitectureError, match="not a supported encoder"):
+    # The one registry (kind "encoder" / "decoder") names the model class that loads it.
+    with pytest.raises(UnknownArchitectureError,
+                       match=r"not supported as an encoder \(GPT2LMHeadModel is a decoder: load it with HookedTransformer"):
         HookedEncoder.from_pretrained(gpt2)

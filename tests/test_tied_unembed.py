@@ -25,6 +25,11 @@ CASES = {
     "phi": (transformers.PhiConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, tie_word_embeddings=True),
             transformers.PhiForCausalLM, "lm_head.weight"),
+    # opt-350m's layout: a 16-wide table projected in and out (folded into W_E and W_U).
+    "opt_projected": (transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                             num_attention_heads=4, max_position_embeddings=32,
+                                             word_embed_proj_dim=16),
+                      transformers.OPTForCausalLM, "lm_head.weight"),
     "bert_mlm": (transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=48, max_position_embeddings=40),
                  transformers.BertForMaskedLM, "cls.predictions.decoder.weight"),
@@ -47,32 +52,50 @@ def test_a_tied_config_with_a_different_stored_lm_head_gives_hf_logits(family, t
 
     hf = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
     tokens = torch.randint(0, hf_cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    if cls is transformers.BertForMaskedLM:
-        ours = HookedEncoder.from_pretrained(str(tmp_path), center_unembed=False, fold_value_biases=False)
-    else:
-        ours = HookedTransformer.from_pretrained_no_processing(str(tmp_path))
+    ours = _load_ours(cls, tmp_path)
     # The test can fail: the two candidate unembeddings give different logits.
     assert not torch.equal(sd[key], sd[embed_key])
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, **TOL["tiny_fp32"])
     expected = sd[key] if TRANSFORMERS_MAJOR >= 5 else sd[embed_key]
-    torch.testing.assert_close(ours.unembed.W_U.T, expected, rtol=0, atol=0)
+    torch.testing.assert_close(ours.unembed.W_U.T, _project(expected, sd, "out"), rtol=0, atol=0)
+
+
+EMBED_KEYS = {"llama": "model.embed_tokens.weight", "opt_projected": "model.decoder.embed_tokens.weight",
+              "bert_mlm": "bert.embeddings.word_embeddings.weight"}
+
+
+def _project(table, sd, side):
+    """``table`` as our W_E (side "in") or W_U.T (side "out"): through OPT's project_in / project_out,
+    when the checkpoint has them, as the converter folds them (float64, rounded once)."""
+    p = sd.get(f"model.decoder.project_{side}.weight")
+    if p is None:
+        return table
+    return (table.double() @ (p.double().T if side == "in" else p.double())).to(table.dtype)
+
+
+def _load_ours(cls, folder):
+    if cls is transformers.BertForMaskedLM:
+        return HookedEncoder.from_pretrained(str(folder), center_unembed=False, fold_value_biases=False)
+    return HookedTransformer.from_pretrained_no_processing(str(folder))
 
 
 @torch.no_grad()
-def test_a_tied_checkpoint_that_stores_only_the_lm_head_ties_the_embedding_to_it(tmp_path):
-    """transformers 5 swaps the tie when only lm_head.weight is stored (4.57 cannot load such a
+@pytest.mark.parametrize("family", list(EMBED_KEYS))
+def test_a_tied_checkpoint_that_stores_only_the_lm_head_ties_the_embedding_to_it(family, tmp_path):
+    """transformers 5 swaps the tie when only the lm_head is stored (4.57 cannot load such a
     checkpoint at all: its embedding stays on the meta device); we take the stored lm_head for both."""
-    hf_cfg, cls, _ = CASES["llama"]
+    hf_cfg, cls, key = CASES[family]
     torch.manual_seed(0)
     cls(hf_cfg).save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
     sd = dict(safetensors.torch.load_file(path))
-    sd["lm_head.weight"] = sd.pop("model.embed_tokens.weight") * 3
+    sd[key] = sd.pop(EMBED_KEYS[family]) * 3
     safetensors.torch.save_file(sd, path, metadata={"format": "pt"})
-    ours = HookedTransformer.from_pretrained_no_processing(str(tmp_path))
-    torch.testing.assert_close(ours.embed.W_E, sd["lm_head.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(ours.unembed.W_U.T, sd["lm_head.weight"], rtol=0, atol=0)
+    ours = _load_ours(cls, tmp_path)
+    tokens = torch.randint(0, hf_cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours.embed.W_E, _project(sd[key], sd, "in"), rtol=0, atol=0)
+    torch.testing.assert_close(ours.unembed.W_U.T, _project(sd[key], sd, "out"), rtol=0, atol=0)
     if TRANSFORMERS_MAJOR >= 5:
         hf = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
-        tokens = torch.randint(0, hf_cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(hf.get_input_embeddings().weight, sd[key])  # HF tied the embedding to it
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, **TOL["tiny_fp32"])

@@ -41,7 +41,8 @@ def get_architecture(
         if by_type:
             return by_type[0]
     other = REGISTRY.get(hf_architecture or "")
-    hint = f" ({hf_architecture} is an {other.kind}: load it with {LOADERS[other.kind]})" if other else ""
+    article = "an" if other and other.kind == "encoder" else "a"
+    hint = f" ({hf_architecture} is {article} {other.kind}: load it with {LOADERS[other.kind]})" if other else ""
     raise UnknownArchitectureError(
         f"architecture {hf_architecture!r} (model_type {model_type!r}) is not supported"
         f"{' as an encoder' if kind == 'encoder' else ''}{hint}; supported: {', '.join(sorted(registered))}"

@@ -11,7 +11,7 @@ from transformers import BertConfig
 
 from hooked_attn.architectures import by_kind, register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import activation, heads_in, heads_out, pop_lm_head
+from hooked_attn.architectures.common import activation, heads_in, heads_out, pop_lm_head, tied_embed_key
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
@@ -53,7 +53,9 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BertConfig) -> di
     p = "bert." if any(k.startswith("bert.") for k in hf_sd) else ""
     m, d, f, v = cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab
     e = f"{p}embeddings"
-    out = {"embed.W_E": src.pop(f"{e}.word_embeddings.weight", (v, m)),
+    decoder = "cls.predictions.decoder.weight"
+    embed = tied_embed_key(src, f"{e}.word_embeddings.weight", (decoder,), hf.tie_word_embeddings)
+    out = {"embed.W_E": src.pop(embed, (v, m)),
            "pos_embed.W_pos": src.pop(f"{e}.position_embeddings.weight", (cfg.n_ctx, m)),
            "token_type_embed.W_token_type": src.pop(f"{e}.token_type_embeddings.weight", (hf.type_vocab_size, m)),
            "embed_ln.w": src.pop(f"{e}.LayerNorm.weight", (m,)), "embed_ln.b": src.pop(f"{e}.LayerNorm.bias", (m,))}
@@ -84,8 +86,8 @@ def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: BertConfig) -> di
         out["mlm_head.ln.b"] = src.pop(f"{h}.transform.LayerNorm.bias", (m,))
         # The decoder is tied to the word embeddings (tie_word_embeddings, the default): a tied checkpoint
         # may omit it; an untied one must carry it.
-        decoder = pop_lm_head(src, out["embed.W_E"], hf.tie_word_embeddings, keys=(f"{h}.decoder.weight",))
-        out["unembed.W_U"] = decoder.T
+        # A tied checkpoint that stores only the decoder gives it to the embedding too (tied_embed_key).
+        out["unembed.W_U"] = pop_lm_head(src, out["embed.W_E"], hf.tie_word_embeddings, keys=(decoder,)).T
         # HF ties cls.predictions.decoder.bias to cls.predictions.bias: one vector under two names.
         bias = src.pop(f"{h}.bias", (v,))
         src.pop_optional(f"{h}.decoder.bias", (v,))

@@ -10,7 +10,7 @@ scalings) stay in the family modules, next to the HF source they mirror.
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import einops
 import torch
@@ -41,6 +41,13 @@ class DecoderSizes(TypedDict):
     d_mlp: int
     d_vocab: int
     n_ctx: int
+
+
+DECODER_SIZE_FIELDS = frozenset({
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings",
+})
+"""The HF config fields :func:`decoder_sizes` reads: a family that calls it adds them to its handled fields."""
 
 
 def decoder_sizes(hf: Any, d_head: int) -> DecoderSizes:
@@ -202,10 +209,11 @@ FALCON_FRAME: Mapping[str, Any] = {"embed": "transformer.word_embeddings.weight"
 
 
 def pop_learned_positions(
-    cfg: ModelConfig, key: str = "transformer.wpe.weight"
+    cfg: ModelConfig, key: str = "transformer.wpe.weight", *, offset: int = 0
 ) -> Callable[[KeyLedger, Tensor], dict[str, Tensor]]:
-    """For :func:`convert_decoder`'s ``extra``: ``pos_embed.W_pos`` [n_ctx d_model] from ``key``."""
-    return lambda src, w_e: {"pos_embed.W_pos": src.pop(key, (cfg.n_ctx, cfg.d_model))}
+    """For :func:`convert_decoder`'s ``extra``: ``pos_embed.W_pos`` [n_ctx d_model] from ``key``, a table
+    of ``n_ctx + offset`` rows whose first ``offset`` rows are dropped (position p reads row p + offset)."""
+    return lambda src, w_e: {"pos_embed.W_pos": src.pop(key, (cfg.n_ctx + offset, cfg.d_model))[offset:]}
 
 
 def pop_norms(
@@ -254,6 +262,30 @@ def rotary_buffer_keys(prefix: str = "model", attn: str = "layers.*.self_attn") 
     return (f"{prefix}.{attn}.rotary_emb.inv_freq", f"{prefix}.rotary_emb.inv_freq")
 
 
+class EmbedProjection(NamedTuple):
+    """A token table narrower than the residual stream, with bias-free nn.Linear maps between them:
+    ``project_in`` [d_model width] right after the lookup and ``project_out`` [width d_model] right
+    before the lm_head (OPT's word_embed_proj_dim). Both are linear with nothing in between, so they
+    fold exactly into our d_model-wide ``W_E = E @ P_in^T`` and ``W_U = (lm_head @ P_out)^T``."""
+
+    width: int
+    project_in: str
+    project_out: str
+
+
+def _product64(a: Float[Tensor, "n k"], b: Float[Tensor, "k m"]) -> Float[Tensor, "n m"]:
+    """``a @ b`` taken in float64 and rounded once to ``a``'s dtype."""
+    return (a.double() @ b.double()).to(a.dtype)
+
+
+def tied_embed_key(src: KeyLedger, embed: str, lm_head: Iterable[str], tied: bool) -> str:
+    """The key to read the token embedding from: ``embed``, or, for a tied checkpoint that stores only
+    the lm_head (under the first of ``lm_head`` present), that lm_head: transformers 5 ties the embedding
+    to it (PreTrainedModel.tie_weights swaps source and target when only the target is present)."""
+    stored_head = next((key for key in lm_head if key in src), None)
+    return stored_head if tied and embed not in src and stored_head is not None else embed
+
+
 LayerConverter = Callable[[KeyLedger, str, str, Tensor], dict[str, Tensor]]
 """``(src, hf_layer, ours, w_e) -> weights``: one decoder layer, ``hf_layer`` the HF prefix
 (``model.layers.3``), ``ours`` ours (``blocks.3``), ``w_e`` the token embedding (for dtype/device)."""
@@ -265,19 +297,21 @@ def convert_decoder(
     final_norm: str | None = "model.norm", norm_bias: bool = False,
     lm_head: Iterable[str] = ("lm_head.weight",), lm_head_bias: str | None = None,
     extra: Callable[[KeyLedger, Tensor], dict[str, Tensor]] | None = None, ignore: Iterable[str] = (),
+    projection: EmbedProjection | None = None,
 ) -> dict[str, Tensor]:
-    """The converter frame: ``embed.W_E`` from ``embed``; ``extra(src, w_e)`` (positions, an embedding
-    norm); ``layer`` for each of ``layers.{i}``; ``ln_final`` from ``final_norm`` (None: a norm without
-    parameters); the unembedding (:func:`pop_unembed`); then every HF key not matched by ``ignore`` must
-    have been used (:meth:`KeyLedger.finish`)."""
+    """The converter frame: ``embed.W_E`` from ``embed`` (through ``projection``'s project_in when
+    given); ``extra(src, w_e)`` (positions, an embedding norm); ``layer`` for each of ``layers.{i}``;
+    ``ln_final`` from ``final_norm`` (None: no norm, or a norm without parameters); the unembedding
+    (:func:`pop_unembed`, then ``projection``'s project_out); then every HF key not matched by ``ignore``
+    must have been used (:meth:`KeyLedger.finish`)."""
     src = KeyLedger(hf_sd, arch)
     lm_head = tuple(lm_head)
-    stored_head = next((key for key in lm_head if key in src), None)
-    if tied and embed not in src and stored_head is not None:
-        # A tied checkpoint that stores only the lm_head: transformers 5 ties the embedding to it
-        # (PreTrainedModel.tie_weights swaps source and target when only the target is present).
-        embed = stored_head
-    w_e = src.pop(embed, (cfg.d_vocab, cfg.d_model))
+    embed = tied_embed_key(src, embed, lm_head, tied)
+    width = cfg.d_model if projection is None else projection.width
+    w_tok = src.pop(embed, (cfg.d_vocab, width))
+    w_e = w_tok
+    if projection is not None:
+        w_e = _product64(w_tok, src.pop(projection.project_in, (cfg.d_model, width)).T)
     out = {"embed.W_E": w_e}
     if extra is not None:
         out |= extra(src, w_e)
@@ -285,6 +319,10 @@ def convert_decoder(
         out |= layer(src, f"{layers}.{i}", f"blocks.{i}", w_e)
     if final_norm is not None:
         out |= pop_norm(src, final_norm, "ln_final", cfg.d_model, bias=norm_bias)
-    out |= pop_unembed(src, w_e, tied, keys=lm_head, bias=lm_head_bias)
+    unembed = pop_unembed(src, w_tok, tied, keys=lm_head, bias=lm_head_bias)
+    if projection is not None:
+        p_out = src.pop(projection.project_out, (width, cfg.d_model))
+        unembed["unembed.W_U"] = _product64(unembed["unembed.W_U"].T, p_out).T
+    out |= unembed
     src.finish(ignore=ignore)
     return out

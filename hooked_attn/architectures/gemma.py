@@ -10,7 +10,8 @@ from transformers import GemmaConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    LLAMA_NORMS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, LLAMA_NORMS, bias_rule, convert_decoder, decoder_sizes, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ACTIVATIONS, ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ActFn, ModelConfig, NormConfig
@@ -18,11 +19,10 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "GemmaForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "attention_bias",
     "use_bidirectional_attention",  # read only to refuse True
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

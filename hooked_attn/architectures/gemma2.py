@@ -7,7 +7,9 @@ from transformers import Gemma2Config
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import convert_decoder, decoder_sizes, rotary_buffer_keys
+from hooked_attn.architectures.common import (
+    DECODER_SIZE_FIELDS, convert_decoder, decoder_sizes, rotary_buffer_keys,
+)
 from hooked_attn.architectures.gemma import (
     check_activation, check_causal, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
@@ -17,13 +19,12 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Gemma2ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_activation", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "attention_bias",
     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
     "sliding_window", "layer_types",
     "use_bidirectional_attention",  # read only to refuse True
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

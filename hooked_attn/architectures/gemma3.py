@@ -10,7 +10,7 @@ from transformers import Gemma3TextConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
-from hooked_attn.architectures.common import convert_decoder, decoder_sizes
+from hooked_attn.architectures.common import DECODER_SIZE_FIELDS, convert_decoder, decoder_sizes
 from hooked_attn.architectures.gemma import (
     check_activation, pop_gemma_layer, SANDWICH_NORMS, embed_scale, gemma_norm,
 )
@@ -21,8 +21,7 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Gemma3ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_activation", "rms_norm_eps",
     "tie_word_embeddings", "attention_bias", "query_pre_attn_scalar", "final_logit_softcapping",
     "sliding_window", "layer_types",
     # {"sliding_attention": {...}, "full_attention": {...}}: Gemma3TextConfig.convert_rope_params_to_dict
@@ -30,7 +29,7 @@ HANDLED_HF_FIELDS = frozenset({
     "rope_parameters",
     "rope_local_base_freq",  # transformers 4.57: the sliding layers' base (5.x: in rope_parameters)
     "use_bidirectional_attention",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     # Gemma3Attention stores it (self.attn_logit_softcapping) but never passes softcap= to the

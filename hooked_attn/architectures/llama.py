@@ -7,17 +7,17 @@ from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.common import (
-    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.config import ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
 
 ARCH = "LlamaForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "hidden_act", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters", "attention_bias", "mlp_bias", "head_dim",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     "pretraining_tp",     # transformers 5 no longer splits the matmuls; the result does not depend on it

@@ -8,7 +8,8 @@ from transformers import MistralConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import (  # full_head_rotary, windows_from_layer_types: re-exported
     ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types,
@@ -18,11 +19,10 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "MistralForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters",
     "sliding_window",  # one window for every layer, or None
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

@@ -9,7 +9,8 @@ from transformers import MixtralConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    activation, convert_decoder, decoder_sizes, head_dim, pop_attention, pop_norms, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, convert_decoder, decoder_sizes, head_dim, pop_attention, pop_norms,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, MoE, NormConfig
@@ -17,10 +18,9 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "MixtralForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "sliding_window", "num_local_experts", "num_experts_per_tok",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
     # MixtralSparseMoeBlock multiplies the MLP input by uniform noise only `if self.training`.

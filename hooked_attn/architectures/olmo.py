@@ -7,7 +7,8 @@ from transformers import OlmoConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, ROPE_PARAMETERS_LAYOUT, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig
@@ -15,14 +16,13 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "OlmoForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
+    "hidden_act", "tie_word_embeddings", "rope_parameters",
     "attention_bias",
     "clip_qkv",
     # OlmoAttention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

@@ -5,7 +5,9 @@ from transformers import OPTConfig
 
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
-from hooked_attn.architectures.common import activation, bias_rule, pop_attention, pop_bias, pop_lm_head, zeros
+from hooked_attn.architectures.common import (
+    EmbedProjection, activation, bias_rule, convert_decoder, pop_attention, pop_bias, pop_learned_positions, pop_norms,
+)
 from hooked_attn.architectures.parsers import TRANSFORMERS_MAJOR
 from hooked_attn.config import LearnedPositions, ModelConfig, NormConfig
 from hooked_attn.shapes import StateDict
@@ -55,60 +57,40 @@ def config_from_hf(hf: OPTConfig) -> ModelConfig:
 
 
 def convert_state_dict(hf_sd: StateDict, cfg: ModelConfig, hf: OPTConfig) -> dict[str, Tensor]:
-    src = KeyLedger(hf_sd, ARCH)
-    m, f, v = cfg.d_model, cfg.d_mlp, cfg.d_vocab
-    p = hf.word_embed_proj_dim
+    m, f = cfg.d_model, cfg.d_mlp
     dec = "model.decoder"
-    w_tok = src.pop(f"{dec}.embed_tokens.weight", (v, p))
-    dtype = w_tok.dtype
     # enable_bias=False drops the bias of q/k/v/out_proj, fc1 and fc2 (OPTAttention, OPTDecoderLayer).
     bias = bias_rule(hf.enable_bias)
+    # layer_norm_elementwise_affine=False: every nn.LayerNorm without weight or bias, so no keys.
+    affine = hf.layer_norm_elementwise_affine
+    # The same two norms serve both placements: before attention / MLP (pre-LN), or after each
+    # residual sum (post-LN); our block reads ln1 / ln2 in either place.
+    norms = {"ln1": "self_attn_layer_norm", "ln2": "final_layer_norm"} if affine else {}
 
-    def norm(hf_name: str, ours: str) -> dict[str, Tensor]:
-        # layer_norm_elementwise_affine=False: nn.LayerNorm without weight or bias.
-        if not hf.layer_norm_elementwise_affine:
-            return {}
-        return {f"{ours}.w": src.pop(f"{hf_name}.weight", (m,)), f"{ours}.b": src.pop(f"{hf_name}.bias", (m,))}
+    def layer(src: KeyLedger, hf_i: str, ours: str, w_e: Tensor) -> dict[str, Tensor]:
+        return (pop_norms(src, hf_i, ours, m, norms, bias=True)
+                | pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_e, bias=bias,
+                                names=("q_proj", "k_proj", "v_proj", "out_proj"))
+                | {f"{ours}.mlp.W_in": src.pop(f"{hf_i}.fc1.weight", (f, m)).T,
+                   f"{ours}.mlp.b_in": pop_bias(src, f"{hf_i}.fc1.bias", (f,), w_e, bias),
+                   f"{ours}.mlp.W_out": src.pop(f"{hf_i}.fc2.weight", (m, f)).T,
+                   f"{ours}.mlp.b_out": pop_bias(src, f"{hf_i}.fc2.bias", (m,), w_e, bias)})
 
-    # word_embed_proj_dim != hidden_size (opt-350m): embed_tokens and lm_head are p wide, with bias-free
-    # nn.Linear maps project_in (p -> hidden, right after the lookup) and project_out (hidden -> p, right
-    # before lm_head) (OPTDecoder.forward). Both are linear with nothing in between, so they fold
-    # exactly into our d_model-wide W_E = E @ P_in^T and W_U = (lm_head @ P_out)^T. The products are
-    # taken in float64 and rounded once.
-    if p != m:
-        p_in = src.pop(f"{dec}.project_in.weight", (m, p))
-        w_e = (w_tok.double() @ p_in.double().T).to(dtype)
-    else:
-        w_e = w_tok
-    out = {"embed.W_E": w_e}
+    # word_embed_proj_dim != hidden_size (opt-350m): embed_tokens and lm_head are that wide, with
+    # bias-free project_in (right after the lookup) and project_out (right before lm_head)
+    # (OPTDecoder.forward); the frame folds both into W_E and W_U (products in float64, rounded once).
+    projection = None
+    if hf.word_embed_proj_dim != m:
+        projection = EmbedProjection(hf.word_embed_proj_dim, f"{dec}.project_in.weight", f"{dec}.project_out.weight")
     # Drop the first _POSITION_OFFSET rows, so that our W_pos[p] is HF's row p + 2. HF reads those rows
     # only for negative position ids: padding tokens get cumsum(mask) * mask - 1 = -1 (OPTDecoder.forward),
     # and their outputs are never used. Real tokens count real tokens from 0 in HF and here alike.
-    w_pos = src.pop(f"{dec}.embed_positions.weight", (cfg.n_ctx + _POSITION_OFFSET, m))
-    out["pos_embed.W_pos"] = w_pos[_POSITION_OFFSET:]
-    for i in range(cfg.n_layers):
-        hf_i, ours = f"{dec}.layers.{i}", f"blocks.{i}"
-        # The same two norms serve both placements: before attention / MLP (pre-LN), or after each
-        # residual sum (post-LN); our block reads ln1 / ln2 in either place.
-        out |= norm(f"{hf_i}.self_attn_layer_norm", f"{ours}.ln1")
-        out |= norm(f"{hf_i}.final_layer_norm", f"{ours}.ln2")
-        out |= pop_attention(src, f"{hf_i}.self_attn", ours, cfg, w_tok, bias=bias,
-                             names=("q_proj", "k_proj", "v_proj", "out_proj"))
-        out[f"{ours}.mlp.W_in"] = src.pop(f"{hf_i}.fc1.weight", (f, m)).T
-        out[f"{ours}.mlp.b_in"] = pop_bias(src, f"{hf_i}.fc1.bias", (f,), w_tok, bias)
-        out[f"{ours}.mlp.W_out"] = src.pop(f"{hf_i}.fc2.weight", (m, f)).T
-        out[f"{ours}.mlp.b_out"] = pop_bias(src, f"{hf_i}.fc2.bias", (m,), w_tok, bias)
-    if cfg.final_norm:
-        out |= norm(f"{dec}.final_layer_norm", "ln_final")
+    positions = pop_learned_positions(cfg, f"{dec}.embed_positions.weight", offset=_POSITION_OFFSET)
+    final_norm = f"{dec}.final_layer_norm" if cfg.final_norm and affine else None
     # A tied checkpoint may omit lm_head.weight (it is then embed_tokens); lm_head has no bias.
-    lm_head = pop_lm_head(src, w_tok, hf.tie_word_embeddings)
-    if p != m:
-        p_out = src.pop(f"{dec}.project_out.weight", (p, m))
-        lm_head = (lm_head.double() @ p_out.double()).to(dtype)
-    out["unembed.W_U"] = lm_head.T
-    out["unembed.b_U"] = zeros(w_tok, v)
-    src.finish(ignore=IGNORED_HF_KEYS)
-    return out
+    return convert_decoder(hf_sd, cfg, ARCH, layer, tied=hf.tie_word_embeddings, embed=f"{dec}.embed_tokens.weight",
+                           layers=f"{dec}.layers", final_norm=final_norm, norm_bias=True, extra=positions,
+                           projection=projection, ignore=IGNORED_HF_KEYS)
 
 
 def tiny_hf_configs() -> dict[str, OPTConfig]:

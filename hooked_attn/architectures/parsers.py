@@ -169,12 +169,15 @@ def head_dim(hf: Any) -> int:
 
 def rotary_dims(rope: dict, d_head: int, arch: str, *, zero_ok: bool = True) -> int:
     """How many of each head's d_head dimensions rotate: ``int(d_head * partial_rotary_factor)`` (HF's
-    ``rotary_ndims``), refused unless even and positive (or zero, where ``zero_ok``: no rotation at all)."""
+    ``rotary_ndims``), refused unless even and positive, or zero where ``zero_ok`` (no rotation at all;
+    ``zero_ok=False`` for a family whose HF attention fails with no rotary dimensions)."""
     n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
     if n_rot < (0 if zero_ok else 1) or n_rot % 2:
+        needed = "zero or a positive even number is needed" if zero_ok else (
+            "a positive even number is needed (HF's own attention fails with no rotary dimensions, so there "
+            "is no model to match)")
         raise UnsupportedConfigError(
             f"{arch}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; {'zero or ' if zero_ok else ''}a positive even "
-            "number is needed"
+            f"{n_rot} rotary dimensions of d_head={d_head}; {needed}"
         )
     return n_rot

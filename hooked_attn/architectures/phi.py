@@ -7,8 +7,8 @@ from transformers import PhiConfig
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    SHARED_NORM, activation, convert_decoder, decoder_sizes, pop_attention, pop_linear_mlp, pop_norms,
-    rotary_dims,
+    DECODER_SIZE_FIELDS, SHARED_NORM, activation, convert_decoder, decoder_sizes, pop_attention,
+    pop_linear_mlp, pop_norms, rotary_dims,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -16,11 +16,10 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "PhiForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
+    "hidden_act", "layer_norm_eps", "tie_word_embeddings",
     "rope_parameters",  # holds partial_rotary_factor (0.5 by default, PhiConfig.__post_init__)
     "qk_layernorm",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
 })

@@ -8,7 +8,7 @@ from transformers import Phi3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    activation, convert_decoder, decoder_sizes, head_dim, heads_in, heads_out, pop_norms,
+    DECODER_SIZE_FIELDS, activation, convert_decoder, decoder_sizes, head_dim, heads_in, heads_out, pop_norms,
     rotary_buffer_keys, zeros,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
@@ -17,8 +17,7 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Phi3ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "hidden_act", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters",  # rope_type (default only) and partial_rotary_factor
     # A top-level partial_rotary_factor (Phi-4-mini's config.json) stays an attribute, but
     # Phi3Config.convert_rope_params_to_dict copies it into rope_parameters with setdefault, and the model
@@ -28,7 +27,7 @@ HANDLED_HF_FIELDS = frozenset({
     # Phi3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "resid_pdrop", "embd_pdrop", "attention_dropout",  # dropout: off at inference
     # Read only by the longrope rotary (modeling_rope_utils._compute_longrope_parameters and the

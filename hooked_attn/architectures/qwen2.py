@@ -7,7 +7,8 @@ from transformers import Qwen2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, rope_config, rope_parameters, rotary_from_hf
 from hooked_attn.architectures.mistral import windows_from_layer_types
@@ -16,8 +17,7 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Qwen2ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "hidden_act", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters",
     # Qwen2Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
@@ -25,7 +25,7 @@ HANDLED_HF_FIELDS = frozenset({
     # Sliding-window attention: HF decides per layer from layer_types (Qwen2Config.__post_init__ derives
     # it from use_sliding_window, sliding_window and max_window_layers; see config_from_hf).
     "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

@@ -8,7 +8,8 @@ from transformers import Qwen3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
-    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
@@ -16,14 +17,13 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Qwen3ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "head_dim", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "attention_bias",
     # Sliding-window attention is decided per layer by layer_types and sliding_window. Qwen3Config's
     # __post_init__ derives both from use_sliding_window and max_window_layers (sliding_window is None
     # unless use_sliding_window; layers i >= max_window_layers slide), so those two are read through them.
     "layer_types", "sliding_window", "use_sliding_window", "max_window_layers",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",  # dropout: off at inference
 })

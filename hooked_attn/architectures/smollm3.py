@@ -7,7 +7,8 @@ from transformers import SmolLM3Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer, rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_llama_layer,
+    rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_parameters, windows_from_layer_types
 from hooked_attn.config import ModelConfig, NormConfig
@@ -15,8 +16,7 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "SmolLM3ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "hidden_act", "rms_norm_eps", "tie_word_embeddings",
     "rope_parameters", "attention_bias",
     "mlp_bias",
     "no_rope_layers",  # per layer: 1 = rotary, 0 = NoPE
@@ -25,7 +25,7 @@ HANDLED_HF_FIELDS = frozenset({
     # SmolLM3Attention reads getattr(config, "head_dim", hidden_size // num_attention_heads): not a declared
     # field, but a config that carries one gets it.
     "head_dim",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout",        # dropout: off at inference
     # SmolLM3Config.__post_init__ uses it only to fill no_rope_layers when that is None; the model reads

@@ -5,12 +5,14 @@ from torch import Tensor
 from transformers import StableLmConfig
 
 from hooked_attn.architectures import register
-from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
+from hooked_attn.architectures.base import Architecture, KeyLedger
 from hooked_attn.architectures.common import (
     LLAMA_NORMS, SHARED_NORM, activation, bias_rule, convert_decoder, pop_attention, pop_gated_mlp,
     pop_norms,
 )
-from hooked_attn.architectures.parsers import ROPE_FIELDS, TRANSFORMERS_MAJOR, rope_parameters, rotary_from_hf
+from hooked_attn.architectures.parsers import (
+    ROPE_FIELDS, TRANSFORMERS_MAJOR, rope_parameters, rotary_dims, rotary_from_hf,
+)
 from hooked_attn.config import ModelConfig, NormConfig, QKNorm
 from hooked_attn.shapes import StateDict
 
@@ -33,13 +35,8 @@ def config_from_hf(hf: StableLmConfig) -> ModelConfig:
     rope = rope_parameters(hf, ARCH)
     # Partial rotary: the first int(d_head * partial_rotary_factor) dimensions of each head rotate,
     # paired by rotate_half (StableLmAttention.rotary_ndims, apply_rotary_pos_emb); the rest pass through.
-    n_rot = int(d_head * rope.get("partial_rotary_factor", 1.0))
-    if n_rot <= 0 or n_rot % 2:
-        raise UnsupportedConfigError(
-            f"{ARCH}: rope_parameters partial_rotary_factor={rope.get('partial_rotary_factor')!r} gives "
-            f"{n_rot} rotary dimensions of d_head={d_head}; a positive even number is needed (HF's own "
-            "StableLmAttention fails with no rotary dimensions, so there is no model to match)"
-        )
+    # StableLmAttention fails with none, so zero is refused too.
+    rotary_dims(rope, d_head, ARCH, zero_ok=False)
     qk_norm = None
     if hf.qk_layernorm:
         # StableLmLayerNormPerHead: one nn.LayerNorm(d_head, bias=False) per head, with its own weight,

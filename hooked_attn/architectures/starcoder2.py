@@ -7,8 +7,8 @@ from transformers import Starcoder2Config
 from hooked_attn.architectures import register
 from hooked_attn.architectures.base import Architecture, KeyLedger, UnsupportedConfigError
 from hooked_attn.architectures.common import (
-    activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_attention, pop_bias, pop_norms,
-    rotary_buffer_keys,
+    DECODER_SIZE_FIELDS, activation, bias_rule, convert_decoder, decoder_sizes, head_dim, pop_attention,
+    pop_bias, pop_norms, rotary_buffer_keys,
 )
 from hooked_attn.architectures.parsers import ROPE_FIELDS, full_head_rotary, rope_config, rope_parameters
 from hooked_attn.config import ModelConfig, NormConfig
@@ -16,8 +16,7 @@ from hooked_attn.shapes import StateDict
 
 ARCH = "Starcoder2ForCausalLM"
 HANDLED_HF_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "norm_epsilon", "tie_word_embeddings",
+    "hidden_act", "norm_epsilon", "tie_word_embeddings",
     "rope_parameters", "use_bias",
     "sliding_window",  # one window for every layer, or None
     # Starcoder2Attention reads getattr(config, "head_dim", None) or hidden_size // num_attention_heads:
@@ -27,7 +26,7 @@ HANDLED_HF_FIELDS = frozenset({
     # them (it always builds nn.LayerNorm with norm_epsilon and the c_fc/c_proj MLP). Accepted only with
     # the values that match what it builds: anything else would describe a different model.
     "norm_type", "mlp_type", "layer_norm_epsilon",
-}) | ROPE_FIELDS
+}) | DECODER_SIZE_FIELDS | ROPE_FIELDS
 IGNORED_HF_FIELDS = frozenset({
     "attention_dropout", "residual_dropout", "embedding_dropout",  # dropout: off at inference
 })

@@ -30,12 +30,20 @@ def main_device(device_map: Mapping[str, Device]) -> Device:
 
 
 def check_devices_exist(device_map: Mapping[str, Device]) -> None:
-    """Refuse a map naming GPUs this machine does not have (planning alone may name any)."""
+    """Refuse a map naming GPUs (or other devices: "mps"...) this machine does not have (planning alone may
+    name any)."""
     n_cuda = torch.cuda.device_count()
     missing = {unit: d for unit, d in device_map.items() if isinstance(d, int) and d >= n_cuda}
     if missing:
         raise ValueError(f"the device map puts {sorted(missing)[:4]} on GPU(s) {sorted(set(missing.values()))}, but "
                          f"this machine has {n_cuda} CUDA device(s)")
+    for device in {d for d in device_map.values() if isinstance(d, str) and d not in ("cpu", "disk")}:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            units = [unit for unit, d in device_map.items() if d == device]
+            raise ValueError(f"the device map puts {units[:4]} on {device!r}, which this machine cannot use "
+                             f"({err})") from err
 
 
 class _ContextMover:
@@ -134,7 +142,9 @@ def dispatch(
 
     Raises:
         ValueError: the map misses a unit or names a GPU this machine lacks; "disk" units without an
-            ``offload_folder`` that holds them; a model dispatched already.
+            ``offload_folder`` that holds them, or whose config, shapes or dtypes there differ from the
+            model's; a model dispatched already.
+        OffloadFolderError: the folder's files do not match its manifest (``hooked_attn.scale.folder``).
     """
     from accelerate import dispatch_model
     from accelerate.hooks import add_hook_to_module
@@ -162,8 +172,9 @@ def dispatch(
         # Offloaded weights come from a mapping accelerate reads for every forward: the folder's for
         # "disk" units, the model's own for "cpu" units computing on an accelerator.
         in_ram = [unit for unit, d in full.items() if d == "cpu"] if main != "cpu" else []
-        weights = _Both(FolderWeights(offload_folder, disk),  # type: ignore[arg-type]
-                        extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
+        on_disk = FolderWeights(offload_folder, disk, getattr(model, "cfg", None))  # type: ignore[arg-type]
+        on_disk.check_fits(dict(model.named_parameters()))
+        weights = _Both(on_disk, extract_submodules_state_dict(model.state_dict(), in_ram) if in_ram else {})
     # offload_index={} (not None) keeps accelerate from writing the disk units to its own .dat files.
     with _quiet_offload_warning(offloaded=bool(disk) or (main != "cpu" and "cpu" in full.values())):
         dispatch_model(model, dict(full), main_device=main, state_dict=weights,
@@ -175,7 +186,45 @@ def dispatch(
             add_hook_to_module(model.get_submodule(unit), _context_hook(mover, run_on), append=True)
     add_hook_to_module(model, _release_hook(mover), append=True)
     model._dispatched_device = torch_device(main)  # what model.device reports: where inputs go
+    _refuse_moves(model, full, main)
     return model
+
+
+def _refuse_moves(model: nn.Module, device_map: Mapping[str, Device], main: Device) -> None:
+    """Make ``.to()``, ``.cuda()``, ``.half()``... (everything that goes through ``nn.Module._apply``) on
+    the model or any module in it refuse to change a weight's device or dtype: accelerate's hooks would go
+    on moving inputs to the old devices and casting what they read from disk to the new dtype, and a
+    unit on disk (its weights on ``meta``) would fail halfway, with the units before it moved already.
+    A call that changes nothing (``model.to(model.device)``) is allowed and returns the module."""
+    def computes_on(unit_device: Device) -> torch.device:
+        offloaded = unit_device == "disk" or (unit_device == "cpu" and main != "cpu")
+        return torch_device(main if offloaded else unit_device)
+
+    # By name: accelerate's hooks replace the parameter objects of offloaded units at every forward.
+    where = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        unit = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        where[name] = (computes_on(device_map[unit]), p.dtype)
+
+    def refusing(module: nn.Module, prefix: str) -> Any:
+        def _apply(fn: Any, recurse: bool = True) -> nn.Module:
+            for name, p in module.named_parameters(prefix=prefix):
+                device, dtype = where.get(name, (p.device, p.dtype))
+                try:
+                    moved = fn(torch.empty(0, device=device, dtype=dtype))
+                except Exception:  # noqa: BLE001 (e.g. .cuda() without CUDA: a change, refused below)
+                    moved = None
+                if moved is None or moved.device != device or moved.dtype != dtype:
+                    raise ValueError(
+                        f"the model is spread over devices by a device map ({sorted(set(map(str, device_map.values())))}"
+                        "); it cannot be moved or cast (.to, .cuda, .half...) as a whole: load it again with "
+                        "from_pretrained(..., device_map=..., dtype=...) instead")
+            return module
+        return _apply
+
+    for prefix, module in model.named_modules():
+        module._apply = refusing(module, prefix)  # type: ignore[method-assign]
 
 
 def device_map_of(model: nn.Module) -> DeviceMap:

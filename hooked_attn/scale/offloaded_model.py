@@ -3,7 +3,6 @@ accelerate's offload hooks while the forward reaches it. Apart from ``offload.py
 ``HookedTransformer``, which ``model.py`` (through ``dispatch``) must be able to import without it.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,8 @@ from transformers import AutoTokenizer
 
 from hooked_attn.model import HookedTransformer
 from hooked_attn.scale.dispatch import dispatch
-from hooked_attn.scale.offload import MANIFEST, TOKENIZER, _decode
+from hooked_attn.scale.folder import TOKENIZER, read_complete
+from hooked_attn.scale.offload import read_config
 from hooked_attn.scale.placement import Device, placement_units
 
 
@@ -22,18 +22,19 @@ def load_offloaded(folder: str | Path, execution_device: Device | torch.device =
 
     Peak memory is about the largest unit (a block, or the embedding) twice over, plus activations.
     Weight properties (``model.W_Q``...) read from outside a forward are on the ``meta`` device.
+
+    Raises:
+        OffloadFolderError: no manifest, an interrupted write, or a file the manifest did not write
+            (see ``hooked_attn.scale.folder``).
     """
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(f"{str(folder)!r} holds no offloaded model ({MANIFEST} is missing)")
-    manifest = json.loads(manifest_path.read_text())
-    cfg = _decode(manifest["config"])
-    dtypes = {info["dtype"] for info in manifest["weights"].values()}
-    tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
+    manifest = read_complete(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER) if manifest["tokenizer"] else None
     with torch.device("meta"):
-        model = HookedTransformer(cfg, tokenizer=tokenizer)
-    if len(dtypes) == 1:  # accelerate casts what it reads to the parameter's dtype: build in the saved one
-        model.to(getattr(torch, dtypes.pop()))
+        model = HookedTransformer(read_config(manifest), tokenizer=tokenizer)
+    # accelerate casts what it reads to the parameter's dtype: each parameter gets the dtype it was saved in.
+    params = dict(model.named_parameters())
+    for name, info in manifest["weights"].items():
+        params[name].data = torch.empty_like(params[name], dtype=getattr(torch, info["dtype"]))
     return dispatch(model, {unit: "disk" for unit in placement_units(model)}, offload_folder=folder,
                     execution_device=execution_device)

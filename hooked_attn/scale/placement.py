@@ -51,6 +51,8 @@ def normalize_device(device: Device | torch.device, where: str = "device_map") -
         return parsed.index or 0
     if parsed.type == "meta":
         raise ValueError(f"{where}: 'meta' holds no weights; use 'disk' to keep weights off memory")
+    if parsed.type == "cpu":  # "cpu:0" is the one CPU; accelerate knows it as "cpu" only
+        return "cpu"
     return parsed.type if parsed.index is None else str(parsed)
 
 

@@ -29,6 +29,7 @@ from hooked_attn.loading import OpenedSource, as_parameter, check_finite, check_
 from hooked_attn.memory import release_free_memory
 from hooked_attn.processing import plan_processing, process_weights
 from hooked_attn.scale.dispatch import dispatch, torch_device
+from hooked_attn.scale.folder import FolderWriter
 from hooked_attn.scale.offload import write_manifest, write_unit
 from hooked_attn.scale.placement import Device, placement_units
 from hooked_attn.sources import load_tokenizer
@@ -116,8 +117,11 @@ def load_placed(
     check_fits(params, processed)
     units = placement_units(model)  # processing may have emptied some (a folded ln_final)
     plan = {unit: device for unit, device in plan.items() if unit in units}
-    if any(device == "disk" for device in plan.values()) and offload_folder is None:
+    disk = [unit for unit, device in plan.items() if device == "disk"]
+    if disk and offload_folder is None:
         raise ValueError("the device map sends units to 'disk': pass offload_folder=")
+    # The folder is checked (a file, not writable, someone else's files in the way) before any weight is read.
+    writer = FolderWriter(offload_folder, disk, tokenizer=tokenizer is not None) if disk else None
     last = plan[units[-1]]  # the unembedding's device
     groups = [REST] + [f"blocks.{i}" for i in range(len(model.blocks))]  # type: ignore[arg-type]
     entries: dict[str, Any] = {}
@@ -154,12 +158,11 @@ def load_placed(
             raise StreamingError(f"{arch.hf_architecture}: the weights of {group} ({left_on_meta[:3]}) depend on "
                                  "weights outside it; load without a device_map and place it with "
                                  "hooked_attn.scale.dispatch")
-        entries |= _place_group(model, params, mine, plan, offload_folder, dtype, opened.foreign)
+        entries |= _place_group(model, params, mine, plan, writer, dtype, opened.foreign)
         del mine
         release_free_memory()
-    if entries:
-        assert offload_folder is not None
-        write_manifest(offload_folder, processed_cfg, entries, tokenizer)
+    if writer is not None:
+        write_manifest(writer, processed_cfg, entries, tokenizer)
     logger.info("loaded %s group by group onto %s", arch.hf_architecture, sorted(set(map(str, plan.values()))))
     return dispatch(model, plan, offload_folder=offload_folder)
 
@@ -218,10 +221,10 @@ def _convert_group(opened: OpenedSource, stand_ins: Mapping[str, Tensor], group:
 
 def _place_group(
     model: nn.Module, params: Mapping[str, Tensor], weights: dict[str, Tensor], plan: Mapping[str, Device],
-    offload_folder: str | Path | None, dtype: torch.dtype, foreign: frozenset[int],
+    writer: FolderWriter | None, dtype: torch.dtype, foreign: frozenset[int],
 ) -> dict[str, Any]:
     """Make ``weights`` the model's parameters on their units' devices, or write the units mapped to
-    "disk" to ``offload_folder`` (their parameters stay on meta). Returns the manifest entries written."""
+    "disk" with ``writer`` (their parameters stay on meta). Returns the manifest entries written."""
     entries: dict[str, Any] = {}
     for unit in sorted({unit_of(key) for key in weights}, key=list(plan).index):
         device = plan[unit]
@@ -229,8 +232,8 @@ def _place_group(
         data = {name: as_parameter(weights.pop(name), params[name], dtype, _processing_device(device), foreign)
                 for name in names}
         if device == "disk":
-            assert offload_folder is not None
-            entries |= write_unit(offload_folder, unit, data)
+            assert writer is not None
+            entries |= write_unit(writer, unit, data)
             continue
         for name, tensor in data.items():
             owner, _, leaf = name.rpartition(".")

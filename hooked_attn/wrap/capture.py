@@ -6,6 +6,7 @@ that needs them (while recording call sites, or while a site has hooks): an unho
 the model untouched. The k-th call one module makes during one forward (from 0) is call ``k``.
 """
 
+import inspect
 import threading
 import types
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from hooked_attn.wrap.sdpa import SDPA, AttentionSite, hooked_sdpa
+from hooked_attn.hook_points import is_hooked
+from hooked_attn.wrap.sdpa import SDPA, AttentionSite, Weights, hooked_sdpa
 
 
 class _Stack(threading.local):
@@ -94,6 +96,7 @@ class ModuleTracker:
 
 
 _MHA_FORWARD = F.multi_head_attention_forward
+_MHA_SIGNATURE = inspect.signature(_MHA_FORWARD)
 _mha_forward_seen: Callable[..., Any] | None = None
 
 
@@ -124,8 +127,8 @@ class SdpaCapture(TorchFunctionMode):
     ``site_for(path, call)`` returns (creating it if new) the site of a module's k-th call. Calls
     inside a module the tracker marks (``HookedMultiheadAttention``, which hooks itself) are left
     alone. A direct call of ``F.multi_head_attention_forward`` runs torch's own body with this mode
-    in place, so its SDPA call (made when ``need_weights=False``) is caught like any other and named
-    after the calling module.
+    in place, so its SDPA call is caught like any other and named after the calling module; see
+    ``_mha_forward`` for ``need_weights=True``.
     """
 
     def __init__(self, tracker: ModuleTracker, site_for: Callable[[str, int], AttentionSite]) -> None:
@@ -133,16 +136,57 @@ class SdpaCapture(TorchFunctionMode):
         self.tracker = tracker
         self.site_for = site_for
         self.calls: dict[str, int] = {}
+        # The site (and the weights to report) for the SDPA call of the multi_head_attention_forward body now running.
+        self.pending: tuple[AttentionSite, Weights] | None = None
+
+    def _next_site(self) -> AttentionSite:
+        path, _ = self.tracker.current()
+        call = self.calls.get(path, 0)
+        self.calls[path] = call + 1
+        return self.site_for(path, call)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is SDPA:
-            path, hooks_itself = self.tracker.current()
-            if not hooks_itself:
-                call = self.calls.get(path, 0)
-                self.calls[path] = call + 1
-                return hooked_sdpa(self.site_for(path, call), args, kwargs)
+            if self.pending is not None:
+                (site, weights), self.pending = self.pending, None
+                return hooked_sdpa(site, args, kwargs, weights)
+            if not self.tracker.current()[1]:
+                return hooked_sdpa(self._next_site(), args, kwargs)
         elif func is _MHA_FORWARD and not self.tracker.current()[1]:
+            return self._mha_forward(args, kwargs)
+        return func(*args, **kwargs)
+
+    def _mha_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A direct ``F.multi_head_attention_forward`` call, hooked at its SDPA call.
+
+        ``need_weights=False``: torch's body runs as it is, its SDPA call caught. ``need_weights=True``
+        (torch's default) computes the weights by hand, without SDPA; when that call's site has hooks,
+        torch's body runs with ``need_weights=False`` instead (and without the ``is_causal`` hint,
+        which torch's weights path ignores too), the SDPA site computing the pattern beside. When no
+        hook changed anything, the result is then torch's own weights path, run afresh: output and
+        weights bit for bit as unwrapped. Otherwise the output follows the edits and the returned
+        weights are the (edited, dropped-out) pattern, averaged over heads if asked.
+        """
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        if not call["need_weights"]:
             with self:
                 return _mha_forward_under_mode()(*args, **kwargs)
-        return func(*args, **kwargs)
+        site = self._next_site()
+        if not any(is_hooked(p) for p in site.points().values()):
+            return _MHA_FORWARD(*args, **kwargs)
+        weights = Weights()
+        self.pending = (site, weights)
+        try:
+            with self:
+                out, _ = _mha_forward_under_mode()(**(call | {
+                    "need_weights": False, "is_causal": call["is_causal"] and call["attn_mask"] is None}))
+        finally:
+            self.pending = None
+        if not weights.replaced:
+            return _MHA_FORWARD(*args, **kwargs)
+        assert weights.pattern is not None
+        pattern = weights.pattern.mean(dim=1) if call["average_attn_weights"] else weights.pattern
+        return out, pattern if call["query"].ndim == 3 else pattern[0]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class HookedMultiheadAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+        if need_weights or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
             if causal:
                 mask = _causal_additive(n_queries, k.shape[1], q.dtype, q.device)
             z, weights = self._explicit_attention(q, k, v, mask, dropout)
@@ -226,7 +226,7 @@ class HookedMultiheadAttention(nn.Module):
 
     def _output(self, z: Float[Tensor, "batch q_pos head d_head"]) -> Float[Tensor, "batch q_pos d_model"]:
         weight, bias = self.out_proj.weight, self.out_proj.bias
-        if self.use_attn_result or self.hook_result.has_hooks:
+        if self.use_attn_result or is_hooked(self.hook_result):
             # out_proj.weight is [d_model, head*d_head]; its transpose, split by head, is W_O [head d_head d_model].
             w_o = weight.T.unflatten(0, (self.num_heads, self.head_dim))
             result = self.hook_result(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hooked_attn.hook_points import HookedRootModule, HookPoint
+from hooked_attn.hook_points import HookedRootModule, HookPoint, is_hooked
 from hooked_attn.wrap.capture import ModuleTracker, SdpaCapture
 from hooked_attn.wrap.mha import HookedMultiheadAttention
 from hooked_attn.wrap.sdpa import AttentionSite
@@ -60,9 +60,11 @@ class WrappedModule(HookedRootModule):
         object.__setattr__(self, "_nested_flags", nested_flags)
         # SDPA call sites by (module path, call index); their hook points live here, not in the model.
         object.__setattr__(self, "_sites", {})
-        self._site_points: list[HookPoint] = []
+        # Each site's _modules dict (read live: a user may swap a hook point for another module).
+        self._site_modules: list[dict[str, nn.Module | None]] = []
         self._mha_layers = list(dict.fromkeys(slot.path for slot in slots))
         self._call_order: list[str] = []
+        self._mha_calls: dict[str, int] = {}  # calls per swapped module in the discovering forward
         self._discovering = False
         self.discovered = False
         self._unwrapped = False
@@ -87,6 +89,12 @@ class WrappedModule(HookedRootModule):
     def attention_paths(self) -> list[str]:
         """The path of every swapped ``nn.MultiheadAttention`` (each place it sat, if it was shared)."""
         return [slot.path for slot in self._slots]
+
+    @property
+    def sites(self) -> dict[str, AttentionSite]:
+        """The discovered ``scaled_dot_product_attention`` call sites by hook prefix (``layers.0.call_1``).
+        Each holds that call's six hook points as ``hook_q`` ... ``hook_z``."""
+        return {site.prefix: site for site in list(self._sites.values())}
 
     @property
     def attention_layers(self) -> list[str]:
@@ -114,6 +122,7 @@ class WrappedModule(HookedRootModule):
         points then. Returns ``self``."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         self._call_order.clear()
+        self._mha_calls = {}
         self._discovering = True
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -124,11 +133,23 @@ class WrappedModule(HookedRootModule):
         if not self._call_order and not self.hook_dict:
             logger.warning("%s made no scaled_dot_product_attention call and has no attention module: "
                            "there is nothing to hook", type(self.module).__name__)
+        silent = [path for path in _own_forward_mha(self.module)
+                  if not any(site.path == path or site.path.startswith(f"{path}.") for site in self._sites.values())]
+        if silent:
+            logger.warning("nn.MultiheadAttention subclass(es) with their own forward at %s made no "
+                           "multi_head_attention_forward or scaled_dot_product_attention call in this forward: "
+                           "they have no attention hooks", ", ".join(repr(p) for p in silent))
+        repeated = {path: n for path, n in self._mha_calls.items() if n > 1}
+        if repeated:
+            logger.warning("nn.MultiheadAttention module(s) called more than once in one forward: %s. Their hook "
+                           "points fire on every call, so a cache keeps only the last call's activations and a "
+                           "hook edits every call", ", ".join(f"{p!r} ({n} calls)" for p, n in repeated.items()))
         return self
 
     def _record_mha(self, module: nn.Module, path: str) -> None:
         if self._discovering and isinstance(module, HookedMultiheadAttention):
             layer = path.lstrip("\0")
+            self._mha_calls[layer] = self._mha_calls.get(layer, 0) + 1
             if layer not in self._call_order:
                 self._call_order.append(layer)
 
@@ -145,7 +166,7 @@ class WrappedModule(HookedRootModule):
             site = AttentionSite(path, call, prefix)
             self._sites[(path, call)] = site
             self._name_site(site)
-            self._site_points.extend(site.points().values())
+            self._site_modules.append(site._modules)
             if site.prefix not in self._call_order:
                 self._call_order.append(site.prefix)
         return site
@@ -156,8 +177,9 @@ class WrappedModule(HookedRootModule):
 
     def _name_site(self, site: AttentionSite) -> None:
         for name, point in zip(self._site_names(site.prefix), site.points().values(), strict=True):
-            point.name = name
-            self.hook_dict[name] = point
+            if isinstance(point, HookPoint):  # not a module swapped in for one
+                point.name = name
+                self.hook_dict[name] = point
         self.mod_dict.setdefault(site.prefix, site)
 
     def _captured_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -169,7 +191,9 @@ class WrappedModule(HookedRootModule):
             raise RuntimeError("this WrappedModule was unwrapped; call the module unwrap() returned, or wrap it again")
         # HookPoint._active is what has_hooks reports, read without building its _HookState: this check
         # is the wrapper's whole per-forward work when nothing is hooked (benchmarks/bench_wrap.py).
-        if any(point._active for point in self._site_points):
+        # Any other module a user put at a site counts as hooked (is_hooked).
+        if any(point._active if type(point) is HookPoint else is_hooked(point)
+               for modules in self._site_modules for point in modules.values()):
             return self._captured_forward(args, kwargs)
         return self.module(*args, **kwargs)
 
@@ -195,12 +219,24 @@ _CACHE_OPTIONS = frozenset({"names_filter", "device", "dtype", "remove_batch_dim
                             "clear_contexts", "check_finite"})
 
 
+def _swappable(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention whose forward is torch's, which HookedMultiheadAttention reproduces. A
+    subclass with a forward of its own stays in place: its calls of torch's attention are caught instead."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+
+
+def _own_forward_mha(module: nn.Module) -> list[str]:
+    """The paths of the nn.MultiheadAttention subclasses with their own forward (left in place)."""
+    return [path for path, sub in module.named_modules()
+            if isinstance(sub, nn.MultiheadAttention) and not _swappable(sub)]
+
+
 def _attention_slots(module: nn.Module) -> Iterator[_Slot]:
-    """Every (parent, key) whose child is an nn.MultiheadAttention, once each, in module order."""
+    """Every (parent, key) whose child is a swappable nn.MultiheadAttention, once each, in module order."""
     seen: set[tuple[int, str]] = set()
     for parent_path, parent in module.named_modules(remove_duplicate=False):
         for key, child in parent._modules.items():
-            if isinstance(child, nn.MultiheadAttention) and (id(parent), key) not in seen:
+            if _swappable(child) and (id(parent), key) not in seen:
                 seen.add((id(parent), key))
                 yield _Slot(parent, key, f"{parent_path}.{key}" if parent_path else key)
 
@@ -219,11 +255,6 @@ def _check_wrappable(module: nn.Module) -> None:
             )
         if path and isinstance(sub, HookedRootModule):
             raise ValueError(f"{where} is a {type(sub).__name__}, which names its own hook points; wrap cannot rename them")
-        if isinstance(sub, nn.MultiheadAttention) and type(sub).forward is not nn.MultiheadAttention.forward:
-            raise ValueError(
-                f"{where} is a {type(sub).__name__}, a subclass of nn.MultiheadAttention with its own forward; "
-                "wrap only reproduces nn.MultiheadAttention.forward"
-            )
 
 
 def wrap(module: nn.Module) -> WrappedModule:
@@ -239,7 +270,10 @@ def wrap(module: nn.Module) -> WrappedModule:
     (``WrappedModule.discover``; the first ``run_with_cache``/``run_with_hooks`` does it). HookPoints
     already in the model (``DotProductAttention``, ``AdditiveAttention``) are named too.
     ``nn.TransformerEncoder``'s nested-tensor fast path, which would skip the attention modules'
-    forward, is switched off until ``unwrap``.
+    forward, is switched off until ``unwrap``. A subclass of ``nn.MultiheadAttention`` with a forward
+    of its own stays in place: the ``F.multi_head_attention_forward`` (or SDPA) calls it makes (through
+    ``super().forward`` say) get the SDPA call-site hooks under its path; ``discover`` warns when one
+    makes no such call.
 
     Args:
         module: any model; it is modified in place and held by the returned wrapper.
@@ -250,8 +284,8 @@ def wrap(module: nn.Module) -> WrappedModule:
         ``HookedTransformer``.
 
     Raises:
-        ValueError: ``module`` is already wrapped, contains a ``HookedRootModule``, or contains a
-            subclass of ``nn.MultiheadAttention`` that overrides ``forward``. ``module`` is left unchanged.
+        ValueError: ``module`` is already wrapped or contains a ``HookedRootModule``. ``module`` is
+            left unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(module).__name__}")
@@ -268,7 +302,7 @@ def wrap(module: nn.Module) -> WrappedModule:
             hooked[id(original)] = HookedMultiheadAttention(original)
         return hooked[id(original)]
 
-    new_root = hooked_for(module) if isinstance(module, nn.MultiheadAttention) else module
+    new_root = hooked_for(module) if _swappable(module) else module
     nested_flags = {enc: enc.use_nested_tensor for enc in module.modules()
                     if isinstance(enc, nn.TransformerEncoder) and hasattr(enc, "use_nested_tensor")}
     for slot in slots:

@@ -11,13 +11,14 @@ them. Whatever layout the caller used, the hooks see the glossary's axes:
   is the call's output.
 
 With nothing attached the call is the original kernel. When hooks only read (nothing replaced, nothing
-edited in place: ``Tensor._version`` tells), the output is still the original kernel's, and scores and
+edited in place: ``Tensor._version`` tells, or a copy under ``torch.inference_mode``), the output is still the original kernel's, and scores and
 pattern are computed beside it. When a hook replaces or edits q, k, v, the scores or the pattern, the
 output is the explicit computation ``softmax(q k^T * scale + mask) v`` from the edited tensors.
 """
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import einops
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.hook_points import HookPoint
+from hooked_attn.hook_points import HookPoint, is_hooked
 
 SDPA = F.scaled_dot_product_attention
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -51,11 +52,21 @@ class AttentionSite(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
-    def points(self) -> dict[str, HookPoint]:
+    def points(self) -> dict[str, nn.Module]:
+        """The module at each site: a HookPoint, or whatever a user put in its place."""
         return {site: getattr(self, f"hook_{site}") for site in SITES}
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, call={self.call}"
+
+
+@dataclass
+class Weights:
+    """What ``hooked_sdpa`` reports to a caller that must return the attention weights itself
+    (``multi_head_attention_forward(need_weights=True)``, run through SDPA by ``capture.py``)."""
+
+    pattern: Float[Tensor, "batch head q_pos k_pos"] | None = None  # after the hooks and after dropout
+    replaced: bool = False  # the output is not the plain kernel's on the caller's inputs (an edit, backward hooks)
 
 
 def bind_sdpa_args(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -119,19 +130,32 @@ def _edited(new: Tensor, old: Tensor, version: int) -> bool:
     return new is not old or old._version != version
 
 
-def _run(point: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
-    """The hook point's output, and whether its hooks edited the activation."""
-    if not point.has_hooks:
+def _bwd_hooked(point: nn.Module) -> bool:
+    return is_hooked(point) and bool(getattr(point, "bwd_hooks", ()))
+
+
+def _run(point: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    """The hook point's output, and whether its hooks (or a module swapped in for it) edited the activation."""
+    if not is_hooked(point):
         return x, False
+    if x.is_inference():
+        # Tensors made under torch.inference_mode keep no version counter: compare with a copy instead.
+        before = x.clone()
+        out = point(x)
+        return out, out is not x or not torch.equal(x, before)
     version = x._version
     out = point(x)
     return out, _edited(out, x, version)
 
 
-def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Tensor:
-    """``scaled_dot_product_attention(*args, **kwargs)`` through ``site``'s hook points."""
+def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any], weights: Weights | None = None) -> Tensor:
+    """``scaled_dot_product_attention(*args, **kwargs)`` through ``site``'s hook points.
+
+    With ``weights``, the pattern is computed even when nothing hooks it (and, under dropout, the
+    explicit path runs, so that the dropped pattern is the one the output used) and reported there.
+    """
     points = site.points()
-    if not any(p.has_hooks for p in points.values()):
+    if not any(is_hooked(p) for p in points.values()):
         return SDPA(*args, **kwargs)
     bound = bind_sdpa_args(args, kwargs)
     query, key, value = bound["query"], bound["key"], bound["value"]
@@ -144,10 +168,10 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
     q, q_edit = _run(points["q"], _to_glossary(query, lead))
     k, k_edit = _run(points["k"], _to_glossary(key, lead))
     v, v_edit = _run(points["v"], _to_glossary(value, lead))
-    explicit = q_edit or k_edit or v_edit or any(
-        points[s].has_hooks and bool(points[s].bwd_hooks) for s in ("attn_scores", "pattern"))
+    explicit = q_edit or k_edit or v_edit or any(_bwd_hooked(points[s]) for s in ("attn_scores", "pattern"))
+    explicit = explicit or (weights is not None and bound["dropout_p"] > 0.0)
     pattern = None
-    if explicit or points["attn_scores"].has_hooks or points["pattern"].has_hooks:
+    if explicit or is_hooked(points["attn_scores"]) or is_hooked(points["pattern"]) or weights is not None:
         n_heads, n_kv = q.shape[2], k.shape[2]
         if n_heads != n_kv:
             if not bound["enable_gqa"] or n_heads % n_kv:
@@ -165,22 +189,24 @@ def hooked_sdpa(site: AttentionSite, args: tuple, kwargs: dict[str, Any]) -> Ten
         scores, s_edit = _run(points["attn_scores"], scores)
         pattern, p_edit = _run(points["pattern"], _softmax_or_zeros(scores))
         explicit = explicit or s_edit or p_edit
+    out = None
     if explicit:
         assert pattern is not None
-        dropped = F.dropout(pattern, p=bound["dropout_p"]) if bound["dropout_p"] > 0.0 else pattern
-        z = einops.einsum(dropped, v_full, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
+        pattern = F.dropout(pattern, p=bound["dropout_p"]) if bound["dropout_p"] > 0.0 else pattern
+        z = einops.einsum(pattern, v_full, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
     else:
-        if any(points[s].bwd_hooks for s in ("q", "k", "v")):
+        if any(_bwd_hooked(points[s]) for s in ("q", "k", "v")):
             # Feed the kernel the hooked views (same values and strides) so backward hooks see gradients.
             bound = bound | {"query": _from_glossary(q, query.ndim, lead), "key": _from_glossary(k, key.ndim, lead),
                              "value": _from_glossary(v, value.ndim, lead)}
             out = SDPA(**bound)
         else:
             out = SDPA(*args, **kwargs)
-        if not points["z"].has_hooks:
-            return out
         z = _to_glossary(out, lead)
     z, z_edit = _run(points["z"], z)
-    if not explicit and not z_edit:
+    if weights is not None:
+        weights.pattern = pattern
+        weights.replaced = explicit or z_edit or any(_bwd_hooked(p) for p in points.values())
+    if out is not None and not z_edit:
         return out
     return _from_glossary(z, query.ndim, lead)
