@@ -97,6 +97,10 @@ def test_shortformer_positions_count_real_tokens_and_carry_over_a_kv_cache(tl):
     first = model(tokens[:, :5], past_kv_cache=cache)
     rest = model(tokens[:, 5:], past_kv_cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), alone, **TOL["tiny_fp32"])
+    with pytest.raises(ValueError, match="learned positions stop at n_ctx=16"):  # refused before generating
+        model.generate(tokens, max_new_tokens=9, stop_at_eos=False, verbose=False)
+    generated = model.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(generated[:, 8], model(tokens)[:, -1].argmax(-1))  # greedy, through the KV cache
 
 
 def test_start_at_layer_takes_or_computes_the_shortformer_pos_embed(tl):
