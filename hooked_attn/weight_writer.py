@@ -31,7 +31,8 @@ def _slices(t: Tensor) -> Iterator[tuple[int, int, int]]:
     is one run of memory (a tied ``W_U`` stored as ``W_E`` is sliced along d_vocab, not d_model)."""
     axis = max(range(t.ndim), key=lambda a: t.stride(a) if t.shape[a] > 1 else -1)
     n = t.shape[axis]
-    step = max(1, SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
+    # A meta tensor (a stand-in while loading onto a device map) has no data to bound: one slice.
+    step = max(1, n) if t.is_meta else max(1, SLICE_ELEMENTS // max(1, t.numel() // max(1, n)))
     for start in range(0, n, step):
         yield axis, start, min(step, n - start)
 
