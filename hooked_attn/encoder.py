@@ -121,12 +121,21 @@ class HookedEncoder(TokenizerMixin, HookedRootModule):
         HF ``BertModel``'s ``last_hidden_state``).
         """
         if isinstance(input, (str, list)):
-            input, attention_mask = self._tokenize(input, None, None)
-            input, attention_mask = input.to(self.device), attention_mask.to(self.device)
+            input, text_mask = self._tokenize(input, None, None)
+            if attention_mask is not None and tuple(attention_mask.shape) != tuple(text_mask.shape):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the text tokenizes "
+                                 f"to {tuple(text_mask.shape)} [batch pos]")
+            # A mask given with text can only hide more tokens (it was ignored).
+            text_mask = text_mask if attention_mask is None else text_mask * attention_mask.to(text_mask)
+            input, attention_mask = input.to(self.device), text_mask.to(self.device)
         if attention_mask is None:  # ids that to_tokens padded carry their mask
             attention_mask = getattr(input, PADDING_MASK_ATTR, None)
-        if input.ndim != 2 or input.dtype.is_floating_point:
+        if input.ndim != 2 or input.dtype.is_floating_point or input.dtype.is_complex or input.dtype == torch.bool:
             raise ValueError(f"expected token ids of shape [batch pos], got {input.dtype} {tuple(input.shape)}")
+        if input.dtype not in (torch.int64, torch.int32):
+            input = input.long()  # uint8/int16 ids: F.embedding takes int32 and int64 only
+        if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool):
+            raise ValueError(f"token_type_ids must be integer ids, got dtype {token_type_ids.dtype}")
         if input.shape[1] == 0:
             raise ValueError("the input has no positions: a sequence needs at least one token")
         if return_type is None:

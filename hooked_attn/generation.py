@@ -114,7 +114,8 @@ class GenerationMixin:
             temperature: divides the logits before sampling; 0 means greedy.
             stop_at_eos: stop a sequence at its end-of-sequence token (later positions are filled with
                 it) and stop early once every sequence has ended.
-            use_past_kv_cache: run each step on the new token only, reusing cached keys and values.
+            use_past_kv_cache: run each step on the new token only, reusing cached keys and values
+                (a model with bidirectional attention always runs the whole sequence).
             return_type: ``"input"`` returns the type that came in; ``"str"`` strings; ``"tokens"`` ids.
             return_cache: also return an ActivationCache of one forward over the whole generated
                 sequence (prompt and continuation), as ``(output, cache)``.
@@ -202,7 +203,8 @@ class GenerationMixin:
         model: Any = self
         tokens, mask, eos = inputs.tokens, inputs.mask, inputs.eos
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        cache = KVCache.empty(model.cfg.n_layers) if use_past_kv_cache else None
+        # Bidirectional attention: a new token changes the cached keys, so every step runs the whole sequence.
+        cache = KVCache.empty(model.cfg.n_layers) if use_past_kv_cache and model.cfg.causal else None
         step_input, step_mask = tokens, mask
         for _ in range(max_new_tokens):
             if cache is not None:

@@ -138,6 +138,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None and not isinstance(past_kv_cache, KVCache):
             raise TypeError(f"past_kv_cache must be a KVCache (KVCache.empty(n_layers)), got {type(past_kv_cache).__name__}")
+        if past_kv_cache is not None and not self.cfg.causal:
+            raise ValueError("past_kv_cache needs causal attention: this model attends both ways, so every new token "
+                             "would change the keys and values already cached; run the whole sequence instead")
         if past_kv_cache is not None and start_at_layer is not None:
             raise ValueError("past_kv_cache needs every layer from block 0 on to run: it cannot be combined with "
                              "start_at_layer")
@@ -162,6 +165,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 f"with start_at_layer, input must be a residual [batch pos d_model={self.cfg.d_model}], "
                 f"got shape {tuple(input.shape)}"
             )
+        elif input.dtype != self.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(f"with start_at_layer, the residual must have the model's dtype {self.dtype}, got "
+                             f"{input.dtype}: pass resid.to({self.dtype})")
         if input.shape[1] == 0:
             raise ValueError("the input has no positions: a sequence needs at least one token")
         if attention_mask is not None:

@@ -205,3 +205,31 @@ def test_a_multihead_module_called_twice_per_forward_is_named_in_a_warning(caplo
     with torch.no_grad():
         wrapped.run_with_cache(torch.randn(2, 5, E))
     assert "'attn' (2 calls)" in caplog.text and "only the last call's" in caplog.text
+
+
+class ScaledQuery(nn.MultiheadAttention):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object):
+        return super().forward(2.0 * query, key, value, **kwargs)
+
+
+def test_an_encoder_layer_runs_a_kept_subclass_forward_hooked_or_not() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True)
+    layer.self_attn = ScaledQuery(E, H, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        fused = model(x)  # torch's fused layer skips the subclass's forward (its query scaling)
+    ordinary = model(x)  # with gradients torch runs the ordinary path, which calls it
+    assert not torch.allclose(fused, ordinary, atol=1e-2)
+    wrapped = wrap(model)
+    with torch.no_grad():
+        plain = wrapped(x)
+        cached, cache = wrapped.run_with_cache(x)
+    torch.testing.assert_close(plain, ordinary)  # unhooked runs too: not a different model when hooked
+    torch.testing.assert_close(cached, ordinary)
+    assert "layers.0.self_attn.hook_pattern" in cache
+    unwrap(wrapped)
+    assert _torch_hooks(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), fused)

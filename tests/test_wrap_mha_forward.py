@@ -300,3 +300,59 @@ def test_need_weights_true_with_dropout_returns_the_dropped_pattern_its_output_u
     v = _heads(memory @ model.inner.in_proj_weight.chunk(3)[2].T + model.inner.in_proj_bias.chunk(3)[2])
     torch.testing.assert_close(z, torch.einsum("bhqk,bkhd->bqhd", weights, v))
     torch.testing.assert_close(out, model.inner.out(z.flatten(-2)))
+
+
+def _torch_options() -> dict[str, tuple[tuple[torch.Tensor, ...], dict]]:
+    """(query, key, value) and keyword arguments of F.multi_head_attention_forward, one per option it has."""
+    g = torch.Generator().manual_seed(5)
+    e, n, n_q, n_k = D_MODEL, 3, 4, 5
+
+    def rand(*shape: int) -> torch.Tensor:
+        return 0.5 * torch.randn(*shape, generator=g)
+
+    base = dict(in_proj_weight=rand(3 * e, e), in_proj_bias=rand(3 * e), bias_k=None, bias_v=None, add_zero_attn=False,
+                dropout_p=0.0, out_proj_weight=rand(e, e), out_proj_bias=rand(e), training=False)
+    q, k, v = rand(n_q, n, e), rand(n_k, n, e), rand(n_k, n, e)
+    padding = torch.rand(n, n_k, generator=g) < 0.3
+    padding[:, 0] = False
+    causal = torch.ones(n_q, n_k, dtype=torch.bool).triu(1)
+    return {
+        "self_attention": ((q, q, q), base),
+        "padding_float": ((q, k, v), base | dict(key_padding_mask=padding.float() * -1e4)),
+        "mask_3d_float": ((q, k, v), base | dict(attn_mask=rand(n * N_HEADS, n_q, n_k))),
+        "causal_hint_padding": ((q, k, v), base | dict(attn_mask=causal, is_causal=True, key_padding_mask=padding)),
+        "bias_kv": ((q, k, v), base | dict(bias_k=rand(1, 1, e), bias_v=rand(1, 1, e), key_padding_mask=padding,
+                                           attn_mask=causal)),
+        "zero_attn": ((q, k, v), base | dict(add_zero_attn=True, key_padding_mask=padding, attn_mask=causal)),
+        "kdim_vdim": ((q, rand(n_k, n, 5), rand(n_k, n, 3)), base | dict(
+            use_separate_proj_weight=True, q_proj_weight=rand(e, e), k_proj_weight=rand(e, 5), v_proj_weight=rand(e, 3))),
+        "static_kv": ((q, k, v), base | dict(static_k=rand(n * N_HEADS, 7, D_HEAD), static_v=rand(n * N_HEADS, 7, D_HEAD))),
+        "unbatched": ((q[:, 0], k[:, 0], v[:, 0]), base | dict(key_padding_mask=padding[0], attn_mask=causal)),
+        "no_biases": ((q, k, v), base | dict(in_proj_bias=None, out_proj_bias=None)),
+    }
+
+
+class Direct(nn.Module):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict):
+        return F.multi_head_attention_forward(query, key, value, D_MODEL, N_HEADS, **options)
+
+
+@pytest.mark.parametrize("option", list(_torch_options()))
+def test_every_option_of_a_direct_call_read_exactly_and_recomputed_closely(option: str) -> None:
+    (query, key, value), options = _torch_options()[option]
+    for need_weights, average in ((True, True), (True, False), (False, True)):
+        call = options | dict(need_weights=need_weights, average_attn_weights=average)
+        expected, expected_weights = Direct()(query, key, value, call)
+        wrapped = wrap(Direct())
+        (out, weights), cache = wrapped.run_with_cache(query, key, value, call)
+        assert torch.equal(out, expected)  # hooks that read leave torch's result as it is
+        if need_weights:
+            assert torch.equal(weights, expected_weights)
+            pattern = cache["hook_pattern"] if query.ndim == 3 else cache["hook_pattern"][0]
+            torch.testing.assert_close(pattern.mean(-3) if average else pattern, expected_weights)
+        # A hook that returns a copy counts as an edit: the output is recomputed from the hooked tensors.
+        out, weights = wrapped.run_with_hooks(query, key, value, call,
+                                              fwd_hooks=[("hook_pattern", lambda p, hook: p.clone())])
+        torch.testing.assert_close(out, expected)
+        if need_weights:
+            torch.testing.assert_close(weights, expected_weights)

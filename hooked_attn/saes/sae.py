@@ -158,7 +158,10 @@ class SAE(HookedRootModule):
         if error_term:
             clean = out if not self._hooked() else self.clean_reconstruction(x)
             target = x if target is None else target
-            out = out + self.hook_sae_error((target.to(self.dtype) - clean).detach())
+            # In the wider of the two dtypes: a float16 SAE on a float32 model would otherwise round the
+            # activation it promises to give back unchanged (by ~1e-3).
+            wide = torch.promote_types(target.dtype, self.dtype)
+            out = out.to(wide) + self.hook_sae_error((target.to(wide) - clean.to(wide)).detach())
         return self.hook_sae_output(out)
 
     def _hooked(self) -> bool:

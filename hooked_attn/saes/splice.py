@@ -38,6 +38,10 @@ class _Splice:
                                "before its output hook in this forward")
         in_head = cfg.hook_head_index
         out_head = cfg.hook_head_index_out if cfg.is_transcoder else cfg.hook_head_index
+        for head, act, name in ((in_head, inp, self.hook_in), (out_head, x, self.hook_out)):
+            if head is not None and (act.ndim < 2 or not -act.shape[-2] <= head < act.shape[-2]):
+                raise ValueError(f"{self.sae!r}: head index {head} does not fit {name!r}, whose activation has "
+                                 f"shape {tuple(act.shape)} (heads on the second-to-last axis)")
         if in_head is not None:
             inp = inp[..., in_head, :]
         target = x[..., out_head, :] if out_head is not None else x

@@ -225,10 +225,23 @@ def _swappable(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
 
 
-def _own_forward_mha(module: nn.Module) -> list[str]:
-    """The paths of the nn.MultiheadAttention subclasses with their own forward (left in place)."""
-    return [path for path, sub in module.named_modules()
-            if isinstance(sub, nn.MultiheadAttention) and not _swappable(sub)]
+def _own_forward_mha(module: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """The nn.MultiheadAttention subclasses with their own forward (left in place), by path."""
+    return {path: sub for path, sub in module.named_modules()
+            if isinstance(sub, nn.MultiheadAttention) and not _swappable(sub)}
+
+
+def _keep_forward(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing. On an nn.MultiheadAttention subclass left in place, its
+    presence stops nn.TransformerEncoderLayer's fused inference path, which would skip the subclass's
+    forward in unhooked runs only (torch's own inconsistency), so hooked and unhooked runs agree."""
+
+
+def _remove_keep_forward(module: nn.Module) -> None:
+    for sub in _own_forward_mha(module).values():
+        for key, hook in list(sub._forward_pre_hooks.items()):
+            if hook is _keep_forward:
+                del sub._forward_pre_hooks[key]
 
 
 def _attention_slots(module: nn.Module) -> Iterator[_Slot]:
@@ -273,7 +286,8 @@ def wrap(module: nn.Module) -> WrappedModule:
     forward, is switched off until ``unwrap``. A subclass of ``nn.MultiheadAttention`` with a forward
     of its own stays in place: the ``F.multi_head_attention_forward`` (or SDPA) calls it makes (through
     ``super().forward`` say) get the SDPA call-site hooks under its path; ``discover`` warns when one
-    makes no such call.
+    makes no such call. It gets an empty forward pre-hook (removed by ``unwrap``) so that
+    ``nn.TransformerEncoderLayer``'s fused path, which would skip its forward, does not run.
 
     Args:
         module: any model; it is modified in place and held by the returned wrapper.
@@ -309,6 +323,9 @@ def wrap(module: nn.Module) -> WrappedModule:
         slot.parent._modules[slot.key] = hooked_for(slot.parent._modules[slot.key])  # type: ignore[arg-type]
     for enc in nested_flags:
         enc.use_nested_tensor = False
+    for sub in _own_forward_mha(module).values():
+        if _keep_forward not in sub._forward_pre_hooks.values():
+            sub.register_forward_pre_hook(_keep_forward)
     n_attn = len(hooked)
     logger.info("wrapped %d nn.MultiheadAttention module(s) in %s", n_attn, type(module).__name__)
     return WrappedModule(new_root, module, slots, nested_flags)
@@ -350,6 +367,7 @@ def unwrap(wrapped: WrappedModule) -> nn.Module:
         _sync_back(wrapped.module)
     for enc, flag in wrapped._nested_flags.items():
         enc.use_nested_tensor = flag
+    _remove_keep_forward(wrapped._root)
     wrapped._unwrapped = True
     return wrapped._root
 
