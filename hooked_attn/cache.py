@@ -13,7 +13,7 @@ from hooked_attn.cache_memory import (  # re-exported: the public names keep thi
     estimate_cache_memory,  # noqa: F401
     storage_nbytes,
 )
-from hooked_attn.config import ModelConfig
+from hooked_attn.config import ModelConfig, ShortformerPositions
 from hooked_attn.utils import get_act_name
 
 
@@ -200,7 +200,7 @@ class ActivationCache(Mapping[str, Tensor]):
             else:
                 parts.append(self["hook_embed"])
                 labels.append("embed")
-                if "hook_pos_embed" in model.hook_dict:
+                if "hook_pos_embed" in model.hook_dict and not isinstance(cfg.positions, ShortformerPositions):
                     parts.append(self["hook_pos_embed"])
                     labels.append("pos_embed")
         # A parallel block's MLP reads resid_pre, beside its attention: not that attention's output.
