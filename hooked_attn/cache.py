@@ -1,7 +1,6 @@
 """ActivationCache: the activations of one forward pass, by hook name, with TransformerLens' shorthand."""
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import einops
@@ -9,7 +8,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attn.config import ModelConfig
+from hooked_attn.cache_memory import (  # re-exported: the public names keep this import path
+    CacheMemory,  # noqa: F401
+    estimate_cache_memory,  # noqa: F401
+    storage_nbytes,
+)
+from hooked_attn.config import ModelConfig, ShortformerPositions
 from hooked_attn.utils import get_act_name
 
 
@@ -42,71 +46,6 @@ def _take_pos(t: Tensor, pos_slice: PosSlice, pos_axis: int = -2) -> Tensor:
     index = [slice(None)] * t.ndim
     index[pos_axis] = torch.as_tensor(pos_slice) if isinstance(pos_slice, (list, tuple)) else pos_slice
     return t[tuple(index)]
-
-
-def storage_nbytes(tensors: Iterable[Tensor]) -> int:
-    """The bytes the tensors keep alive: each distinct storage counted once, whole.
-
-    Cached activations often share storage (``blocks.0.hook_resid_post`` is ``blocks.1.hook_resid_pre``),
-    and a view keeps its whole storage alive.
-    """
-    seen: dict[tuple[torch.device, int], int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[(t.device, storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
-
-
-@dataclass(frozen=True)
-class CacheMemory:
-    """What ``run_with_cache`` will store for an input: each entry's shape and dtype, and in all
-    ``nbytes``, the value ``ActivationCache.nbytes`` will report (shared storage counted once)."""
-
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
-    nbytes: int
-
-    def __str__(self) -> str:
-        return f"{len(self.shapes)} activations, {self.nbytes / 2**20:.2f} MiB"
-
-
-def estimate_cache_memory(run: Callable[[int], "ActivationCache"], n_pos: int) -> CacheMemory:
-    """Scale two short runs up to ``n_pos`` positions, exactly.
-
-    ``run(p)`` caches the first ``p`` positions. Runs at 2 and 3 positions tell which axes of each
-    entry grow with the sequence (by one per position: ``pos``, ``q_pos``, ``k_pos``), which entries
-    share a storage, and each storage's size relative to its largest entry.
-    """
-    if n_pos <= 3:
-        cache = run(n_pos)
-        return CacheMemory({k: tuple(t.shape) for k, t in cache.items()}, {k: t.dtype for k, t in cache.items()},
-                           cache.nbytes)
-    short, longer = run(2), run(3)
-    shapes = {}
-    for name, a in short.items():
-        b = longer[name]
-        if a.ndim != b.ndim or any(y - x not in (0, 1) for x, y in zip(a.shape, b.shape)):
-            raise RuntimeError(f"cannot scale {name}: its shape went from {tuple(a.shape)} to {tuple(b.shape)}")
-        shapes[name] = tuple(x + (n_pos - 2) * (y - x) for x, y in zip(a.shape, b.shape))
-    total = 0
-    for group_short, group_long in zip(_storage_groups(short), _storage_groups(longer), strict=True):
-        if group_short != group_long:
-            raise RuntimeError(f"entries share storage differently at 2 and 3 positions: {group_short}, {group_long}")
-        largest = max(group_short, key=lambda name: short[name].numel())
-        ratio = [storage_nbytes([c[largest]]) / (c[largest].numel() * c[largest].element_size()) for c in (short, longer)]
-        if ratio[0] != ratio[1]:
-            raise RuntimeError(f"the storage behind {largest} does not scale with it")
-        n_elements = torch.Size(shapes[largest]).numel()
-        total += round(ratio[0] * n_elements * short[largest].element_size())
-    return CacheMemory(shapes, {k: t.dtype for k, t in short.items()}, total)
-
-
-def _storage_groups(cache: "ActivationCache") -> list[list[str]]:
-    """The entries of ``cache`` grouped by shared storage, in first-seen order."""
-    groups: dict[tuple[torch.device, int], list[str]] = {}
-    for name, t in cache.items():
-        groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
-    return list(groups.values())
 
 
 class ActivationCache(Mapping[str, Tensor]):
@@ -261,7 +200,7 @@ class ActivationCache(Mapping[str, Tensor]):
             else:
                 parts.append(self["hook_embed"])
                 labels.append("embed")
-                if "hook_pos_embed" in model.hook_dict:
+                if "hook_pos_embed" in model.hook_dict and not isinstance(cfg.positions, ShortformerPositions):
                     parts.append(self["hook_pos_embed"])
                     labels.append("pos_embed")
         # A parallel block's MLP reads resid_pre, beside its attention: not that attention's output.

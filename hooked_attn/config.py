@@ -15,6 +15,15 @@ class LearnedPositions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShortformerPositions:
+    """Learned absolute positions ``W_pos [n_ctx d_model]`` that reach attention only: each layer adds
+    them to the input it projects into queries and keys (after ``ln1``), never to the values nor to
+    the residual stream (Press et al. 2021, "Shortformer"; TransformerLens' ``"shortformer"``)."""
+
+    n_ctx: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """Rotary frequency scaling for long context (HF ``rope_parameters``; ``kind`` is HF's ``rope_type``).
 
@@ -143,7 +152,7 @@ class ModelConfig:
     n_ctx: int
     norm: NormConfig
     act_fn: ActFn
-    positions: LearnedPositions | Rotary | Alibi | None  # None: no positional information at all
+    positions: LearnedPositions | ShortformerPositions | Rotary | Alibi | None  # None: no positional information
     attn_scale: float
     attn_scale_by_inverse_layer: bool = False
     causal: bool = True                            # False: bidirectional attention (encoders)

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attn.components.kv_cache import KVCache
-from hooked_attn.config import LearnedPositions
+from hooked_attn.config import LearnedPositions, ShortformerPositions
 from hooked_attn.tokens import PADDING_MASK_ATTR
 
 # The mixin's methods run on a HookedTransformer (model.py mixes it in); they name it ``Any`` rather than
@@ -182,7 +182,8 @@ class GenerationMixin:
         if not (eos_token_id is None or _is_id(eos_token_id)
                 or isinstance(eos_token_id, (list, tuple)) and all(map(_is_id, eos_token_id))):
             raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
-        n_ctx = model.cfg.positions.n_ctx if isinstance(model.cfg.positions, LearnedPositions) else None
+        learned = isinstance(model.cfg.positions, (LearnedPositions, ShortformerPositions))
+        n_ctx = model.cfg.positions.n_ctx if learned else None
         n_prompt = tokens.shape[1] if mask is None else int(mask.sum(-1).max())
         if n_ctx is not None and n_prompt + max_new_tokens > n_ctx:
             raise ValueError(f"the prompt has {n_prompt} tokens and the model's learned positions stop at "

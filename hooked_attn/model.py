@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from hooked_attn.attn_inputs import AttentionInputsMixin
 from hooked_attn.cache import ActivationCache, CacheMemory, estimate_cache_memory
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
@@ -20,7 +21,7 @@ from hooked_attn.components.kv_cache import KVCache
 if TYPE_CHECKING:
     from hooked_attn.factored_matrix import FactoredMatrix
 from hooked_attn.components.unembed import Unembed
-from hooked_attn.config import LearnedPositions, ModelConfig
+from hooked_attn.config import LearnedPositions, ModelConfig, ShortformerPositions
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.generation import GenerationMixin
 from hooked_attn.pretrained import DeviceMapArg, PretrainedMixin  # noqa: F401  (DeviceMapArg: re-exported)
@@ -29,7 +30,7 @@ from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, c
 from hooked_attn.utils import lm_cross_entropy_loss
 
 _ABSENT_WEIGHTS = {
-    "W_pos": "this model has rotary positions, not a learned position embedding",
+    "W_pos": "this model has no learned position embedding (its positions are rotary, ALiBi or none)",
     "W_gate": "this model's MLP is not gated, so it has no W_gate",
     "b_gate": "this model's MLP is not gated, so it has no b_gate",
 }
@@ -55,7 +56,8 @@ class _ForwardRun:
     stop: int | None
 
 
-class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, TokenizerMixin, HookedRootModule):
+class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, TokenizerMixin, AttentionInputsMixin,
+                        HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -70,7 +72,7 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
         self.hook_embed = HookPoint()
         if cfg.embed_norm is not None:
             self.embed_ln = Norm(cfg.embed_norm, cfg.d_model)
-        if isinstance(cfg.positions, LearnedPositions):
+        if isinstance(cfg.positions, (LearnedPositions, ShortformerPositions)):
             self.pos_embed = PosEmbed(cfg, cfg.positions.n_ctx)
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
@@ -93,7 +95,7 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
         attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None, start_at_layer: int | None = None,
         stop_at_layer: int | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
-        past_kv_cache: KVCache | None = None,
+        past_kv_cache: KVCache | None = None, shortformer_pos_embed: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Any:
         """Run the model.
 
@@ -118,9 +120,12 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 the new positions; their keys and values are appended to it. ``attention_mask``
                 then covers the new positions only (the cache remembers the earlier ones). A call
                 that fails leaves the cache as it was.
+            shortformer_pos_embed: with ``start_at_layer`` on a model with ``ShortformerPositions``, the
+                position embedding each attention layer adds to its query and key inputs (what
+                ``hook_pos_embed`` held); by default it is computed from the positions.
         """
         run = self._forward_inputs(input, return_type, attention_mask, prepend_bos, padding_side, start_at_layer,
-                                   stop_at_layer, tokens, past_kv_cache)
+                                   stop_at_layer, tokens, past_kv_cache, shortformer_pos_embed)
         if past_kv_cache is None:
             return self._forward(run, return_type, loss_per_token)
         # A forward that stops early reads the cache and leaves it as it was: not every layer has run.
@@ -130,7 +135,7 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
     def _forward_inputs(
         self, input: ModelInput, return_type: Any, attention_mask: Tensor | None, prepend_bos: bool | None,
         padding_side: PaddingSide | None, start_at_layer: int | None, stop_at_layer: int | None,
-        tokens: Tensor | None, past_kv_cache: KVCache | None,
+        tokens: Tensor | None, past_kv_cache: KVCache | None, shortformer_pos_embed: Tensor | None = None,
     ) -> "_ForwardRun":
         """Every argument checked, before anything runs or changes."""
         if return_type not in _RETURN_TYPES:
@@ -184,17 +189,23 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
             raise ValueError(f"return_type={return_type!r} needs the token ids: pass tokens=")
         full_mask, n_cached = attention_mask, 0
         if past_kv_cache is not None:
-            past_kv_cache.check_fits(self.cfg.n_layers, tuple(input.shape[:2]), (self.cfg.n_kv_heads, self.cfg.d_head))
+            ungrouped = any(block.attn.ungroup_grouped_query_attention for block in self.blocks)  # K/V per query head
+            kv_heads = self.cfg.n_heads if ungrouped else self.cfg.n_kv_heads
+            past_kv_cache.check_fits(self.cfg.n_layers, tuple(input.shape[:2]), (kv_heads, self.cfg.d_head))
             n_cached = past_kv_cache.n_cached
             # A row may still be all padding here (a chunked prefill of a left-padded batch).
             full_mask = past_kv_cache.mask_with(attention_mask, input.shape[1], input.shape[0], input.device)
-        if isinstance(self.cfg.positions, LearnedPositions) and start_at_layer is None:
+        learned = isinstance(self.cfg.positions, LearnedPositions) and start_at_layer is None
+        shortformer = isinstance(self.cfg.positions, ShortformerPositions)
+        self._check_shortformer_pos_embed(shortformer_pos_embed, start_at_layer, tuple(input.shape[:2]))
+        if (learned or shortformer) and shortformer_pos_embed is None:
             n_real = n_cached + input.shape[1] if full_mask is None else int(full_mask.bool().sum(-1).max())
             if n_real > self.cfg.positions.n_ctx:
                 raise ValueError(f"position {n_real - 1} is past the model's n_ctx={self.cfg.positions.n_ctx} "
                                  f"learned positions; use at most {self.cfg.positions.n_ctx} tokens")
         ctx = AttentionContext.build(input.shape[0], input.shape[1], input.device, full_mask, causal=self.cfg.causal,
                                      n_cached=n_cached, kv_cache=past_kv_cache)
+        ctx.query_key_pos = shortformer_pos_embed
         return _ForwardRun(input, tokens, attention_mask, full_mask, ctx, start, stop)
 
     def _forward(self, run: "_ForwardRun", return_type: ReturnType, loss_per_token: bool) -> Any:
@@ -209,8 +220,12 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 resid = self.embed_ln(resid)
             if isinstance(self.cfg.positions, LearnedPositions):
                 resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
+            elif isinstance(self.cfg.positions, ShortformerPositions):  # to queries and keys only
+                ctx.query_key_pos = self.hook_pos_embed(self.pos_embed(ctx.positions))
         else:
             resid = input
+            if isinstance(self.cfg.positions, ShortformerPositions) and ctx.query_key_pos is None:
+                ctx.query_key_pos = self.pos_embed(ctx.positions)  # the embedding stage (and its hook) is skipped
         for block in self.blocks[run.start:run.stop]:
             resid = block(resid, ctx)
         if run.stop is not None:
@@ -245,6 +260,20 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
             raise ValueError(f"start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer} select no block: "
                              "the range is empty")
         return start, stop
+
+    def _check_shortformer_pos_embed(self, pos: Tensor | None, start_at_layer: int | None,
+                                     shape: tuple[int, int]) -> None:
+        if pos is None:
+            return
+        if not isinstance(self.cfg.positions, ShortformerPositions):
+            raise ValueError("shortformer_pos_embed is for models with shortformer positions; this one's are "
+                             f"{type(self.cfg.positions).__name__ if self.cfg.positions else 'absent'}")
+        if start_at_layer is None:
+            raise ValueError("shortformer_pos_embed goes with start_at_layer; from the tokens the model computes it")
+        if not isinstance(pos, Tensor) or tuple(pos.shape) != (*shape, self.cfg.d_model):
+            got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+            raise ValueError(f"shortformer_pos_embed must be [batch pos d_model] = {(*shape, self.cfg.d_model)}, "
+                             f"got {got}")
 
     def _check_token_ids(self, tokens: Tensor) -> None:
         if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
@@ -359,7 +388,7 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
 
     @property
     def W_pos(self) -> Tensor:
-        if not isinstance(self.cfg.positions, LearnedPositions):
+        if not isinstance(self.cfg.positions, (LearnedPositions, ShortformerPositions)):
             raise AttributeError("W_pos")  # reported by __getattr__ below
         return self.pos_embed.W_pos
 

@@ -15,7 +15,7 @@ import einops
 import torch
 from torch import Tensor
 
-from hooked_attn.config import LearnedPositions, ModelConfig, Processing
+from hooked_attn.config import LearnedPositions, ModelConfig, Processing, ShortformerPositions
 from hooked_attn.shapes import StateDict
 from hooked_attn.weight_writer import Owned, WeightWriter, at_least_float32, bounded_sum, lend_work_buffer
 
@@ -88,6 +88,8 @@ def why_not(step: str, cfg: ModelConfig) -> str | None:
             return "each block adds its sublayers to the norm's output, so its gains shape the residual stream"
         if cfg.block_norms == "output" and not cfg.final_norm:
             return "this model has no norm whose gain feeds a weight"
+        if isinstance(cfg.positions, ShortformerPositions):
+            return "shortformer positions are added after ln1 to what W_Q and W_K read, so ln1's gain cannot move"
     if step == "fold_value_biases" and cfg.clip_qkv is not None:
         return "v is clamped (clip_qkv) after its bias is added, so the bias cannot move past the clamp"
     if step == "center_writing_weights":

@@ -108,11 +108,12 @@ def test_a_read_only_offload_folder_is_refused(tmp_path):
         folder.chmod(0o755)
 
 
-def test_an_interrupted_write_is_refused_and_writing_again_repairs_it(tmp_path, monkeypatch):
-    first, second = tiny_hf_model(llama(3), seed=0), tiny_hf_model(llama(3), seed=2)
+@pytest.mark.parametrize("when", ["in the third file", "while removing the earlier model's files"])
+def test_an_interrupted_write_is_refused_and_writing_again_repairs_it(tmp_path, monkeypatch, when):
+    first, second = tiny_hf_model(llama(4), seed=0), tiny_hf_model(llama(3), seed=2)
     HookedTransformer.from_pretrained(first, device_map=ALL_DISK, offload_folder=tmp_path)
     running = load_offloaded(tmp_path)
-    save, calls = safetensors.torch.save_file, []
+    save, unlink, calls = safetensors.torch.save_file, Path.unlink, []
 
     def crash_in_the_third_file(tensors, path, metadata=None):
         calls.append(path)
@@ -121,15 +122,24 @@ def test_an_interrupted_write_is_refused_and_writing_again_repairs_it(tmp_path, 
             raise KeyboardInterrupt
         save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_in_the_third_file)
+    def crash_removing_blocks_3(path, missing_ok=False):
+        if path.name == "blocks.3.safetensors":
+            raise KeyboardInterrupt
+        unlink(path, missing_ok=missing_ok)
+
+    if when == "in the third file":
+        monkeypatch.setattr(safetensors.torch, "save_file", crash_in_the_third_file)
+    else:
+        monkeypatch.setattr(Path, "unlink", crash_removing_blocks_3)
     with pytest.raises(KeyboardInterrupt):
         HookedTransformer.from_pretrained(second, device_map=ALL_DISK, offload_folder=tmp_path)
-    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    monkeypatch.undo()
     with pytest.raises(OffloadFolderError, match="interrupted"):
         load_offloaded(tmp_path)
     with pytest.raises(OffloadFolderError, match="written over after this model was loaded"):
         logits(running)  # its embedding file now holds the second model's
     HookedTransformer.from_pretrained(second, device_map=ALL_DISK, offload_folder=tmp_path)
+    assert "blocks.3.safetensors" not in files(tmp_path)  # the first model's, known from the pending manifest
     torch.testing.assert_close(logits(load_offloaded(tmp_path)), logits(HookedTransformer.from_pretrained(second)),
                                atol=0, rtol=0)
 

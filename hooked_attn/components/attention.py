@@ -33,6 +33,7 @@ class AttentionContext:
     ``key_positions`` every key's (cached ones too); ``rope_cache`` holds cos/sin tables computed
     once per forward; ``kv_cache`` receives this forward's keys and values. ``attend_for(window)``
     is the one place a layer's mask is decided, made once per window and shared by every layer.
+    ``query_key_pos`` is what every layer adds to its query and key inputs (shortformer positions).
     """
 
     attend: AttendMask | None
@@ -42,6 +43,7 @@ class AttentionContext:
     kv_cache: KVCache | None = None
     causal: bool = True
     masks: dict[int | None, AttendMask | None] = field(default_factory=dict)
+    query_key_pos: Float[Tensor, "batch q_pos d_model"] | None = None
 
     @classmethod
     def build(
@@ -115,6 +117,7 @@ class Attention(nn.Module):
         self.soft_cap = cfg.attn_scores_soft_cap
         self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_inverse_layer else 1)
         self.use_attn_result = False
+        self.ungroup_grouped_query_attention = False  # hook_k/hook_v per query head
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -129,15 +132,37 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()
         self.hook_result = HookPoint(opt_in=True)  # computed when use_attn_result or hooked
 
-    def _project(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    def _project(self, x: Tensor, W: Tensor, b: Tensor, ungroup: bool = False) -> Tensor:
+        """``x`` ``[batch pos d_model]``, or one input per head ``[batch pos n d_model]`` (split inputs)."""
+        group = self.cfg.group_size if ungroup else 1  # K/V heads repeated to the query heads they serve
+        if x.ndim == 4:
+            if group > 1:
+                W, b = W.repeat_interleave(group, dim=0), b.repeat_interleave(group, dim=0)
+            if x.shape[2] != W.shape[0]:
+                raise ValueError(f"a split attention input has {x.shape[2]} heads where {W.shape[0]} are expected")
+            return einops.einsum(x, W, "batch pos head d_model, head d_model d_head -> batch pos head d_head") + b
         # W is [head d_model d_head] over [head d_head d_model] storage: the flatten below is a view.
         weight = W.transpose(1, 2).reshape(-1, W.shape[1])
-        return F.linear(x, weight, b.flatten()).unflatten(-1, (W.shape[0], W.shape[2]))
+        out = F.linear(x, weight, b.flatten()).unflatten(-1, (W.shape[0], W.shape[2]))
+        return out.repeat_interleave(group, dim=2) if group > 1 else out
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos head d_model"], ctx: AttentionContext,
+        key_input: Tensor | None = None, value_input: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``x`` is the query input, and the key and value input unless those are given (split inputs,
+        one per head: ``[batch pos head d_model]`` for queries, ``[batch pos kv_head d_model]`` for keys
+        and values, ``head`` when ungrouped). Shortformer positions are added to the query and key inputs."""
+        key_input = x if key_input is None else key_input
+        value_input = x if value_input is None else value_input
+        if ctx.query_key_pos is not None:
+            pos = ctx.query_key_pos
+            x = x + (pos if x.ndim == 3 else pos[:, :, None])
+            key_input = key_input + (pos if key_input.ndim == 3 else pos[:, :, None])
+        ungroup = self.ungroup_grouped_query_attention and self.cfg.group_size > 1
         q = self._project(x, self.W_Q, self.b_Q)
-        k = self._project(x, self.W_K, self.b_K)
-        v = self._project(x, self.W_V, self.b_V)
+        k = self._project(key_input, self.W_K, self.b_K, ungroup)
+        v = self._project(value_input, self.W_V, self.b_V, ungroup)
         if self.clip_qkv is not None:
             # Clamped before the hooks, so hook_q/k/v hold exactly what attention uses (what HF's
             # query/key/value states hold); an edit made in a hook is not clamped again.
@@ -176,9 +201,10 @@ class Attention(nn.Module):
         # Same operations in the same order as HF's eager_attention_forward (matmul, then scale; fp32
         # softmax), so that even bf16 results round identically.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.cfg.group_size > 1:
-            k = k.repeat_interleave(self.cfg.group_size, dim=1)
-            v = v.repeat_interleave(self.cfg.group_size, dim=1)
+        group = q.shape[1] // k.shape[1]  # 1 when ungrouped: k and v already have a head per query head
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3))
         if bias is None:
             scores = scores * self.scale
@@ -210,7 +236,7 @@ class Attention(nn.Module):
             mask = bias.to(q.dtype) if attend is None else bias.to(q.dtype).masked_fill(~attend, float("-inf"))
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=mask is None and self.cfg.causal and q.shape[1] > 1, scale=self.scale, enable_gqa=self.cfg.group_size > 1,
+            is_causal=mask is None and self.cfg.causal and q.shape[1] > 1, scale=self.scale, enable_gqa=k.shape[2] != q.shape[2],
         )
         return z.transpose(1, 2)
 

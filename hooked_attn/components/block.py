@@ -1,5 +1,6 @@
 """One transformer block: norms, attention and MLP around the residual stream, sequential or parallel."""
 
+import einops
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -19,6 +20,12 @@ class TransformerBlock(nn.Module):
     attn_out``). With ``parallel_attn_mlp`` both sublayers read ``resid_pre`` and ``hook_resid_mid``
     does not exist.
     ``hook_attn_out``/``hook_mlp_out`` always hold exactly what is added to the residual stream.
+
+    With ``use_split_qkv_input`` (set by the model, which then adds ``hook_q_input [batch pos head
+    d_model]`` and ``hook_k_input``/``hook_v_input [batch pos kv_head d_model]``, ``head`` when the
+    attention is ungrouped) each head reads its own copy of the block's attention input, taken before
+    ``ln1``, which then normalises each copy (its hooks fire once per input: q, k, v in that order).
+    Not with ``block_norms="normed_residual"``, whose residual is ln1's output.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -34,6 +41,9 @@ class TransformerBlock(nn.Module):
             self.ln1_post = Norm(cfg.post_norm, cfg.d_model)
             self.ln2_post = Norm(cfg.post_norm, cfg.d_model)
         self.attn = Attention(cfg, layer)
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.can_split_qkv_input = cfg.block_norms != "normed_residual"
+        self.use_split_qkv_input = False  # the hook points are added by HookedTransformer.set_use_split_qkv_input
         if cfg.moe is not None:
             from hooked_attn.components.moe import MoEMLP
 
@@ -52,9 +62,24 @@ class TransformerBlock(nn.Module):
         """A sublayer's contribution to the residual stream, with the norms its placement puts around it."""
         pre = getattr(self, f"ln{which}", None) if self.placement in ("pre", "sandwich") else None
         post = getattr(self, f"ln{which}_post", None)
-        h = pre(x) if pre is not None else x
-        h = self.attn(h, ctx) if which == 1 else self.mlp(h)
+        if which == 1:
+            h = self._attend(x, pre, ctx)
+        else:
+            h = self.mlp(pre(x) if pre is not None else x)
         return post(h) if post is not None else h
+
+    def _attend(self, x: Float[Tensor, "batch pos d_model"], pre: nn.Module | None, ctx: AttentionContext | None,
+                ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention on ``pre(x)``, or on one copy of ``x`` per head and input when the inputs are split."""
+        norm = pre if pre is not None else (lambda t: t)
+        if not self.use_split_qkv_input:
+            return self.attn(norm(x), ctx)
+        n_kv = self.n_heads if self.attn.ungroup_grouped_query_attention else self.n_kv_heads
+        per_head = "batch pos d_model -> batch pos head d_model"
+        q_in = self.hook_q_input(einops.repeat(x, per_head, head=self.n_heads))
+        k_in = self.hook_k_input(einops.repeat(x, per_head, head=n_kv))
+        v_in = self.hook_v_input(einops.repeat(x, per_head, head=n_kv))
+        return self.attn(norm(q_in), ctx, norm(k_in), norm(v_in))
 
     def forward(
         self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext

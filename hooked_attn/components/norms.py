@@ -92,8 +92,12 @@ class HeadNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+        w, b = self.w, self.b
+        gains = w if w is not None else b
+        if gains is not None and x.shape[-2] != gains.shape[0]:  # ungrouped keys: each K/V head's gains repeated
+            w, b = (None if t is None else t.repeat_interleave(x.shape[-2] // gains.shape[0], dim=0) for t in (w, b))
         if self.cfg.over == "head":
-            return self.hook_normalized(normalize(x, self.cfg.norm, self.w, self.b, self.hook_scale))
+            return self.hook_normalized(normalize(x, self.cfg.norm, w, b, self.hook_scale))
         flat = lambda t: None if t is None else t.flatten()  # noqa: E731
-        out = normalize(x.flatten(-2), self.cfg.norm, flat(self.w), flat(self.b), self.hook_scale)
+        out = normalize(x.flatten(-2), self.cfg.norm, flat(w), flat(b), self.hook_scale)
         return self.hook_normalized(out.unflatten(-1, x.shape[-2:]))

@@ -63,7 +63,8 @@ class _ContextMover:
             self._copies[device] = AttentionContext(
                 attend=None if ctx.attend is None else ctx.attend.to(device),
                 positions=ctx.positions.to(device), key_positions=ctx.key_positions.to(device),
-                kv_cache=ctx.kv_cache)
+                kv_cache=ctx.kv_cache,
+                query_key_pos=None if ctx.query_key_pos is None else ctx.query_key_pos.to(device))
         return self._copies[device]
 
     def release(self) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from hooked_attn.compat.errors import CompatError
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.components.unembed import Unembed as _Unembed
-from hooked_attn.config import ModelConfig
+from hooked_attn.config import ModelConfig, ShortformerPositions
 from hooked_attn.hook_points import HookedRootModule  # noqa: F401  (TransformerLens users import it from here)
 from hooked_attn.model import HookedTransformer as _Base
 
@@ -141,6 +141,10 @@ class HookedTransformer(_Base):
         init_weights(self, compat)
         if compat.use_attn_result:
             self.set_use_attn_result(True)
+        if compat.use_split_qkv_input:
+            self.set_use_split_qkv_input(True)
+        if compat.ungroup_grouped_query_attention:
+            self.set_ungroup_grouped_query_attention(True)
         self.to(compat.dtype)
         if move_to_device and compat.device is not None:
             self.to(compat.device)
@@ -192,16 +196,34 @@ class HookedTransformer(_Base):
         if isinstance(self.cfg, HookedTransformerConfig):
             self.cfg.use_attn_result = use_attn_result
 
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        super().set_use_split_qkv_input(use_split_qkv_input)
+        if isinstance(self.cfg, HookedTransformerConfig):
+            self.cfg.use_split_qkv_input = use_split_qkv_input
+
+    def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
+        super().set_ungroup_grouped_query_attention(ungroup_grouped_query_attention)
+        if isinstance(self.cfg, HookedTransformerConfig):
+            self.cfg.ungroup_grouped_query_attention = ungroup_grouped_query_attention
+
     def input_to_embed(self, input: Any, prepend_bos: bool | None = None, padding_side: Any = None,
                        attention_mask: Tensor | None = None, past_kv_cache: Any = None,
                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """``(residual entering block 0, tokens, None, attention_mask)``, as TransformerLens returns."""
+        """``(residual entering block 0, tokens, shortformer_pos_embed, attention_mask)``, as TransformerLens
+        returns; the third is the position embedding attention adds to queries and keys (shortformer
+        positions), None for other models."""
         if isinstance(input, (str, list)):
             tokens, attention_mask = self._text_to_tokens(input, attention_mask, prepend_bos, padding_side)
         else:
             tokens = input
-        resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
-        return resid, tokens, None, attention_mask
+        if not isinstance(self.cfg.positions, ShortformerPositions):
+            resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
+            return resid, tokens, None, attention_mask
+        seen: list[Tensor] = []
+        keep = lambda pos_embed, hook: seen.append(pos_embed)  # noqa: E731  (returns None: changes nothing)
+        with self.hooks([("hook_pos_embed", keep)]):
+            resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
+        return resid, tokens, seen[-1], attention_mask
 
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """hooked_attn's ``run_with_cache``; the cache is TransformerLens' ActivationCache subclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hooked_attn.config import Alibi, LearnedPositions, ModelConfig, NormConfig, Rotary
+from hooked_attn.config import Alibi, LearnedPositions, ModelConfig, NormConfig, Rotary, ShortformerPositions
 
 SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln")
 _ACT = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "silu": "silu"}
@@ -166,15 +166,13 @@ class HookedTransformerConfig:
         unsupported = {
             "act_fn in ('solu', 'solu_ln', 'gelu_fast')": (
                 self.act_fn in ("solu", "solu_ln", "gelu_fast") and not self.attn_only),
-            "positional_embedding_type='shortformer'": self.positional_embedding_type == "shortformer",
             "final_rms": self.final_rms and self.normalization_type not in ("RMS", "RMSPre"),
             "use_qk_norm": self.use_qk_norm,
             "rotary_base_local": self.rotary_base_local is not None,
             "use_logn_attn / use_dynamic_ntk_rope": self.use_logn_attn or self.use_dynamic_ntk_rope,
             "num_experts": self.num_experts is not None,
             "normalization_type=None": self.normalization_type is None,
-            "use_split_qkv_input / use_attn_in / use_hook_mlp_in": (
-                self.use_split_qkv_input or self.use_attn_in or self.use_hook_mlp_in),
+            "use_attn_in / use_hook_mlp_in": self.use_attn_in or self.use_hook_mlp_in,
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:
@@ -187,6 +185,8 @@ class HookedTransformerConfig:
         match self.positional_embedding_type:
             case "standard":
                 positions: Any = LearnedPositions(n_ctx=self.n_ctx)
+            case "shortformer":
+                positions = ShortformerPositions(n_ctx=self.n_ctx)
             case "rotary":
                 positions = Rotary(n_rotary_dims=int(self.rotary_dim or self.d_head), base=float(self.rotary_base),
                                    pairing="interleaved" if self.rotary_adjacent_pairs else "halves")

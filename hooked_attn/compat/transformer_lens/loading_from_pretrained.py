@@ -100,7 +100,7 @@ def get_basic_config(model_name: str, **kwargs: Any) -> BasicConfig:
 
 def config_from_model_config(cfg: Any, model_name: str = "custom", **overrides: Any) -> HookedTransformerConfig:
     """The TransformerLens config with the fields a hooked_attn ``ModelConfig`` determines."""
-    from hooked_attn.config import Alibi, Rotary
+    from hooked_attn.config import Alibi, Rotary, ShortformerPositions
 
     rotary = cfg.positions if isinstance(cfg.positions, Rotary) else None
     kind = {"layernorm": "LN", "rmsnorm": "RMS"}[cfg.norm.kind] + ("" if cfg.norm.weight else "Pre")
@@ -108,7 +108,8 @@ def config_from_model_config(cfg: Any, model_name: str = "custom", **overrides: 
         n_layers=cfg.n_layers, d_model=cfg.d_model, n_ctx=cfg.n_ctx, d_head=cfg.d_head, model_name=model_name,
         n_heads=cfg.n_heads, d_mlp=None if cfg.attn_only else cfg.d_mlp, act_fn=cfg.act_fn, d_vocab=cfg.d_vocab,
         eps=cfg.norm.eps, normalization_type=kind, original_architecture=cfg.hf_architecture,
-        positional_embedding_type="rotary" if rotary else "alibi" if isinstance(cfg.positions, Alibi) else "standard",
+        positional_embedding_type="rotary" if rotary else "alibi" if isinstance(cfg.positions, Alibi)
+        else "shortformer" if isinstance(cfg.positions, ShortformerPositions) else "standard",
         rotary_dim=rotary.n_rotary_dims if rotary else None, rotary_base=rotary.base if rotary else 10000.0,
         rotary_adjacent_pairs=bool(rotary and rotary.pairing == "interleaved"),
         n_key_value_heads=cfg.n_kv_heads if cfg.n_kv_heads != cfg.n_heads else None, gated_mlp=cfg.gated_mlp,
