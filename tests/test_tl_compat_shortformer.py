@@ -73,6 +73,16 @@ def test_shortformer_logits_match_the_equations_and_positions_stay_out_of_the_re
     torch.testing.assert_close(parts.sum(0), cache["blocks.1.hook_resid_post"], **TOL["tiny_fp32"])
 
 
+def test_split_inputs_get_the_positions_per_head(tl):
+    model = shortformer(tl)
+    tokens = torch.randint(0, 31, (2, 9), generator=torch.Generator().manual_seed(1))
+    model.set_use_split_qkv_input(True)
+    logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(logits, reference_logits(model, tokens), **TOL["tiny_fp32"])
+    assert cache["blocks.0.hook_q_input"].shape == (2, 9, 3, 12)
+    torch.testing.assert_close(cache["blocks.0.hook_q_input"][:, :, 2], cache["hook_embed"])  # no positions in it
+
+
 def test_patching_hook_pos_embed_moves_queries_and_keys_only(tl):
     model = shortformer(tl)
     tokens = torch.randint(0, 31, (1, 7), generator=torch.Generator().manual_seed(2))

@@ -141,6 +141,22 @@ def test_split_and_ungrouped_on_a_model_from_hf_llama_keep_its_logits_and_kv_cac
         model(tokens[:, :1], past_kv_cache=kv)
 
 
+@pytest.mark.parametrize(("arch", "variant"), [("Qwen3ForCausalLM", "default"), ("Olmo2ForCausalLM", "gqa"),
+                                             ("Gemma3ForCausalLM", "default"), ("GPT2LMHeadModel", "default")])
+def test_split_and_ungrouped_keep_the_logits_across_norm_placements_and_qk_norms(arch, variant):
+    """Per-head q/k norms (Qwen3, Gemma 3), a norm over all heads (OLMo-2, with no pre-norm), sandwich norms."""
+    torch.manual_seed(0)
+    hf_cfg = REGISTRY[arch].tiny_hf_configs()[variant]
+    model = CoreModel.from_pretrained_no_processing(transformers.AutoModelForCausalLM.from_config(hf_cfg).eval())
+    tokens = torch.randint(0, hf_cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(9))
+    plain = model(tokens)
+    model.set_use_split_qkv_input(True)
+    model.set_ungroup_grouped_query_attention(True)
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_k_input", "blocks.0.attn.hook_k"])
+    assert cache["blocks.0.hook_k_input"].shape[2] == cache["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_heads
+    torch.testing.assert_close(model(tokens), plain, **TOL["tiny_fp32"])
+
+
 def test_bad_flags_are_refused_before_anything_changes(tl):
     model = tl_model(tl, 2)
     # (under pytest the annotations are type-checked first; either way the message names the flag)
