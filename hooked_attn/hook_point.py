@@ -299,6 +299,8 @@ class HookPoint(nn.Module):
                 return True
             return (hook.permanent and not including_permanent) or (level is not None and hook.level != level)
 
+        if dir not in ("fwd", "bwd", "both"):  # "forward" removed nothing, silently
+            raise HookDirectionError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
         with _MUTATE:
             if dir in ("fwd", "both"):
                 self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]

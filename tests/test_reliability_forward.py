@@ -1,5 +1,6 @@
 """The forward pass under hostile arguments (residual inputs, hooks): a clear error, nothing changed."""
 
+import jaxtyping
 import pytest
 import torch
 
@@ -73,3 +74,16 @@ def test_tokens_that_differ_from_the_input_ids_are_refused():
     with pytest.raises(ValueError, match="tokens differ from the token ids given as input"):
         model(tokens, return_type="loss", tokens=tokens.flip(1))
     torch.testing.assert_close(model(tokens, return_type="loss", tokens=tokens.clone()), model(tokens, return_type="loss"))
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "all"])
+def test_reset_hooks_with_an_unknown_direction_is_refused(monkeypatch, direction):
+    """reset_hooks(direction="forward") removed nothing and said nothing: the hooks stayed attached."""
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # the library's own check speaks
+    model = tiny_llama()
+    model.add_hook("hook_embed", lambda x, hook: None)
+    with pytest.raises(ValueError, match=f"dir must be 'fwd', 'bwd' or 'both', got '{direction}'"):
+        model.reset_hooks(direction=direction)
+    assert model.n_hooks() == 1  # refused before anything was removed
+    model.reset_hooks(direction="fwd")
+    assert model.n_hooks() == 0
