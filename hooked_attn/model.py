@@ -307,6 +307,8 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
         def run(n_pos: int) -> ActivationCache:
             prefix = {k: v[:, :n_pos] if k in ("attention_mask", "tokens") and v is not None else copy.deepcopy(v)
                       for k, v in forward_kwargs.items()}
+            if prefix.get("attention_mask") is not None:  # shapes do not depend on it; a left-padded
+                prefix["attention_mask"] = torch.ones_like(prefix["attention_mask"])  # prefix is all padding
             with torch.no_grad():
                 _, cache = self.run_with_cache(input[:, :n_pos], names_filter=names_filter, device=device,
                                                dtype=dtype, remove_batch_dim=remove_batch_dim, **prefix)

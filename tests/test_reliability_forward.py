@@ -87,3 +87,15 @@ def test_reset_hooks_with_an_unknown_direction_is_refused(monkeypatch, direction
     assert model.n_hooks() == 1  # refused before anything was removed
     model.reset_hooks(direction="fwd")
     assert model.n_hooks() == 0
+
+
+def test_cache_memory_of_a_left_padded_batch():
+    """It ran the first 2 and 3 positions with their mask: all padding in a left-padded row, refused."""
+    model = tiny_llama()
+    tokens, mask = model.tokenize(["the cat sat on the mat", "a dog"], padding_side="left")
+    estimate = model.cache_memory(tokens, attention_mask=mask)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert estimate.nbytes == cache.nbytes
+    assert estimate.shapes == {name: tuple(t.shape) for name, t in cache.items()}
+    assert model.cache_memory(model.to_tokens(["the cat sat on the mat", "a dog"], padding_side="left")).nbytes == cache.nbytes
