@@ -162,6 +162,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 raise ValueError(f"expected token ids of shape [batch pos], got shape {tuple(input.shape)}")
             if tokens is not None and tokens.shape != input.shape:
                 raise ValueError(f"tokens has shape {tuple(tokens.shape)}, but the input is {tuple(input.shape)}")
+            if tokens is not None and not torch.equal(tokens.to(input.device), input):
+                raise ValueError("tokens differ from the token ids given as input: tokens= is for start_at_layer "
+                                 "(a residual input); with ids as input the loss is taken on them")
             if input.dtype not in (torch.int64, torch.int32, torch.bool) and not input.dtype.is_complex:
                 input = input.long()  # uint8/int16 ids: F.embedding takes int32 and int64 only
             tokens = input  # ids out of range are refused by Embed, before any hook fires

@@ -45,6 +45,30 @@ def check_clean_cache(model: HookedTransformer, clean_cache: Any, reference: Act
                              f"{tuple(here.shape)}: the clean and corrupted runs need the same batch and positions")
 
 
+def _index(value: Any) -> int:
+    """One entry of an ``index_df`` row: an integer (1.7 used to be truncated to 1)."""
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"index_df entries must be integers, got {value!r}")
+    return int(value)
+
+
+def check_path_heads(model: HookedTransformer, sender_heads: Sequence[tuple[int, int]],
+                     receivers: Sequence[str | tuple[str, int]]) -> None:
+    """Refuse path-patching senders and receiver heads outside the model (a sender in layer 99 was
+    silently never patched)."""
+    cfg = model.cfg
+    for layer, head in sender_heads:
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(f"sender head ({layer}, {head}) is outside the model: layers 0..{cfg.n_layers - 1}, "
+                             f"heads 0..{cfg.n_heads - 1}")
+    for receiver in receivers:
+        if isinstance(receiver, tuple):
+            name, head = receiver
+            n = cfg.n_kv_heads if name.rsplit(".", 1)[-1] in ("hook_k", "hook_v", "hook_rot_k") else cfg.n_heads
+            if not 0 <= head < n:
+                raise ValueError(f"receiver head {head} of {name!r} is outside 0..{n - 1}")
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """A checked activation-patching sweep: what runs, before anything has."""
@@ -70,7 +94,7 @@ def plan_sweep(
     sizes = {"layer": cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos, "head_index": heads, "head": heads}
     if index_df is not None:
         rows = index_df.itertuples(index=False) if hasattr(index_df, "itertuples") else index_df
-        indices = [tuple(int(x) for x in row) for row in rows]
+        indices = [tuple(_index(x) for x in row) for row in rows]
         if index_axis_names is None:
             index_axis_names = list(index_df.columns) if hasattr(index_df, "columns") else None
         shape: tuple[int, ...] = (len(indices),)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from hooked_attn.cache import ActivationCache
 from hooked_attn.hook_points import HookPoint
 from hooked_attn.model import HookedTransformer
-from hooked_attn.patch_inputs import SweepPlan, check_clean_cache, plan_sweep  # check_clean_cache: re-exported
+from hooked_attn.patch_inputs import SweepPlan, check_clean_cache, check_path_heads, plan_sweep  # check_clean_cache: re-exported
 from hooked_attn.patch_setters import (  # noqa: F401  (re-exported: TransformerLens' patching names them)
     layer_head_dest_src_pos_pattern_patch_setter,
     layer_head_pattern_patch_setter,
@@ -34,6 +34,9 @@ PatchSetter = Callable[[Tensor, tuple[int, ...], Tensor], Tensor | None]
 
 
 def _metric_value(value: Tensor | float) -> float:
+    if isinstance(value, Tensor) and value.numel() != 1 or not isinstance(value, (Tensor, int, float)):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"patching_metric must return one number, got {got}")
     return float(value.item() if isinstance(value, Tensor) else value)
 
 
@@ -206,6 +209,7 @@ def path_patch(
         return name.endswith("attn.hook_z") or (freeze_mlps and name.endswith("hook_mlp_out"))
 
     _check_same_shape(orig_tokens, new_tokens, "orig_tokens", "new_tokens")
+    check_path_heads(model, sender_heads, receivers)
     receiver_names = [r if isinstance(r, str) else r[0] for r in receivers]
     model.resolve_hook_names(receiver_names)  # unknown names fail before anything runs
     if orig_cache is None:

@@ -53,12 +53,14 @@ def lm_cross_entropy_loss(
     """Next-token cross-entropy: position i predicts token i+1. Padding (mask 0) is left out of the mean."""
     log_probs = logits[:, :-1].float().log_softmax(dim=-1)
     loss = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
-    if attention_mask is not None:
-        valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-        if per_token:
-            return loss.masked_fill(~valid, 0.0)
-        return loss[valid].mean()
-    return loss if per_token else loss.mean()
+    valid = None if attention_mask is None else (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    if per_token:
+        return loss if valid is None else loss.masked_fill(~valid, 0.0)
+    if loss.numel() == 0 or (valid is not None and not bool(valid.any())):
+        # The mean of nothing is NaN: say so instead of returning it.
+        raise ValueError(f"no token to score: the loss needs two consecutive real tokens in some row "
+                         f"(tokens {tuple(tokens.shape)} [batch pos]); use loss_per_token=True for an empty loss")
+    return loss.mean() if valid is None else loss[valid].mean()
 
 
 def get_device() -> torch.device:

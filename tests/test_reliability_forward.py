@@ -48,3 +48,28 @@ def test_generate_on_a_bidirectional_model_runs_the_whole_sequence_each_step():
     for _ in range(4):  # by hand: greedy on the full forward
         tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
     torch.testing.assert_close(cached, tokens, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["one position", "no two consecutive real tokens"])
+def test_a_loss_over_no_token_is_refused_not_nan(case):
+    """The mean over no scored token came back as NaN without a word."""
+    model = tiny_llama()
+    tokens = torch.tensor([[4, 5, 6, 7], [8, 9, 10, 11]])
+    kwargs = ({"input": tokens[:, :1]} if case == "one position"
+              else {"input": tokens, "attention_mask": torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]])})
+    with pytest.raises(ValueError, match="no token to score"):
+        model(return_type="loss", **kwargs)
+    assert model(return_type="loss", loss_per_token=True, **kwargs).isfinite().all()
+    cache = KVCache.empty(model.cfg.n_layers)
+    with pytest.raises(ValueError, match="no token to score"):
+        model(tokens[:, :1], return_type="loss", past_kv_cache=cache)
+    assert cache.n_cached == 0  # the failed step left the cache as it was
+
+
+def test_tokens_that_differ_from_the_input_ids_are_refused():
+    """tokens= was silently ignored when the input was ids: the loss was taken on the input."""
+    model = tiny_llama()
+    tokens = torch.tensor([[4, 5, 6, 7], [8, 9, 10, 11]])
+    with pytest.raises(ValueError, match="tokens differ from the token ids given as input"):
+        model(tokens, return_type="loss", tokens=tokens.flip(1))
+    torch.testing.assert_close(model(tokens, return_type="loss", tokens=tokens.clone()), model(tokens, return_type="loss"))

@@ -133,3 +133,35 @@ def test_learned_position_sites_are_patched_too():
     result = P.generic_activation_patch(model, corrupted, cache, metric, P.layer_pos_patch_setter, "embed",
                                         index_axis_names=["layer", "pos"], progress=False)
     assert result[1, 1].item() == pytest.approx(metric(model(clean)).item(), abs=1e-5)
+
+
+def test_index_df_entries_that_are_not_integers_are_refused(setup):
+    """(0, 1.7) was truncated to (0, 1) and patched there without a word."""
+    model, _, corrupted, cache, metric = setup
+    for row in [(0, 1.7), (1, True)]:
+        with pytest.raises(ValueError, match="index_df entries must be integers"):
+            P.generic_activation_patch(model, corrupted, cache, metric, P.layer_pos_patch_setter, "resid_pre",
+                                       index_axis_names=["layer", "pos"], index_df=[row], progress=False)
+    assert model.n_hooks() == 0
+
+
+@pytest.mark.parametrize("metric", [lambda logits: logits[:, -1, :2].sum(0), lambda logits: logits[:, -1, 3]])
+def test_a_metric_that_is_not_one_number_is_named(setup, metric):
+    model, _, corrupted, cache, _ = setup
+    with pytest.raises(ValueError, match="patching_metric must return one number"):
+        P.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+    assert model.n_hooks() == 0
+
+
+@pytest.mark.parametrize(("senders", "receivers", "message"), [
+    ([(5, 0)], ["blocks.1.hook_resid_pre"], r"sender head \(5, 0\) is outside the model"),
+    ([(-1, 0)], ["blocks.1.hook_resid_pre"], r"sender head \(-1, 0\) is outside the model"),
+    ([(0, 4)], ["blocks.1.hook_resid_pre"], r"sender head \(0, 4\) is outside the model"),
+    ([(0, 0)], [("blocks.1.attn.hook_k", 2)], r"receiver head 2 of 'blocks.1.attn.hook_k' is outside 0..1"),
+])
+def test_path_patching_heads_outside_the_model_are_refused(setup, senders, receivers, message):
+    """A sender in layer 5 (or -1) of a 2-layer model was never patched: the unpatched metric came back."""
+    model, clean, corrupted, _, metric = setup
+    with pytest.raises(ValueError, match=message):
+        P.path_patch(model, clean, corrupted, senders, receivers, metric)
+    assert model.n_hooks() == 0

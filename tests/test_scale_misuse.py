@@ -123,5 +123,8 @@ def test_odd_device_maps_are_resolved_or_refused_before_the_source_is_touched(hf
             continue
         with pytest.raises(ValueError, match=match):
             HookedTransformer.from_pretrained(source, device_map=device_map, release_source=True)
+    with pytest.raises(ValueError, match=r"max_memory\['cpu'\] = -5"):  # was: everything sent to disk
+        HookedTransformer.from_pretrained(source, device_map="auto", max_memory={"cpu": -5, "disk": "1GB"},
+                                          offload_folder=tempfile.mkdtemp(), release_source=True)
     for key, value in source.state_dict().items():
         torch.testing.assert_close(value, before[key], atol=0, rtol=0, msg=key)

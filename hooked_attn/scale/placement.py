@@ -92,13 +92,19 @@ def plan_device_map(
 def _infer(model: nn.Module, strategy: str, max_memory: Mapping[Device, int | str] | None,
            dtype: torch.dtype | None) -> Mapping[str, Device]:
     from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory, get_max_memory
+    from accelerate.utils import convert_file_size_to_int, get_balanced_memory, get_max_memory
 
     budget = dict(max_memory) if max_memory is not None else None
     if budget is not None:
         for key in budget:
             if not (isinstance(key, int) or key in ("cpu", "disk", "mps")):
                 raise ValueError(f"max_memory key {key!r} is not a device: use GPU indices, 'cpu', 'disk'")
+            try:  # accelerate's planner reads a negative budget as none: everything sent on to disk
+                size = convert_file_size_to_int(budget[key])
+            except ValueError as err:
+                raise ValueError(f"max_memory[{key!r}] = {budget[key]!r}: {err}") from err
+            if size < 0:
+                raise ValueError(f"max_memory[{key!r}] = {budget[key]!r} is negative")
     if strategy == "sequential":
         budget = get_max_memory(budget)
     else:
