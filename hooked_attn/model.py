@@ -10,7 +10,6 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hooked_attn.attn_inputs import AttentionInputsMixin
 from hooked_attn.cache import ActivationCache, CacheMemory, estimate_cache_memory
 from hooked_attn.components.block import TransformerBlock
 from hooked_attn.components.embed import Embed, PosEmbed
@@ -26,6 +25,7 @@ from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
 from hooked_attn.generation import GenerationMixin
 from hooked_attn.pretrained import DeviceMapArg, PretrainedMixin  # noqa: F401  (DeviceMapArg: re-exported)
 from hooked_attn.saes.splice import SAESplicingMixin
+from hooked_attn.sublayer_inputs import SublayerInputsMixin
 from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, check_attention_mask
 from hooked_attn.utils import lm_cross_entropy_loss
 
@@ -56,7 +56,7 @@ class _ForwardRun:
     stop: int | None
 
 
-class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, TokenizerMixin, AttentionInputsMixin,
+class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, TokenizerMixin, SublayerInputsMixin,
                         HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 

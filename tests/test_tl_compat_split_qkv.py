@@ -1,5 +1,5 @@
-"""Split attention inputs (``use_split_qkv_input``: ``hook_q_input``/``hook_k_input``/``hook_v_input``) and
-ungrouped grouped-query attention, on TransformerLens-config models and on a model built from HF Llama.
+"""Split attention inputs (``use_split_qkv_input``: ``hook_q_input``/``hook_k_input``/``hook_v_input``),
+``hook_mlp_in`` and ungrouped grouped-query attention, on TransformerLens-config models and on a model built from HF Llama.
 
 The yardsticks: per-head projections written out here with plain torch ops, and the unsplit forward
 (splitting changes no output until a hook edits one head's input).
@@ -157,6 +157,37 @@ def test_split_and_ungrouped_keep_the_logits_across_norm_placements_and_qk_norms
     torch.testing.assert_close(model(tokens), plain, **TOL["tiny_fp32"])
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_hook_mlp_in_edits_the_mlp_input_only(tl, parallel):
+    model = tl_model(tl, None, use_hook_mlp_in=True, act_fn="relu", parallel_attn_mlp=parallel)
+    assert model.cfg.use_hook_mlp_in is True
+    plain, cache = model.run_with_cache(TOKENS)
+    read = "blocks.0.hook_resid_pre" if parallel else "blocks.0.hook_resid_mid"
+    assert torch.equal(cache["blocks.0.hook_mlp_in"], cache[read])
+    edit = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(10))
+
+    def replace_in_place(mlp_in, hook):
+        mlp_in.copy_(edit)  # in place: must not reach the residual stream
+
+    names = ["blocks.0.hook_mlp_out", read, "blocks.0.hook_attn_out", "blocks.0.hook_resid_post"]
+    with model.hooks([("blocks.0.hook_mlp_in", replace_in_place)]):
+        _, patched = model.run_with_cache(TOKENS, names_filter=names)
+    mlp, ln2 = model.blocks[0].mlp, model.blocks[0].ln2
+    expected = F.relu(F.layer_norm(edit, (16,), ln2.w, ln2.b, model.cfg.eps) @ mlp.W_in + mlp.b_in) @ mlp.W_out
+    torch.testing.assert_close(patched["blocks.0.hook_mlp_out"], expected + mlp.b_out, **TOL["tiny_fp32"])
+    # Unchanged up to float rounding (attention is fused here, explicit in the full cache above).
+    for name in (read, "blocks.0.hook_attn_out"):
+        torch.testing.assert_close(patched[name], cache[name], **TOL["tiny_fp32"])
+    torch.testing.assert_close(patched["blocks.0.hook_resid_post"],
+                               patched[read] + (patched["blocks.0.hook_attn_out"] if parallel else 0)
+                               + patched["blocks.0.hook_mlp_out"], **TOL["tiny_fp32"])
+    model.set_use_hook_mlp_in(False)
+    assert "blocks.0.hook_mlp_in" not in model.hook_dict
+    torch.testing.assert_close(model(TOKENS), plain, **TOL["tiny_fp32"])
+    with pytest.raises(ValueError, match="attention-only"):
+        tl_model(tl, None, attn_only=True).set_use_hook_mlp_in(True)
+
+
 def test_bad_flags_are_refused_before_anything_changes(tl):
     model = tl_model(tl, 2)
     # (under pytest the annotations are type-checked first; either way the message names the flag)
@@ -172,6 +203,6 @@ def test_bad_flags_are_refused_before_anything_changes(tl):
     with pytest.raises(ValueError, match="no attention input to split"):  # its residual is ln1's output
         bloom.set_use_split_qkv_input(True)
     assert "blocks.0.hook_q_input" not in bloom.hook_dict
-    with pytest.raises(ValueError, match="use_attn_in"):
+    with pytest.raises(ValueError, match="use_attn_in"):  # still not built
         tl.HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=5, act_fn="relu",
                                    use_attn_in=True).to_model_config()

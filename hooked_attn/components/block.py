@@ -25,7 +25,8 @@ class TransformerBlock(nn.Module):
     d_model]`` and ``hook_k_input``/``hook_v_input [batch pos kv_head d_model]``, ``head`` when the
     attention is ungrouped) each head reads its own copy of the block's attention input, taken before
     ``ln1``, which then normalises each copy (its hooks fire once per input: q, k, v in that order).
-    Not with ``block_norms="normed_residual"``, whose residual is ln1's output.
+    Not with ``block_norms="normed_residual"``, whose residual is ln1's output. Likewise
+    ``use_hook_mlp_in`` adds ``hook_mlp_in [batch pos d_model]``, a copy of what the MLP reads.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -44,6 +45,8 @@ class TransformerBlock(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.can_split_qkv_input = cfg.block_norms != "normed_residual"
         self.use_split_qkv_input = False  # the hook points are added by HookedTransformer.set_use_split_qkv_input
+        self.can_hook_mlp_in = not cfg.attn_only and cfg.block_norms != "normed_residual"
+        self.use_hook_mlp_in = False  # likewise, by set_use_hook_mlp_in
         if cfg.moe is not None:
             from hooked_attn.components.moe import MoEMLP
 
@@ -65,6 +68,8 @@ class TransformerBlock(nn.Module):
         if which == 1:
             h = self._attend(x, pre, ctx)
         else:
+            if self.use_hook_mlp_in:
+                x = self.hook_mlp_in(x.clone())  # a copy: an in-place edit must not reach the residual stream
             h = self.mlp(pre(x) if pre is not None else x)
         return post(h) if post is not None else h
 

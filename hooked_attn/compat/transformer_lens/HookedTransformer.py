@@ -145,6 +145,8 @@ class HookedTransformer(_Base):
             self.set_use_split_qkv_input(True)
         if compat.ungroup_grouped_query_attention:
             self.set_ungroup_grouped_query_attention(True)
+        if compat.use_hook_mlp_in:
+            self.set_use_hook_mlp_in(True)
         self.to(compat.dtype)
         if move_to_device and compat.device is not None:
             self.to(compat.device)
@@ -200,6 +202,11 @@ class HookedTransformer(_Base):
         super().set_use_split_qkv_input(use_split_qkv_input)
         if isinstance(self.cfg, HookedTransformerConfig):
             self.cfg.use_split_qkv_input = use_split_qkv_input
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        super().set_use_hook_mlp_in(use_hook_mlp_in)
+        if isinstance(self.cfg, HookedTransformerConfig):
+            self.cfg.use_hook_mlp_in = use_hook_mlp_in
 
     def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
         super().set_ungroup_grouped_query_attention(ungroup_grouped_query_attention)

@@ -172,7 +172,7 @@ class HookedTransformerConfig:
             "use_logn_attn / use_dynamic_ntk_rope": self.use_logn_attn or self.use_dynamic_ntk_rope,
             "num_experts": self.num_experts is not None,
             "normalization_type=None": self.normalization_type is None,
-            "use_attn_in / use_hook_mlp_in": self.use_attn_in or self.use_hook_mlp_in,
+            "use_attn_in": self.use_attn_in,
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:
