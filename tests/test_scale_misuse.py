@@ -128,3 +128,22 @@ def test_odd_device_maps_are_resolved_or_refused_before_the_source_is_touched(hf
                                           offload_folder=tempfile.mkdtemp(), release_source=True)
     for key, value in source.state_dict().items():
         torch.testing.assert_close(value, before[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_context_copied_to_another_device_keeps_every_field(causal):
+    """Each block's device gets its own copy of the forward's AttentionContext; a field left out of the
+    copy (a bidirectional model's ``causal=False``) would silently change that block's mask."""
+    from hooked_attn.components.attention import AttentionContext
+    from hooked_attn.scale.dispatch import _ContextMover
+
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    ctx = AttentionContext.build(2, 4, torch.device("cpu"), mask, causal=causal)
+    ctx.query_key_pos = torch.randn(2, 4, 8)
+    ctx.rope_cache["cpu table"] = torch.zeros(1)  # per-device tables are rebuilt, not shared
+    copy = _ContextMover().on(ctx, torch.device("meta"))
+    assert copy is not ctx and copy.causal is causal and copy.kv_cache is ctx.kv_cache
+    assert copy.rope_cache == {} and copy.masks == {}
+    for name in ("attend", "positions", "key_positions", "query_key_pos"):
+        moved, source = getattr(copy, name), getattr(ctx, name)
+        assert moved.device.type == "meta" and moved.shape == source.shape and moved.dtype == source.dtype, name

@@ -7,6 +7,7 @@ small hook of ours gives each device its own copy, made once per forward.
 """
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -59,11 +60,13 @@ class _ContextMover:
         if ctx.positions.device == device:
             return ctx
         if device not in self._copies:
-            # The KV cache stays one object: each layer's keys and values live on that layer's device.
-            self._copies[device] = AttentionContext(
-                attend=None if ctx.attend is None else ctx.attend.to(device),
+            # Every field is carried (dataclasses.replace): tensors moved, flags such as ``causal`` as they
+            # are. The KV cache stays one object: each layer's keys and values live on that layer's device.
+            # The per-forward tables (rope_cache, masks) start empty: rebuilt on this device when asked.
+            self._copies[device] = dataclasses.replace(
+                ctx, attend=None if ctx.attend is None else ctx.attend.to(device),
                 positions=ctx.positions.to(device), key_positions=ctx.key_positions.to(device),
-                kv_cache=ctx.kv_cache,
+                rope_cache={}, masks={},
                 query_key_pos=None if ctx.query_key_pos is None else ctx.query_key_pos.to(device))
         return self._copies[device]
 
