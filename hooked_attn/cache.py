@@ -237,7 +237,8 @@ class ActivationCache(Mapping[str, Tensor]):
                 z = self[f"blocks.{i}.attn.hook_z"]
                 result = einops.einsum(z, model.blocks[i].attn.W_O.to(z.device),
                                        "... pos head d_head, head d_head d_model -> ... pos head d_model")
-            parts.append(einops.rearrange(result, "... pos head d_model -> head ... pos d_model"))
+            heads = einops.rearrange(result, "... pos head d_model -> head ... pos d_model")
+            parts.append(self._through_post_norm(heads, i, "ln1_post"))
             labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
         stack = torch.cat(parts) if parts else torch.zeros(0, *self["hook_embed"].shape)
         if incl_remainder:
@@ -266,7 +267,8 @@ class ActivationCache(Mapping[str, Tensor]):
         for i in range(upto):
             post = _take_pos(self[f"blocks.{i}.mlp.hook_post"], pos_slice)[..., keep]
             W_out = model.blocks[i].mlp.W_out[keep].to(post.device)
-            parts.append(einops.einsum(post, W_out, "... d_mlp, d_mlp d_model -> d_mlp ... d_model"))
+            neurons = einops.einsum(post, W_out, "... d_mlp, d_mlp d_model -> d_mlp ... d_model")
+            parts.append(self._through_post_norm(neurons, i, "ln2_post", pos_slice))
             ids = range(model.cfg.d_mlp)[keep] if isinstance(keep, slice) else keep.tolist()
             labels += [f"L{i}N{n}" for n in ids]
         stack = torch.cat(parts)
@@ -277,6 +279,25 @@ class ActivationCache(Mapping[str, Tensor]):
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, upto, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
+
+    def _through_post_norm(self, parts: Tensor, layer: int, norm_name: str, pos_slice: PosSlice = None) -> Tensor:
+        """Components ``[component ... d_model]`` of a sublayer's output as they reach the residual stream
+        when a norm follows the sublayer (Gemma 2's ``ln1_post``, OLMo 2's): given its cached scale the
+        norm is linear, so each part is centred (LayerNorm), divided by the scale and multiplied by the
+        gain; the norm's bias (and the sublayer's) stays in the remainder."""
+        norm = getattr(self._model().blocks[layer], norm_name, None)
+        if norm is None:
+            return parts
+        name = f"blocks.{layer}.{norm_name}.hook_scale"
+        if name not in self.cache_dict:
+            raise KeyError(f"{name!r} is not in the cache: block {layer} normalises this sublayer's output, so its "
+                           "per-component writes need that scale (cache it, or cache everything)")
+        if norm.cfg.kind == "layernorm":
+            parts = parts - parts.mean(-1, keepdim=True)
+        parts = parts / _take_pos(self[name], pos_slice).to(parts.device)
+        if norm.w is not None:
+            parts = parts * (norm.w + norm.cfg.weight_offset).to(parts.device, parts.dtype)
+        return parts
 
     def apply_ln_to_stack(
         self, residual_stack: Float[Tensor, "... batch pos d_model"], layer: int | None = None,

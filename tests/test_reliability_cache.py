@@ -9,6 +9,7 @@ from conftest import random_tokens, tiny_hf_model
 from hooked_attn import HookedTransformer
 from hooked_attn.architectures.gemma2 import tiny_hf_configs as gemma2_configs
 from hooked_attn.architectures.gpt_neox import tiny_hf_configs as neox_configs
+from hooked_attn.architectures.olmo2 import tiny_hf_configs as olmo2_configs
 from hooked_attn.architectures.opt import tiny_hf_configs as opt_configs
 
 ATOL = dict(atol=2e-5, rtol=2e-5)
@@ -135,3 +136,25 @@ def test_neuron_slice_ids_are_checked_and_labelled(gpt2_run, untyped):
     assert labels == ["L0N3", f"L0N{model.cfg.d_mlp - 1}"]
     post, W_out = cache["blocks.0.mlp.hook_post"], model.blocks[0].mlp.W_out
     torch.testing.assert_close(stack[1], post[..., -1, None] * W_out[-1])
+
+
+@pytest.mark.parametrize(("family", "variant"), [("gemma2", "default"), ("olmo2", "default")])
+def test_head_and_neuron_results_pass_through_the_norm_after_their_sublayer(family, variant):
+    """Gemma 2 and OLMo 2 normalise each sublayer's output before adding it: the per-head and
+    per-neuron stacks were the un-normalised outputs, off by up to 7.6 from what reaches the stream.
+    Given the cached scale the norm is linear, so the parts now sum to hook_attn_out / hook_mlp_out
+    (these families have no output biases)."""
+    configs = gemma2_configs() if family == "gemma2" else olmo2_configs()
+    cfg = configs[variant]
+    model = HookedTransformer.from_pretrained_no_processing(tiny_hf_model(cfg))
+    assert model.cfg.post_norm is not None
+    with torch.no_grad():
+        _, cache = model.run_with_cache(random_tokens(cfg))
+    n_heads = model.cfg.n_heads
+    for layer in range(model.cfg.n_layers):
+        heads = cache.stack_head_results(layer=layer + 1)[-n_heads:]
+        torch.testing.assert_close(heads.sum(0), cache[f"blocks.{layer}.hook_attn_out"], **ATOL)
+        neurons = cache.stack_neuron_results(layer=layer + 1)[-model.cfg.d_mlp:]
+        torch.testing.assert_close(neurons.sum(0), cache[f"blocks.{layer}.hook_mlp_out"], **ATOL)
+    last = cache.stack_neuron_results(pos_slice=-1)[-model.cfg.d_mlp:]  # the scale sliced alike
+    torch.testing.assert_close(last.sum(0), cache[f"blocks.{model.cfg.n_layers - 1}.hook_mlp_out"][:, -1], **ATOL)
