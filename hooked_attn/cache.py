@@ -337,6 +337,9 @@ class ActivationCache(Mapping[str, Tensor]):
         ``component @ W_U[:, token]``. ``tokens`` is one id or string for every position, or ids
         broadcastable to ``[batch pos]``. Apply the final norm first (``apply_ln=True``)."""
         model = self._model()
+        if pos_slice is not None and residual_stack.ndim < (4 if self.has_batch_dim else 3):
+            raise ValueError(f"pos_slice={pos_slice!r} selects positions, but the stack {tuple(residual_stack.shape)} has "
+                             "no pos axis (was it made with a pos_slice already?): it would slice another axis")
         stack = _take_pos(residual_stack, pos_slice)
         lead = tuple(stack.shape[1:-1])  # [batch pos], [batch] after an int pos_slice, [pos] without batch
 

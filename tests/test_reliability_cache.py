@@ -158,3 +158,14 @@ def test_head_and_neuron_results_pass_through_the_norm_after_their_sublayer(fami
         torch.testing.assert_close(neurons.sum(0), cache[f"blocks.{layer}.hook_mlp_out"], **ATOL)
     last = cache.stack_neuron_results(pos_slice=-1)[-model.cfg.d_mlp:]  # the scale sliced alike
     torch.testing.assert_close(last.sum(0), cache[f"blocks.{model.cfg.n_layers - 1}.hook_mlp_out"][:, -1], **ATOL)
+
+
+def test_logit_attrs_refuse_a_pos_slice_on_a_stack_without_positions(gpt2_run):
+    """A stack already sliced at pos_slice=-1, sliced again in logit_attrs, lost its last batch row
+    instead: the attribution of sequence 1 came back for every sequence's question."""
+    _, _, _, cache = gpt2_run
+    last = cache.decompose_resid(apply_ln=True, pos_slice=-1)  # [component batch d_model]
+    with pytest.raises(ValueError, match="has no pos axis"):
+        cache.logit_attrs(last, 3, pos_slice=-1)
+    torch.testing.assert_close(cache.logit_attrs(cache.decompose_resid(apply_ln=True), 3, pos_slice=-1),
+                               cache.logit_attrs(last, 3))
