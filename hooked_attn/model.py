@@ -30,7 +30,7 @@ from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, c
 from hooked_attn.utils import lm_cross_entropy_loss
 
 _ABSENT_WEIGHTS = {
-    "W_pos": "this model has no learned position embedding (its positions are rotary, ALiBi or none)",
+    "W_pos": "this model has no learned position embedding: it has {positions}",
     "W_gate": "this model's MLP is not gated, so it has no W_gate",
     "b_gate": "this model's MLP is not gated, so it has no b_gate",
 }
@@ -397,7 +397,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
     def __getattr__(self, name: str) -> Any:
         # nn.Module.__getattr__ would replace a property's AttributeError with a generic one.
         if name in _ABSENT_WEIGHTS:
-            raise AttributeError(f"{name}: {_ABSENT_WEIGHTS[name]}")
+            kind = type(self.cfg.positions).__name__
+            positions = {"Rotary": "rotary positions", "Alibi": "ALiBi biases"}.get(kind, "no positional information")
+            raise AttributeError(f"{name}: {_ABSENT_WEIGHTS[name].format(positions=positions)}")
         return super().__getattr__(name)
 
     def __repr__(self) -> str:
