@@ -232,6 +232,14 @@ class HookedTransformer(_Base):
             resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, seen[-1], attention_mask
 
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        """hooked_attn's forward; 1-D token ids ``[pos]`` are read as one row ``[1 pos]``, as TransformerLens
+        does (a residual given with ``start_at_layer`` is passed on unchanged)."""
+        if (isinstance(input, Tensor) and input.ndim == 1 and not input.dtype.is_floating_point
+                and kwargs.get("start_at_layer") is None):
+            input = input[None]
+        return super().forward(input, *args, **kwargs)
+
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """hooked_attn's ``run_with_cache``; the cache is TransformerLens' ActivationCache subclass
         (``apply_slice_to_batch_dim``, TransformerLens' batch-axis rules), or with
