@@ -39,3 +39,38 @@ def test_one_dimensional_token_ids_are_one_row(tl):
     torch.testing.assert_close(model(ids, return_type="loss"), expected)
     with pytest.raises(ValueError, match="token ids"):
         model(torch.zeros(2, 3, 4, dtype=torch.long))  # other ranks are still refused
+
+
+def test_transformer_lens_state_dict_loads_strictly(tl):
+    # A TransformerLens state dict of a grouped-query, gated, rotary model names K/V `_W_K`/`_W_V`/
+    # `_b_K`/`_b_V`, carries derived buffers (IGNORE, mask, rotary tables) and has no b_gate; before,
+    # strict loading raised and strict=False silently kept the initial K/V weights.
+    model = toy(tl, n_heads=4, n_key_value_heads=2, normalization_type="RMS", positional_embedding_type="rotary",
+                rotary_dim=4, gated_mlp=True, act_fn="silu")
+    g = torch.Generator().manual_seed(3)
+    theirs = {}
+    for name, p in model.state_dict().items():
+        head, _, leaf = name.rpartition(".")
+        leaf = {"W_K": "_W_K", "W_V": "_W_V", "b_K": "_b_K", "b_V": "_b_V"}.get(leaf, leaf) if ".attn" in head else leaf
+        if leaf == "b_gate":
+            continue
+        theirs[f"{head}.{leaf}"] = torch.randn(p.shape, generator=g)
+    for layer in range(2):
+        for extra, t in [("IGNORE", torch.tensor(-1e5)), ("mask", torch.ones(12, 12).tril().bool()),
+                         ("rotary_sin", torch.zeros(12, 4)), ("rotary_cos", torch.ones(12, 4))]:
+            theirs[f"blocks.{layer}.attn.{extra}"] = t
+    before = {k: v.clone() for k, v in theirs.items()}
+    model.load_state_dict(theirs)  # strict
+    assert theirs.keys() == before.keys() and all(torch.equal(theirs[k], before[k]) for k in theirs)
+    assert model.blocks[1].attn.W_K.shape == (2, 16, 4)  # this layer keeps K/V at their kv_head size
+    assert torch.equal(model.blocks[1].attn.W_K, theirs["blocks.1.attn._W_K"])
+    assert torch.equal(model.blocks[0].attn.b_V, theirs["blocks.0.attn._b_V"])
+    assert not model.blocks[0].mlp.b_gate.any()
+    # the derived buffers were not taken: head 0's rotation is still the real one (not zero sin / unit cos)
+    ids = torch.tensor([[1, 5, 7, 2]])
+    _, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"))
+    assert not torch.allclose(cache["blocks.0.attn.hook_rot_q"][0, 1], cache["blocks.0.attn.hook_q"][0, 1])
+    # kv head 0's values are the normalised embedding times the loaded _W_V[0] plus _b_V[0]
+    normed = model.blocks[0].ln1(model.embed(ids))[0]
+    expected = normed @ theirs["blocks.0.attn._W_V"][0] + theirs["blocks.0.attn._b_V"][0]
+    torch.testing.assert_close(cache["blocks.0.attn.hook_v"][0, :, 0], expected)
