@@ -74,3 +74,30 @@ def test_transformer_lens_state_dict_loads_strictly(tl):
     normed = model.blocks[0].ln1(model.embed(ids))[0]
     expected = normed @ theirs["blocks.0.attn._W_V"][0] + theirs["blocks.0.attn._b_V"][0]
     torch.testing.assert_close(cache["blocks.0.attn.hook_v"][0, :, 0], expected)
+
+
+def test_accumulated_resid_apply_ln_at_the_end_is_the_logit_lens(tl):
+    # TransformerLens 3.9: accumulated_resid(apply_ln=True) up to the final layer passes each stream
+    # through ln_final with its own mean and scale, then the gain and bias (apply_ln_to_stack's
+    # recompute_ln=True); earlier layers keep the cached scale.
+    model = toy(tl)
+    with torch.no_grad():
+        model.ln_final.w.copy_(torch.linspace(0.5, 2.0, 16))
+        model.ln_final.b.copy_(torch.linspace(-1.0, 1.0, 16))
+        _, cache = model.run_with_cache(torch.tensor([[1, 5, 7, 2, 9], [4, 4, 8, 11, 0]]))
+        got, labels = cache.accumulated_resid(layer=-1, apply_ln=True, pos_slice=-1, return_labels=True)
+        assert labels == ["0_pre", "1_pre", "final_post"]
+        raw = torch.stack([cache["blocks.0.hook_resid_pre"], cache["blocks.1.hook_resid_pre"],
+                           cache["blocks.1.hook_resid_post"]])[:, :, -1]
+        centred = raw - raw.mean(-1, keepdim=True)
+        by_hand = centred / (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        by_hand = by_hand * model.ln_final.w + model.ln_final.b
+        torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.accumulated_resid(apply_ln=True)[-1], cache["ln_final.hook_normalized"])
+        stack = cache.decompose_resid(layer=-1)
+        torch.testing.assert_close(cache.apply_ln_to_stack(stack, recompute_ln=True)[0], model.ln_final(stack[0]))
+        # not the last layer: the cached scale of block 1's ln1, as before
+        mid = cache.accumulated_resid(layer=1)
+        centred = mid - mid.mean(-1, keepdim=True)
+        torch.testing.assert_close(cache.accumulated_resid(layer=1, apply_ln=True),
+                                   centred / cache["blocks.1.ln1.hook_scale"])
