@@ -101,3 +101,14 @@ def test_accumulated_resid_apply_ln_at_the_end_is_the_logit_lens(tl):
         centred = mid - mid.mean(-1, keepdim=True)
         torch.testing.assert_close(cache.accumulated_resid(layer=1, apply_ln=True),
                                    centred / cache["blocks.1.ln1.hook_scale"])
+
+
+def test_apply_ln_to_stack_after_the_last_block_uses_ln_final_even_for_mlp_input(tl):
+    # layer == n_layers with mlp_input=True: there is no block n_layers, so ln_final reads the stream (as
+    # TransformerLens does); before, the stack came back unnormalised because block n_layers' ln2 is absent.
+    model = toy(tl, n_layers=1)
+    _, cache = model.run_with_cache(torch.tensor([[1, 5, 7, 2, 9]]))
+    stack = cache.decompose_resid(layer=1)
+    centred = stack - stack.mean(-1, keepdim=True)
+    torch.testing.assert_close(cache.apply_ln_to_stack(stack, layer=1, mlp_input=True),
+                               centred / cache["ln_final.hook_scale"])
