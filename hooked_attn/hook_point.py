@@ -42,6 +42,9 @@ class _ThreadScopes(threading.local):
 
     def __init__(self) -> None:
         self.frames: list[list[_Scope]] = [[]]
+        # One list per run in progress in this thread (``_remove_added_on_error``): the hooks
+        # attached while it runs, by hook functions or otherwise, removed if the run raises.
+        self.recorders: list[list[tuple["HookPoint", "_Hook"]]] = []
 
 
 _SCOPES = _ThreadScopes()
@@ -61,6 +64,24 @@ def _open_scope() -> Iterator[_Scope]:
         yield scope
     finally:
         frame.remove(scope)
+
+
+@contextlib.contextmanager
+def _remove_added_on_error() -> Iterator[None]:
+    """Record the hooks this thread attaches during the body; if the body raises, remove them all
+    (a hook that calls ``add_hook`` and then fails leaves nothing behind). On success they stay."""
+    added: list[tuple[HookPoint, _Hook]] = []
+    _SCOPES.recorders.append(added)
+    try:
+        yield
+    except BaseException:
+        for point, hook in added:
+            point.remove(hook)
+        raise
+    finally:
+        _SCOPES.recorders.pop()  # ours: runs nest, so it is the last one
+    if _SCOPES.recorders:  # an enclosing run owns them too: it removes them if it fails
+        _SCOPES.recorders[-1].extend(added)
 
 
 def _call_isolated(fn: HookFn, x: Tensor, point: "HookPoint") -> Tensor | None:
@@ -281,6 +302,8 @@ class HookPoint(nn.Module):
             hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
             hooks.insert(0, hook) if prepend else hooks.append(hook)
             self._update_has_hooks()
+        if _SCOPES.recorders:
+            _SCOPES.recorders[-1].append((self, hook))
         return hook
 
     def remove(self, hook: _Hook) -> None:

@@ -27,6 +27,7 @@ from hooked_attn.hook_point import (  # re-exported: the public names keep this 
     NonFiniteActivationError,  # noqa: F401
     _Hook,
     _open_scope,
+    _remove_added_on_error,
     is_hooked,  # noqa: F401
 )
 
@@ -75,6 +76,12 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
 
     hook_dict: dict[str, HookPoint]
     mod_dict: dict[str, nn.Module]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A forward that raises takes with it the hooks attached while it ran (a hook function
+        # that called add_hook and then failed), so a failed call leaves no hook behind.
+        with _remove_added_on_error():
+            return super().__call__(*args, **kwargs)
 
     def setup(self) -> None:
         """Name every HookPoint after its module path. Call at the end of ``__init__``."""
@@ -279,15 +286,20 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         checking = self.check_finite() if check_finite else contextlib.nullcontext()
         with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts), checking:
             out = self(*model_args, **model_kwargs)
-            if incl_bwd is True:
-                if not isinstance(out, Tensor) or out.numel() != 1 or not out.requires_grad:
-                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise ValueError(
-                        f"incl_bwd=True calls .backward() on the output, as TransformerLens does, so the output "
-                        f"must be a scalar that requires grad (return_type='loss'); got {shape}. To backpropagate "
-                        "a metric of your own, pass incl_bwd='deferred' and call .backward() on it yourself")
-                out.backward()
+            if incl_bwd is True:  # a backward hook that attaches hooks and fails leaves none either
+                self._checked_backward(out)
         return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    @staticmethod
+    def _checked_backward(out: Any) -> None:
+        if not isinstance(out, Tensor) or out.numel() != 1 or not out.requires_grad:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"incl_bwd=True calls .backward() on the output, as TransformerLens does, so the output "
+                f"must be a scalar that requires grad (return_type='loss'); got {shape}. To backpropagate "
+                "a metric of your own, pass incl_bwd='deferred' and call .backward() on it yourself")
+        with _remove_added_on_error():
+            out.backward()
 
     def cache_all(self, cache: dict[str, Tensor], names_filter: NamesFilter = None, **kwargs: Any) -> None:
         """Permanently-until-reset cache activations into ``cache`` (TransformerLens' ``cache_all``)."""

@@ -1,9 +1,8 @@
 """HookedTransformer: embed -> blocks -> final norm -> unembed, with a HookPoint at every activation."""
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -16,9 +15,6 @@ from hooked_attn.components.embed import Embed, PosEmbed
 from hooked_attn.components.norms import Norm
 from hooked_attn.components.attention import AttentionContext
 from hooked_attn.components.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from hooked_attn.factored_matrix import FactoredMatrix
 from hooked_attn.components.unembed import Unembed
 from hooked_attn.config import LearnedPositions, ModelConfig, ShortformerPositions
 from hooked_attn.hook_points import HookedRootModule, HookPoint, NamesFilter
@@ -28,12 +24,8 @@ from hooked_attn.saes.splice import SAESplicingMixin
 from hooked_attn.sublayer_inputs import SublayerInputsMixin
 from hooked_attn.tokens import PADDING_MASK_ATTR, PaddingSide, TokenizerMixin, check_attention_mask
 from hooked_attn.utils import lm_cross_entropy_loss
+from hooked_attn.weights import WeightsMixin
 
-_ABSENT_WEIGHTS = {
-    "W_pos": "this model has no learned position embedding: it has {positions}",
-    "W_gate": "this model's MLP is not gated, so it has no W_gate",
-    "b_gate": "this model's MLP is not gated, so it has no b_gate",
-}
 ReturnType = Literal["logits", "loss", "both"] | None
 # Token ids [batch pos], text, or (with start_at_layer) a residual [batch pos d_model]. Left as a
 # plain Tensor in the signature: forward validates shapes itself, with messages that name them.
@@ -57,7 +49,7 @@ class _ForwardRun:
 
 
 class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, TokenizerMixin, SublayerInputsMixin,
-                        HookedRootModule):
+                        WeightsMixin, HookedRootModule):
     """A decoder-only transformer rebuilt from its config, every activation a named HookPoint.
 
     Build one with ``HookedTransformer.from_pretrained(...)``; the constructor makes an
@@ -328,79 +320,6 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the text tokenizes to "
                              f"{tuple(text_mask.shape)} [batch pos]")
         return tokens, text_mask * attention_mask.to(text_mask)
-
-    def _stack(self, get: Callable[[TransformerBlock], Tensor]) -> Tensor:
-        return torch.stack([get(block) for block in self.blocks])  # type: ignore[arg-type]
-
-    # Weights stacked over layers, in the per-head layout (see docs/conventions.md).
-    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))
-    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))
-    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
-    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))
-    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))
-    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
-    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
-    b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))
-    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))
-    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))
-    b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in))
-    b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out))
-    W_E = property(lambda self: self.embed.W_E)
-    W_U = property(lambda self: self.unembed.W_U)
-    b_U = property(lambda self: self.unembed.b_U)
-
-    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
-        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one token (an id
-        or a single-token string), ``[... d_model]`` for a tensor of ids ``[...]``."""
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        ids = torch.as_tensor(tokens, device=self.W_U.device)
-        if ids.dtype.is_floating_point or not ((0 <= ids) & (ids < self.cfg.d_vocab)).all():
-            raise ValueError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}, got {tokens!r}")
-        return self.W_U[:, ids].movedim(0, -1)
-
-    @property
-    def QK(self) -> "FactoredMatrix":
-        """Each head's QK circuit ``W_Q W_K^T`` as a ``[layer head d_model d_model]`` FactoredMatrix
-        (K/V heads repeated to the query heads they serve). Rotary models rotate between the two
-        factors, so there this is the circuit at zero relative distance."""
-        from hooked_attn.factored_matrix import FactoredMatrix
-
-        W_K = self.W_K.repeat_interleave(self.cfg.group_size, dim=1)
-        return FactoredMatrix(self.W_Q, W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> "FactoredMatrix":
-        """Each head's OV circuit ``W_V W_O`` as a ``[layer head d_model d_model]`` FactoredMatrix."""
-        from hooked_attn.factored_matrix import FactoredMatrix
-
-        return FactoredMatrix(self.W_V.repeat_interleave(self.cfg.group_size, dim=1), self.W_O)
-
-    @property
-    def W_gate(self) -> Tensor:
-        if not self.cfg.gated_mlp:
-            raise AttributeError("W_gate")  # reported by __getattr__ below
-        return self._stack(lambda b: b.mlp.W_gate)
-
-    @property
-    def b_gate(self) -> Tensor:
-        if not self.cfg.gated_mlp:
-            raise AttributeError("b_gate")  # reported by __getattr__ below
-        return self._stack(lambda b: b.mlp.b_gate)
-
-    @property
-    def W_pos(self) -> Tensor:
-        if not isinstance(self.cfg.positions, (LearnedPositions, ShortformerPositions)):
-            raise AttributeError("W_pos")  # reported by __getattr__ below
-        return self.pos_embed.W_pos
-
-    def __getattr__(self, name: str) -> Any:
-        # nn.Module.__getattr__ would replace a property's AttributeError with a generic one.
-        if name in _ABSENT_WEIGHTS:
-            kind = type(self.cfg.positions).__name__
-            positions = {"Rotary": "rotary positions", "Alibi": "ALiBi biases"}.get(kind, "no positional information")
-            raise AttributeError(f"{name}: {_ABSENT_WEIGHTS[name].format(positions=positions)}")
-        return super().__getattr__(name)
 
     def __repr__(self) -> str:
         c = self.cfg

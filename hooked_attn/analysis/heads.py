@@ -17,6 +17,7 @@ from torch import Tensor
 
 from hooked_attn.hook_points import HookedRootModule
 from hooked_attn.analysis.patterns import stack_patterns
+from hooked_attn.tokens import PADDING_MASK_ATTR, check_attention_mask
 
 Target = Float[Tensor, "q_pos k_pos"] | Float[Tensor, "batch q_pos k_pos"]
 TargetFn = Callable[[Tensor], Tensor]
@@ -129,37 +130,66 @@ def repeated_random_tokens(
 
 
 def attention_patterns(
-    model: HookedRootModule, tokens: Int[Tensor, "batch pos"],
+    model: HookedRootModule, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer batch head q_pos k_pos"]:
     """Run ``model`` on ``tokens`` caching only the pattern hooks; every layer's pattern, stacked (on CPU).
 
     Caching the patterns makes each layer take the explicit attention path, so these are the exact
-    softmax weights the model used.
+    softmax weights the model used. ``attention_mask`` (1 = real token) runs a padded batch as each
+    row would run alone; ids padded by ``model.to_tokens`` carry theirs.
     """
     _check_tokens(tokens)
     device = next(model.parameters()).device
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens.to(device), names_filter=_is_pattern, device="cpu")
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=_is_pattern, device="cpu", **mask)
     if not any(_is_pattern(name) for name in model.hook_dict):
         raise ValueError(f"{type(model).__name__} has no attention pattern hooks")
     return stack_patterns(cache).float()
 
 
 def _model_tokens(
-    model: HookedRootModule, tokens: Tensor | str | None, seq_len: int, batch: int, seed: int,
-    bos_token_id: int | None,
-) -> Tensor:
-    if tokens is None:
-        return repeated_random_tokens(model.cfg.d_vocab, seq_len, batch, seed, bos_token_id)
-    if isinstance(tokens, str):
-        return model.to_tokens(tokens).cpu()
+    model: HookedRootModule, tokens: Tensor | str | list[str] | None, seq_len: int, batch: int, seed: int,
+    bos_token_id: int | None, attention_mask: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The ids to score (on CPU) and their padding mask (None when every token is real)."""
+    if tokens is None or isinstance(tokens, (str, list)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with token ids; texts are tokenized (and masked) here")
+        if tokens is None:
+            return repeated_random_tokens(model.cfg.d_vocab, seq_len, batch, seed, bos_token_id), None
+        ids, mask = model.tokenize(tokens)  # a list of texts is padded: its mask comes with it
+        return ids.cpu(), None if bool(mask.all()) else mask.cpu()
     _check_tokens(tokens)
-    return tokens.cpu()
+    mask = getattr(tokens, PADDING_MASK_ATTR, None) if attention_mask is None else attention_mask
+    if mask is None:
+        return tokens.cpu(), None
+    mask = check_attention_mask(mask, tuple(tokens.shape), torch.device("cpu"))
+    return tokens.cpu(), None if bool(mask.all()) else mask
+
+
+def _padded_target(target: Target | TargetFn, ids: Tensor, mask: Tensor | None) -> Tensor:
+    """The target for padded ids: a target function sees each row's real tokens only (as if the row
+    ran alone) and its weights go back to their padded positions; a given tensor loses every weight
+    from or to a padding position. Padding never counts, as a query or as a key."""
+    if mask is None:
+        return target(ids) if callable(target) else target
+    real = mask.bool()
+    if not callable(target):
+        weights = target if target.ndim == 3 else target[None].expand(ids.shape[0], -1, -1)
+        return weights * (real[:, :, None] & real[:, None, :]).to(weights.dtype)
+    out = torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1])
+    for row in range(ids.shape[0]):
+        where = real[row].nonzero().squeeze(-1)
+        part = target(ids[row, where][None])
+        out[row, where[:, None], where[None, :]] = (part[0] if part.ndim == 3 else part).float()
+    return out
 
 
 def detect_heads(
-    model: HookedRootModule, target: Target | TargetFn, tokens: Tensor | str | None = None, *,
+    model: HookedRootModule, target: Target | TargetFn, tokens: Tensor | str | list[str] | None = None, *,
     seq_len: int = 20, batch: int = 4, seed: int = 0, bos_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Score every head of ``model`` against a target pattern of your own: ``[layer head]``.
 
@@ -167,54 +197,60 @@ def detect_heads(
         model: a ``HookedTransformer`` (or ``HookedEncoder``).
         target: ``[q_pos k_pos]`` or ``[batch q_pos k_pos]`` weights, or a function from the token
             ids ``[batch pos]`` to such a tensor (like ``induction_target``).
-        tokens: token ids ``[batch pos]`` or a text; by default ``repeated_random_tokens`` with
-            ``seq_len``, ``batch``, ``seed`` and ``bos_token_id``.
+        tokens: token ids ``[batch pos]``, a text or a list of texts (padded); by default
+            ``repeated_random_tokens`` with ``seq_len``, ``batch``, ``seed`` and ``bos_token_id``.
+        attention_mask: for padded ids, 1 = real token (ids padded by ``model.to_tokens`` carry
+            theirs). Padding never counts: the model does not attend to it, a target function sees
+            each row's real tokens only, and no weight goes from or to a padding position, so a
+            padded batch scores as its rows would, pooled, unpadded.
     """
-    ids = _model_tokens(model, tokens, seq_len, batch, seed, bos_token_id)
-    weights = target(ids) if callable(target) else target
-    return pattern_scores(attention_patterns(model, ids), weights)
+    ids, mask = _model_tokens(model, tokens, seq_len, batch, seed, bos_token_id, attention_mask)
+    weights = _padded_target(target, ids, mask)
+    return pattern_scores(attention_patterns(model, ids, mask), weights)
 
 
 def previous_token_scores(
-    model: HookedRootModule, tokens: Tensor | str | None = None, *, seq_len: int = 20, batch: int = 4,
-    seed: int = 0, bos_token_id: int | None = None,
+    model: HookedRootModule, tokens: Tensor | str | list[str] | None = None, *, seq_len: int = 20,
+    batch: int = 4, seed: int = 0, bos_token_id: int | None = None, attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Each head's mean attention from a token to the one before it: ``[layer head]``.
     Arguments as for ``detect_heads``."""
     return detect_heads(model, lambda ids: previous_token_target(ids.shape[1]), tokens, seq_len=seq_len,
-                        batch=batch, seed=seed, bos_token_id=bos_token_id)
+                        batch=batch, seed=seed, bos_token_id=bos_token_id,
+                        attention_mask=attention_mask)
 
 
 def first_token_scores(
-    model: HookedRootModule, tokens: Tensor | str | None = None, *, seq_len: int = 20, batch: int = 4,
-    seed: int = 0, bos_token_id: int | None = None,
+    model: HookedRootModule, tokens: Tensor | str | list[str] | None = None, *, seq_len: int = 20,
+    batch: int = 4, seed: int = 0, bos_token_id: int | None = None, attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Each head's mean attention to position 0 (BOS, or whatever token comes first), from every
     query but the first: the attention-sink score, ``[layer head]``. Arguments as for ``detect_heads``."""
     return detect_heads(model, lambda ids: first_token_target(ids.shape[1]), tokens, seq_len=seq_len,
-                        batch=batch, seed=seed, bos_token_id=bos_token_id)
+                        batch=batch, seed=seed, bos_token_id=bos_token_id,
+                        attention_mask=attention_mask)
 
 
 def duplicate_token_scores(
-    model: HookedRootModule, tokens: Tensor | str | None = None, *, seq_len: int = 20, batch: int = 4,
-    seed: int = 0, bos_token_id: int | None = None,
+    model: HookedRootModule, tokens: Tensor | str | list[str] | None = None, *, seq_len: int = 20,
+    batch: int = 4, seed: int = 0, bos_token_id: int | None = None, attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Each head's mean attention to earlier copies of the current token, over the queries that have
     one: ``[layer head]``. On repeated random sequences that is the stripe ``k = q - seq_len``.
     Arguments as for ``detect_heads``."""
     return detect_heads(model, duplicate_token_target, tokens, seq_len=seq_len, batch=batch, seed=seed,
-                        bos_token_id=bos_token_id)
+                        bos_token_id=bos_token_id, attention_mask=attention_mask)
 
 
 def induction_scores(
-    model: HookedRootModule, tokens: Tensor | str | None = None, *, seq_len: int = 20, batch: int = 4,
-    seed: int = 0, bos_token_id: int | None = None,
+    model: HookedRootModule, tokens: Tensor | str | list[str] | None = None, *, seq_len: int = 20,
+    batch: int = 4, seed: int = 0, bos_token_id: int | None = None, attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Each head's mean attention to the token after an earlier copy of the current one, over the
     queries that have one: ``[layer head]``. On repeated random sequences that is the stripe
     ``k = q - seq_len + 1`` in the second copy. Arguments as for ``detect_heads``."""
     return detect_heads(model, induction_target, tokens, seq_len=seq_len, batch=batch, seed=seed,
-                        bos_token_id=bos_token_id)
+                        bos_token_id=bos_token_id, attention_mask=attention_mask)
 
 
 __all__ = ["attention_patterns", "detect_heads", "duplicate_token_scores", "duplicate_token_target",

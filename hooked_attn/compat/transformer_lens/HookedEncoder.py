@@ -7,12 +7,12 @@ from hooked_attn.compat.transformer_lens.HookedTransformer import _bind, init_we
 from hooked_attn.compat.transformer_lens.HookedTransformerConfig import HookedTransformerConfig
 from hooked_attn.config import ModelConfig
 from hooked_attn.encoder import HookedEncoder as _Base
-from hooked_attn.model import HookedTransformer as _Decoder
+from hooked_attn.weights import WeightsMixin
 
 # The decoder's stacked-weight and circuit properties read only ``blocks``, ``embed`` and ``unembed``,
 # which the encoder has too.
-_SHARED = ["_stack", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out",
-           "W_E", "W_U", "b_U", "QK", "OV"]
+_SHARED = ["_read", "_stack", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in",
+           "b_out", "W_E", "W_U", "b_U", "QK", "OV"]
 
 
 class _ConfigError(ValueError, AssertionError):
@@ -61,7 +61,7 @@ class HookedEncoder(_Base):
 
 
 for _name in _SHARED:
-    setattr(HookedEncoder, _name, _Decoder.__dict__[_name])
+    setattr(HookedEncoder, _name, WeightsMixin.__dict__[_name])  # HookedTransformer's weight views
 
 
 __all__ = ["HookedEncoder"]
