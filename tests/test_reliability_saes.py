@@ -32,3 +32,55 @@ def test_a_head_index_outside_the_activation_is_named(head):
         model.run_with_saes(TOKENS, saes=[sae])
     assert model.acts_to_saes == {} and model.n_hooks() == 0
     torch.testing.assert_close(model(TOKENS), clean)
+
+
+def _normalizing_sae(norm):
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=64, hook_name="blocks.0.hook_resid_post",
+                        normalize_activations=norm))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return sae
+
+
+def _by_hand(sae, x):
+    """decode(encode(x)) written out, de-normalized with x's own statistics."""
+    if sae.cfg.normalize_activations == "layer_norm":
+        mean, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+        normed, undo = (x - mean) / (std + 1e-5), lambda y: y * std + mean
+    else:
+        scale = 32**0.5 / x.norm(dim=-1, keepdim=True)
+        normed, undo = x * scale, lambda y: y / scale
+    acts = ((normed - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
+    return undo(acts @ sae.W_dec + sae.b_dec)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_decode_uses_the_statistics_of_its_own_input(norm):
+    """decode() de-normalized with the statistics of the most recent encode(): features of x1
+    decoded after encode(x2) came back in x2's scale and offset, silently (same shapes)."""
+    sae = _normalizing_sae(norm)
+    x1, x2 = torch.randn(3, 32) * 5 + 2, torch.randn(3, 32) * 0.1 - 1
+    with torch.no_grad():
+        f1 = sae.encode(x1)
+        sae.encode(x2)
+        torch.testing.assert_close(sae.decode(f1), _by_hand(sae, x1))
+        f1[:, 0] = 0.0  # an in-place edit keeps the statistics
+        sae.decode(f1)
+        derived = f1 * 2.0  # a new tensor: which input it came from is unknown, so it is refused
+        with pytest.raises(ValueError, match=r"pass norm_stats=sae.norm_stats\(x\)"):
+            sae.decode(derived)
+        torch.testing.assert_close(sae.decode(derived, norm_stats=sae.norm_stats(x1)),
+                                   sae.decode(derived, norm_stats=getattr(f1, "hooked_attn_sae_norm_stats")))
+        with pytest.raises(ValueError, match=r"norm_stats must be the pair .* shape \(3, 1\); got \(2, 1\)"):
+            sae.decode(derived, norm_stats=sae.norm_stats(x1[:2]))
+        torch.testing.assert_close(sae.reconstruct(x1), _by_hand(sae, x1))
+
+
+def test_an_sae_that_does_not_normalize_decodes_any_features():
+    sae = _normalizing_sae("none")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert sae.norm_stats(x) is None
+        torch.testing.assert_close(sae.decode(sae.encode(x) * 1.0), sae.reconstruct(x))

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from hooked_attn import HookedTransformer
-from hooked_attn.scale import weights_loaded
+from hooked_attn.scale import load_offloaded, save_offloaded, weights_loaded
 from tests.conftest import tiny_hf_model
 
 LLAMA = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -61,3 +61,13 @@ def test_a_model_without_weights_is_refused_by_the_view_named():
     for name in ("W_Q", "W_E", "W_gate"):
         with pytest.raises(ValueError, match=f"^{name}: the model's weights are on the meta device"):
             getattr(empty, name)
+
+
+def test_views_of_a_model_loaded_with_load_offloaded_equal_the_plain_models():
+    reference = HookedTransformer.from_pretrained(tiny_hf_model(LLAMA))
+    folder = tempfile.mkdtemp()
+    save_offloaded(reference, folder)
+    model = load_offloaded(folder)
+    assert all(p.is_meta for p in model.parameters())
+    for name in VIEWS + ["W_gate", "b_gate"]:
+        torch.testing.assert_close(getattr(model, name), getattr(reference, name), atol=0, rtol=0, msg=name)

@@ -18,6 +18,10 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 _LAYER_NORM_EPS = 1e-5  # SAELens' layer_norm input normalization
+# encode()'s features carry the normalization statistics of their input under this attribute, so
+# decode() de-normalizes them with their own input's statistics, whatever was encoded since.
+NORM_STATS_ATTR = "hooked_attn_sae_norm_stats"
+NormStats = tuple[Tensor, Tensor]  # layer_norm: (mean, std); constant_norm_rescale: (scale, scale)
 
 
 def weight_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -63,7 +67,6 @@ class SAE(HookedRootModule):
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
         self.hook_sae_output = HookPoint()
-        self._norm_state: tuple[Tensor, Tensor] | None = None
         self._d_head: int | None = None
         self.setup()
 
@@ -76,8 +79,14 @@ class SAE(HookedRootModule):
         return self.W_enc.device
 
     # ---- the computation, in forward order ----
-    def _input(self, x: Tensor) -> Tensor:
-        """Cast, flatten heads (hook_z SAEs), hook, normalize and subtract b_dec."""
+    @property
+    def normalizes(self) -> bool:
+        """Whether decode() needs its input's normalization statistics to de-normalize."""
+        return not self.cfg.is_transcoder and self.cfg.normalize_activations in ("layer_norm", "constant_norm_rescale")
+
+    def _input(self, x: Tensor) -> tuple[Tensor, NormStats | None]:
+        """Cast, flatten heads (hook_z SAEs), hook, normalize and subtract b_dec; with the statistics."""
+        stats: NormStats | None = None
         x = x.to(self.dtype)
         if self.cfg.reshape_activations == "hook_z":
             self._d_head = x.shape[-1]
@@ -90,58 +99,97 @@ class SAE(HookedRootModule):
             case "layer_norm":
                 mean = x.mean(-1, keepdim=True)
                 std = (x - mean).std(-1, keepdim=True)
-                self._norm_state = (mean, std)
+                stats = (mean, std)
                 x = (x - mean) / (std + _LAYER_NORM_EPS)
             case "constant_norm_rescale":
                 scale = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
-                self._norm_state = (scale, scale)
+                stats = (scale, scale)
                 x = x * scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x
+        return x, stats
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations ``[... d_sae]`` of an activation ``[... d_in]`` (``[... head d_head]``
-        for a hook_z SAE)."""
-        x = self._input(x)
+        for a hook_z SAE). On a normalizing SAE they carry their input's normalization statistics
+        (kept through in-place edits), which ``decode`` uses."""
+        acts, stats = self._encode(x)
+        if stats is not None:
+            setattr(acts, NORM_STATS_ATTR, stats)
+        return acts
+
+    def norm_stats(self, x: Tensor) -> NormStats | None:
+        """The normalization statistics of an input, for ``decode(acts, norm_stats=...)`` of features
+        computed from it but no longer the tensor ``encode`` returned (sliced, scaled, built by hand).
+        None on an SAE that does not normalize."""
+        with torch.no_grad(), self.hooks_off():
+            return self._input(x)[1]
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, NormStats | None]:
+        x, stats = self._input(x)
         match self.cfg.architecture:
             case "gated":
                 gate = (x @ self.W_enc + self.b_gate) > 0
                 magnitude = self.hook_sae_acts_pre(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
-                return self.hook_sae_acts_post(gate.to(magnitude.dtype) * magnitude.relu())
+                return self.hook_sae_acts_post(gate.to(magnitude.dtype) * magnitude.relu()), stats
             case "jumprelu" | "jumprelu_transcoder":
                 pre = self.hook_sae_acts_pre(x @ self.W_enc + self.b_enc)
-                return self.hook_sae_acts_post(pre.relu() * (pre > self.threshold).to(pre.dtype))
+                return self.hook_sae_acts_post(pre.relu() * (pre > self.threshold).to(pre.dtype)), stats
             case "topk":
                 pre = self.hook_sae_acts_pre(x @ self.W_enc + self.b_enc)
                 if self.cfg.rescale_acts_by_decoder_norm:
                     pre = pre * self.W_dec.norm(dim=-1)
-                return self.hook_sae_acts_post(topk_relu(pre, self.cfg.k))  # type: ignore[arg-type]
+                return self.hook_sae_acts_post(topk_relu(pre, self.cfg.k)), stats  # type: ignore[arg-type]
             case _:
                 pre = self.hook_sae_acts_pre(x @ self.W_enc + self.b_enc)
-                return self.hook_sae_acts_post(pre.relu())
+                return self.hook_sae_acts_post(pre.relu()), stats
 
-    def decode(self, acts: Tensor) -> Tensor:
-        """The reconstruction ``[... d_out]`` of feature activations ``[... d_sae]``."""
+    def decode(self, acts: Tensor, norm_stats: NormStats | None = None) -> Tensor:
+        """The reconstruction ``[... d_out]`` of feature activations ``[... d_sae]``.
+
+        A normalizing SAE (``layer_norm``, ``constant_norm_rescale``) de-normalizes with the
+        statistics of the input the features came from: those ``encode`` attached to its output, or
+        ``norm_stats`` (from ``norm_stats(x)``) for features that are not that tensor. Without
+        either it raises rather than guess (it used the latest ``encode``'s, silently, when shapes
+        matched).
+        """
+        if self.normalizes:
+            norm_stats = self._resolve_norm_stats(acts, norm_stats)
+        return self._decode(acts, norm_stats)
+
+    def _resolve_norm_stats(self, acts: Tensor, norm_stats: NormStats | None) -> NormStats:
+        stats = getattr(acts, NORM_STATS_ATTR, None) if norm_stats is None else norm_stats
+        if stats is None:
+            raise ValueError(
+                f"this SAE normalizes its input ({self.cfg.normalize_activations}), so decode() needs the "
+                "statistics of the input these features came from: decode the tensor encode() returned "
+                "(in-place edits keep them), or pass norm_stats=sae.norm_stats(x) for the input x")
+        if (not isinstance(stats, tuple) or len(stats) != 2 or not all(isinstance(t, Tensor) for t in stats)
+                or tuple(stats[0].shape) != (*acts.shape[:-1], 1)):
+            got = tuple(stats[0].shape) if isinstance(stats, tuple) and stats and isinstance(stats[0], Tensor) \
+                else type(stats).__name__
+            raise ValueError(f"norm_stats must be the pair sae.norm_stats(x) returns for the input of these "
+                             f"features, shape {(*acts.shape[:-1], 1)}; got {got}")
+        return stats
+
+    def _decode(self, acts: Tensor, norm_stats: NormStats | None) -> Tensor:
         if self.cfg.rescale_acts_by_decoder_norm:
             acts = acts / self.W_dec.norm(dim=-1)
         out = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
-        if not self.cfg.is_transcoder:  # a transcoder's output lives elsewhere: no de-normalization
+        if self.normalizes:  # a transcoder's output lives elsewhere: no de-normalization
             match self.cfg.normalize_activations:
-                case "layer_norm" | "constant_norm_rescale" if self._norm_state is None:
-                    raise ValueError("decode() needs the normalization of the matching encode() call; call encode first")
                 case "layer_norm":
-                    mean, std = self._norm_state  # type: ignore[misc]
+                    mean, std = norm_stats  # type: ignore[misc]
                     out = out * std + mean
                 case "constant_norm_rescale":
-                    out = out / self._norm_state[0]  # type: ignore[index]
+                    out = out / norm_stats[0]  # type: ignore[index]
         if self.cfg.reshape_activations == "hook_z":
             out = einops.rearrange(out, "... (head d_head) -> ... head d_head", d_head=self._d_head)
         return out
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(encode(x)), plus the skip connection of a skip transcoder."""
-        out = self.decode(self.encode(x))
+        out = self._decode(*self._encode(x))
         if self.cfg.architecture == "skip_transcoder":
             out = out + x.to(self.dtype) @ self.W_skip.T
         return out
