@@ -310,7 +310,7 @@ class ActivationCache(Mapping[str, Tensor]):
         processed with ``fold_ln`` the result feeds the unembedding exactly."""
         model = self._model()
         upto = self._n_layers_upto(layer)
-        if upto == model.cfg.n_layers and not mlp_input:
+        if upto == model.cfg.n_layers:  # past the last block only ln_final reads the stream (mlp_input or not)
             name = "ln_final.hook_scale"
         else:
             name = f"blocks.{upto}.{'ln2' if mlp_input else 'ln1'}.hook_scale"

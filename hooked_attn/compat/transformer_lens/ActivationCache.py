@@ -11,6 +11,7 @@ hooked_attn's and is stated here so a mixed cache is never handled silently diff
 from collections import Counter
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hooked_attn.cache import ActivationCache as _ActivationCache
@@ -61,6 +62,33 @@ class ActivationCache(_ActivationCache):
 
         return ActivationCache({name: cut(t) for name, t in self.cache_dict.items()}, self.model,
                                has_batch_dim=sl.mode != "int")
+
+
+    # -- TransformerLens 3.x's logit lens: the final norm recomputed for each component ------------
+
+    def _is_final(self, layer: Any) -> bool:
+        return layer is None or (not isinstance(layer, bool) and layer in (-1, self._model().cfg.n_layers))
+
+    def apply_ln_to_stack(self, residual_stack: Tensor, layer: int | None = None, mlp_input: bool = False,
+                          pos_slice: Any = None, recompute_ln: bool = False) -> Tensor:
+        """hooked_attn's ``apply_ln_to_stack`` (each component centred and divided by the cached scale);
+        with ``recompute_ln=True`` at the final layer, as TransformerLens 3.x, each component instead
+        goes through ``ln_final`` itself (its own statistics, then the gain and bias)."""
+        if recompute_ln and not mlp_input and self._is_final(layer):
+            ln_final = self._model().ln_final
+            return torch.stack([ln_final(part) for part in residual_stack])
+        return super().apply_ln_to_stack(residual_stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice: Any = None, mlp_input: bool = False, return_labels: bool = False) -> Any:
+        """hooked_attn's ``accumulated_resid``; with ``apply_ln=True`` up to the final layer each stream
+        passes through ``ln_final`` with its own statistics (TransformerLens 3.x's logit lens), not
+        the final stream's cached scale."""
+        if not (apply_ln and not mlp_input and self._is_final(layer)):
+            return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
+        stack, labels = super().accumulated_resid(layer, incl_mid, False, pos_slice, mlp_input, return_labels=True)
+        stack = self.apply_ln_to_stack(stack, layer, recompute_ln=True)
+        return (stack, labels) if return_labels else stack
 
 
 def as_transformer_lens(cache: _ActivationCache) -> ActivationCache:

@@ -26,6 +26,11 @@ LossPerToken = Float[Tensor, "batch pos-1"]
 Loss = Union[SingleLoss, LossPerToken]
 
 
+# TransformerLens' state-dict names that differ from this model's (see HookedTransformer.load_state_dict).
+_TL_KV_NAMES = {"_W_K": "W_K", "_W_V": "W_V", "_b_K": "b_K", "_b_V": "b_V"}
+_TL_DERIVED_BUFFERS = ("IGNORE", "mask", "rotary_sin", "rotary_cos")
+
+
 class Output(NamedTuple):
     """``(logits, loss)``, what ``forward(..., return_type="both")`` returns under TransformerLens' name."""
 
@@ -231,6 +236,35 @@ class HookedTransformer(_Base):
         with self.hooks([("hook_pos_embed", keep)]):
             resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, seen[-1], attention_mask
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` that also reads TransformerLens' own state dicts: grouped-query
+        ``attn._W_K``/``_W_V``/``_b_K``/``_b_V`` load into ``W_K``/``W_V``/``b_K``/``b_V``, the buffers
+        TransformerLens derives from the config (``attn.IGNORE``, ``mask``, ``rotary_sin``/``rotary_cos``)
+        are dropped (this model builds its own), and a gated MLP's absent ``b_gate`` (TransformerLens has
+        none) loads as zeros. The caller's dict is left as it was."""
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        given: dict[str, Any] = {}
+        for key, value in state_dict.items():
+            head, _, leaf = key.rpartition(".")
+            if key not in own and leaf in _TL_KV_NAMES and f"{head}.{_TL_KV_NAMES[leaf]}" in own:
+                key = f"{head}.{_TL_KV_NAMES[leaf]}"
+            elif key not in own and leaf in _TL_DERIVED_BUFFERS and head.endswith(".attn"):
+                continue
+            given[key] = value
+        for key, param in own.items():
+            head, _, leaf = key.rpartition(".")
+            if leaf == "b_gate" and key not in given and f"{head}.W_gate" in given:
+                given[key] = torch.zeros_like(param)
+        return super().load_state_dict(given, strict=strict, assign=assign)
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        """hooked_attn's forward; 1-D token ids ``[pos]`` are read as one row ``[1 pos]``, as TransformerLens
+        does (a residual given with ``start_at_layer`` is passed on unchanged)."""
+        if (isinstance(input, Tensor) and input.ndim == 1 and not input.dtype.is_floating_point
+                and kwargs.get("start_at_layer") is None):
+            input = input[None]
+        return super().forward(input, *args, **kwargs)
 
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """hooked_attn's ``run_with_cache``; the cache is TransformerLens' ActivationCache subclass
