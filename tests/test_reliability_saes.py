@@ -119,3 +119,21 @@ def test_a_transcoders_captured_input_never_outlives_its_model_call():
         torch.testing.assert_close(model(a), full_a, rtol=0, atol=0)
     model.reset_saes()
     assert model.n_hooks() == 0
+
+
+def test_an_sae_spliced_by_a_hook_that_then_fails_is_removed():
+    """Like hooks attached inside a failing forward (test_reliability_hooks_added.py): a hook that
+    called add_sae and then raised left the SAE spliced, changing every later forward."""
+    model = tiny_llama()
+    clean = model(TOKENS)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+
+    def splice_then_fail(x, hook):
+        model.add_sae(sae)
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.hook_resid_pre", splice_then_fail)])
+    assert model.acts_to_saes == {} and model.n_hooks() == 0
+    torch.testing.assert_close(model(TOKENS), clean, rtol=0, atol=0)

@@ -107,17 +107,30 @@ class SAESplicingMixin:
         # gives back the enclosing call's when it ends. Otherwise a stop_at_layer run that captured
         # an input but never reached the output left it for a later start_at_layer run to use (a
         # silent wrong output), and a model call made inside a hook replaced the outer call's.
-        splices = [s for s in self.__dict__.get("_sae_splices", {}).values() if s.sae.cfg.is_transcoder]
-        if not splices:
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        # An SAE spliced (at a new hook) while a call runs, by a hook function, goes if the call raises.
+        before = dict(self.__dict__.get("_sae_splices", {}))
+        if not before:
+            try:
+                return super().__call__(*args, **kwargs)  # type: ignore[misc]
+            except BaseException:
+                self._remove_splices_added_since(before)
+                raise
+        splices = [s for s in before.values() if s.sae.cfg.is_transcoder]
         saved = [s.captured for s in splices]
         for splice in splices:
             splice.captured = None
         try:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._remove_splices_added_since(before)
+            raise
         finally:
             for splice, captured in zip(splices, saved):
                 splice.captured = captured
+
+    def _remove_splices_added_since(self, before: dict[str, "_Splice"]) -> None:
+        for hook_in in [h for h in self.__dict__.get("_sae_splices", {}) if h not in before]:
+            self._remove_splice(hook_in)
 
     @property
     def _splices(self) -> dict[str, _Splice]:
