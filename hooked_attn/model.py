@@ -112,6 +112,9 @@ class HookedTransformer(PretrainedMixin, GenerationMixin, SAESplicingMixin, Toke
                 the new positions; their keys and values are appended to it. ``attention_mask``
                 then covers the new positions only (the cache remembers the earlier ones). A call
                 that fails leaves the cache as it was.
+                The loss (``return_type="loss"``/``"both"``) then scores only the pairs inside the
+                new positions: not the boundary pair (last cached token -> first new token), whose
+                logits came from the previous call (docs/generation.md, "The loss over a cached chunk").
             shortformer_pos_embed: with ``start_at_layer`` on a model with ``ShortformerPositions``, the
                 position embedding each attention layer adds to its query and key inputs (what
                 ``hook_pos_embed`` held); by default it is computed from the positions.

@@ -130,3 +130,25 @@ def test_a_cache_from_another_model_is_refused_and_left_alone(model, tokens):
                                          r"model's are \(2, 8\): the cache was made by another model"):
         model(tokens[:, 3:4], past_kv_cache=cache)
     assert_same_state(cache, before)
+
+
+def test_the_loss_of_a_cached_chunk_scores_the_pairs_inside_it_only():
+    """The documented contract (forward docstring, docs/generation.md): with a KV cache the loss
+    covers the chunk's own pairs; the boundary pair comes from the previous call's last logits, and
+    together they give the full sequence's per-token loss. A one-token chunk has no pair: refused."""
+    model = tiny_llama()
+    seq = torch.tensor([[2, 4, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        full = model(seq, return_type="loss", loss_per_token=True)
+        kv = KVCache.empty(model.cfg.n_layers)
+        first_logits, first = model(seq[:, :5], past_kv_cache=kv, return_type="both", loss_per_token=True)
+        rest = model(seq[:, 5:], past_kv_cache=kv, return_type="loss", loss_per_token=True)
+        assert rest.shape == (1, 3)
+        boundary = torch.nn.functional.cross_entropy(first_logits[:, -1], seq[:, 5], reduction="none")[:, None]
+        torch.testing.assert_close(torch.cat([first, boundary, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(seq[:, 5:], past_kv_cache=KVCache.empty(model.cfg.n_layers),
+                                         return_type="loss"), model(seq[:, 5:], return_type="loss"))
+        n_before = kv.n_cached
+        with pytest.raises(ValueError):
+            model(seq[:, :1], past_kv_cache=kv, return_type="loss")
+        assert kv.n_cached == n_before

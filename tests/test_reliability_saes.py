@@ -84,3 +84,38 @@ def test_an_sae_that_does_not_normalize_decodes_any_features():
     with torch.no_grad():
         assert sae.norm_stats(x) is None
         torch.testing.assert_close(sae.decode(sae.encode(x) * 1.0), sae.reconstruct(x))
+
+
+def _transcoder():
+    torch.manual_seed(2)
+    tc = SAE(SAEConfig(architecture="transcoder", d_in=32, d_sae=64, d_out=32, hook_name="blocks.0.hook_resid_post",
+                       hook_name_out="blocks.1.hook_mlp_out", apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return tc
+
+
+def test_a_transcoders_captured_input_never_outlives_its_model_call():
+    """A stop_at_layer run that captured the transcoder's input (layer 0) but stopped before its
+    output (layer 1) left that input for the next call: a start_at_layer=1 run of another sequence
+    used it (logits off by 3.7), and a stop_at_layer call made inside a hook replaced the outer
+    call's input with its own."""
+    model = tiny_llama()
+    model.add_sae(_transcoder())
+    a, b = torch.tensor([[4, 5, 6, 7]]), torch.tensor([[8, 9, 10, 11]])
+    with torch.no_grad():
+        full_a = model(a)
+        resid_b = model(b, stop_at_layer=1)
+        model(a, stop_at_layer=1)
+        with pytest.raises(RuntimeError, match="its input hook did not run"):
+            model(resid_b, start_at_layer=1)
+
+        def nested(x, hook):
+            model(b, stop_at_layer=1)  # captures b's input in a call of its own
+
+        torch.testing.assert_close(model.run_with_hooks(a, fwd_hooks=[("blocks.1.hook_resid_pre", nested)]), full_a,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(model(a), full_a, rtol=0, atol=0)
+    model.reset_saes()
+    assert model.n_hooks() == 0

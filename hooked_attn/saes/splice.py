@@ -35,7 +35,7 @@ class _Splice:
         inp, self.captured = (self.captured, None) if cfg.is_transcoder else (x, None)
         if inp is None:
             raise RuntimeError(f"transcoder {self.hook_in!r} -> {self.hook_out!r}: its input hook did not run "
-                               "before its output hook in this forward")
+                               "before its output hook in this forward (a start_at_layer past its input?)")
         in_head = cfg.hook_head_index
         out_head = cfg.hook_head_index_out if cfg.is_transcoder else cfg.hook_head_index
         for head, act, name in ((in_head, inp, self.hook_in), (out_head, x, self.hook_out)):
@@ -101,6 +101,23 @@ class SAESplicingMixin:
 
     hook_dict: dict[str, HookPoint]
     mod_dict: dict[str, nn.Module]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A transcoder's captured input belongs to one model call: each call starts without one and
+        # gives back the enclosing call's when it ends. Otherwise a stop_at_layer run that captured
+        # an input but never reached the output left it for a later start_at_layer run to use (a
+        # silent wrong output), and a model call made inside a hook replaced the outer call's.
+        splices = [s for s in self.__dict__.get("_sae_splices", {}).values() if s.sae.cfg.is_transcoder]
+        if not splices:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        saved = [s.captured for s in splices]
+        for splice in splices:
+            splice.captured = None
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            for splice, captured in zip(splices, saved):
+                splice.captured = captured
 
     @property
     def _splices(self) -> dict[str, _Splice]:
