@@ -112,3 +112,12 @@ def test_apply_ln_to_stack_after_the_last_block_uses_ln_final_even_for_mlp_input
     centred = stack - stack.mean(-1, keepdim=True)
     torch.testing.assert_close(cache.apply_ln_to_stack(stack, layer=1, mlp_input=True),
                                centred / cache["ln_final.hook_scale"])
+
+
+def test_W_E_pos_stacks_token_then_position_embeddings(tl):
+    model = toy(tl)
+    got = model.W_E_pos
+    assert got.shape == (23 + 12, 16)
+    assert torch.equal(got[:23], model.embed.W_E) and torch.equal(got[23:], model.pos_embed.W_pos)
+    with pytest.raises(AttributeError):  # no learned positions
+        toy(tl, positional_embedding_type="rotary", rotary_dim=4).W_E_pos

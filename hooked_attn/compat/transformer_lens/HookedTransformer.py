@@ -237,6 +237,12 @@ class HookedTransformer(_Base):
             resid = self.forward(tokens, attention_mask=attention_mask, stop_at_layer=0, past_kv_cache=past_kv_cache)
         return resid, tokens, seen[-1], attention_mask
 
+    @property
+    def W_E_pos(self) -> Tensor:
+        """``[d_vocab + n_ctx, d_model]``: the token embedding stacked over the learned position embedding,
+        as TransformerLens has it (AttributeError on a model without learned positions)."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` that also reads TransformerLens' own state dicts: grouped-query
         ``attn._W_K``/``_W_V``/``_b_K``/``_b_V`` load into ``W_K``/``W_V``/``b_K``/``b_V``, the buffers
