@@ -147,6 +147,17 @@ class FactoredMatrix:
     def pair(self) -> tuple[Tensor, Tensor]:
         return self.A, self.B
 
+    def unsqueeze(self, dim: int) -> "FactoredMatrix":
+        """A new leading axis of size 1 at ``dim`` (on both factors); ``dim`` counts over the full shape
+        ``[*leading ldim rdim]`` and must land among the leading axes."""
+        n_lead = self.ndim - 2
+        pos = dim if dim >= 0 else dim + self.ndim + 1
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= pos <= n_lead:
+            raise FactoredShapeError(f"unsqueeze(dim={dim!r}) must add a leading axis (0..{n_lead}, or "
+                                     f"{-self.ndim - 1}..-3) of this {self.ndim}-d factored matrix, not split "
+                                     "the matrix axes")
+        return FactoredMatrix(self.A.unsqueeze(pos), self.B.unsqueeze(pos))
+
     def __matmul__(self, other: Any) -> Any:
         rows = other.ldim if isinstance(other, FactoredMatrix) else (
             other.shape[-1] if getattr(other, "ndim", 2) == 1 else other.shape[-2] if hasattr(other, "shape") else None)

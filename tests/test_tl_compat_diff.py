@@ -121,3 +121,17 @@ def test_W_E_pos_stacks_token_then_position_embeddings(tl):
     assert torch.equal(got[:23], model.embed.W_E) and torch.equal(got[23:], model.pos_embed.W_pos)
     with pytest.raises(AttributeError):  # no learned positions
         toy(tl, positional_embedding_type="rotary", rotary_dim=4).W_E_pos
+
+
+def test_factored_matrix_unsqueeze_adds_a_leading_axis():
+    from hooked_attn.factored_matrix import FactoredMatrix, FactoredShapeError
+
+    g = torch.Generator().manual_seed(0)
+    fm = FactoredMatrix(torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, 4, generator=g))
+    for dim, shape in [(0, (1, 3, 5, 4)), (1, (3, 1, 5, 4)), (-4, (1, 3, 5, 4)), (-3, (3, 1, 5, 4))]:
+        out = fm.unsqueeze(dim)
+        assert out.shape == shape
+        torch.testing.assert_close(out.AB, fm.AB.unsqueeze(dim if dim >= 0 else dim + 4))
+    for bad in (2, -1, -2, 4, -5):
+        with pytest.raises(FactoredShapeError, match="unsqueeze"):
+            fm.unsqueeze(bad)
