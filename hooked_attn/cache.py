@@ -80,6 +80,11 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str | tuple) -> Tensor:  # type: ignore[override]
         name = self._key(key)
+        n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+        if name not in self.cache_dict and isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) \
+                and n_layers is not None and not -n_layers <= key[1] < n_layers:
+            raise KeyError(f"layer {key[1]} of {key!r} is outside this model's {n_layers} layers "
+                           f"(0 to {n_layers - 1}, or -{n_layers} to -1 from the end)")
         if name not in self.cache_dict:
             cached = ", ".join(list(self.cache_dict)[:8]) + (" ..." if len(self.cache_dict) > 8 else "")
             raise KeyError(f"{name!r} is not in this cache ({len(self.cache_dict)} entries: {cached})")

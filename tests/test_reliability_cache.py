@@ -169,3 +169,16 @@ def test_logit_attrs_refuse_a_pos_slice_on_a_stack_without_positions(gpt2_run):
         cache.logit_attrs(last, 3, pos_slice=-1)
     torch.testing.assert_close(cache.logit_attrs(cache.decompose_resid(apply_ln=True), 3, pos_slice=-1),
                                cache.logit_attrs(last, 3))
+
+
+def test_a_layer_outside_the_model_is_named_as_such():
+    """cache["pattern", -3] on a 2-layer model used to report a missing 'blocks.-1.attn.hook_pattern'."""
+    model = tiny_gpt2()
+    _, cache = model.run_with_cache(torch.tensor([[4, 5, 6]]))
+    n = model.cfg.n_layers
+    assert torch.equal(cache["pattern", -1], cache["pattern", n - 1])
+    assert torch.equal(cache["pattern", -n], cache["pattern", 0])
+    for layer in (n, -n - 1, 10 * n):
+        with pytest.raises(KeyError, match=rf"layer {layer} of \('pattern', {layer}\) is outside this model's {n} "):
+            cache["pattern", layer]
+        assert ("pattern", layer) not in cache
