@@ -81,3 +81,20 @@ def random_tokens(hf_cfg: transformers.PretrainedConfig, batch: int = 2, n_pos: 
 def case(request):
     """(architecture record, variant name, HF config) for every registered variant."""
     return request.param
+
+
+@pytest.fixture
+def tl():
+    """hooked_attn installed as ``transformer_lens`` for one test; the modules it replaced are put back."""
+    import sys
+
+    import hooked_attn
+
+    saved = {k: v for k, v in sys.modules.items() if k == "transformer_lens" or k.startswith("transformer_lens.")}
+    hooked_attn.install_as_transformer_lens()
+    import transformer_lens
+
+    yield transformer_lens
+    for k in [k for k in sys.modules if k == "transformer_lens" or k.startswith("transformer_lens.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)

@@ -1,24 +1,10 @@
 """The TransformerLens compatibility layer: install, toy models from a TL config, TL semantics, gradients."""
 
-import sys
-
 import pytest
 import torch
 
 import hooked_attn
 from hooked_attn.factored_matrix import FactoredMatrix
-
-
-@pytest.fixture
-def tl():
-    saved = {k: v for k, v in sys.modules.items() if k == "transformer_lens" or k.startswith("transformer_lens.")}
-    hooked_attn.install_as_transformer_lens()
-    import transformer_lens
-
-    yield transformer_lens
-    for k in [k for k in sys.modules if k == "transformer_lens" or k.startswith("transformer_lens.")]:
-        del sys.modules[k]
-    sys.modules.update(saved)
 
 
 def toy(tl, **kw):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.conftest import TOL
-from tests.test_tl_compat import tl  # noqa: F401  (the fixture: transformer_lens installed for one test)
 
 
 FIELDS = dict(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=32, act_fn="gelu", seed=3)

@@ -1,24 +1,9 @@
 """Differences found by running the same tiny models through TransformerLens 3.9.0 and this layer
 (session 6 differential probe); each test pins TransformerLens' behaviour by hand computation."""
 
-import sys
-
 import pytest
 import torch
 
-import hooked_attn
-
-
-@pytest.fixture
-def tl():
-    saved = {k: v for k, v in sys.modules.items() if k == "transformer_lens" or k.startswith("transformer_lens.")}
-    hooked_attn.install_as_transformer_lens()
-    import transformer_lens
-
-    yield transformer_lens
-    for k in [k for k in sys.modules if k == "transformer_lens" or k.startswith("transformer_lens.")]:
-        del sys.modules[k]
-    sys.modules.update(saved)
 
 
 def toy(tl, **kw):

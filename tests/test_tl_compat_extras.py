@@ -7,7 +7,6 @@ import transformers
 
 import hooked_attn
 from hooked_attn.default_model import gpt2_tokenizer
-from tests.test_tl_compat import tl  # noqa: F401  (the fixture: transformer_lens installed for one test)
 
 
 def test_short_names_resolve_and_transformer_lens_format_checkpoints_are_refused(tl):

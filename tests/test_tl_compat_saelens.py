@@ -10,7 +10,6 @@ import hooked_attn
 from conftest import tiny_hf_model
 from hooked_attn.architectures.gpt2 import tiny_hf_configs as gpt2_configs
 from hooked_attn.default_model import gpt2_tokenizer
-from test_tl_compat import tl  # noqa: F401  (the fixture: install_as_transformer_lens, undone afterwards)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from hooked_attn.config import ShortformerPositions
 from hooked_attn.default_model import gpt2_tokenizer
 from hooked_attn.processing import ProcessingError, fold_layer_norm
 from tests.conftest import TOL
-from tests.test_tl_compat import tl  # noqa: F401  (the fixture: transformer_lens installed for one test)
 
 
 def shortformer(tl, **kw):

@@ -15,7 +15,6 @@ from hooked_attn import HookedTransformer as CoreModel
 from hooked_attn.architectures import REGISTRY
 from hooked_attn.components.kv_cache import KVCache
 from tests.conftest import TOL
-from tests.test_tl_compat import tl  # noqa: F401  (the fixture: transformer_lens installed for one test)
 
 
 def tl_model(tl, n_kv_heads: int | None, **kw):
